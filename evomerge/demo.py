@@ -1,0 +1,90 @@
+"""Tiny models the project makes itself, for the demo, tests and benchmarks.
+
+Nothing is downloaded: configs are built here, weights are random (seeded),
+and a character-level tokenizer is written beside them.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Optional
+
+ARCHS = ("llama", "qwen2")
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+
+
+def make_tokenizer():
+    """A character-level fast tokenizer (one token per character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+VOCAB_SIZE = len(_SPECIALS) + len(CHARS)
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, tie: Optional[bool] = None, **overrides):
+    """A transformers config for a tiny Llama (untied, grouped-query attention)
+    or Qwen2 (attention biases, tied embeddings) model."""
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        return transformers.LlamaConfig(tie_word_embeddings=bool(tie), **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(tie_word_embeddings=True if tie is None else tie, **common)
+    raise ValueError(f"unknown arch {arch!r}; use one of {ARCHS}")
+
+
+def save_model(model, out: Path, tokenizer=None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (tokenizer or make_tokenizer()).save_pretrained(out)
+    return out
+
+
+def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", **config_kwargs) -> Path:
+    """Save a randomly initialised tiny model (weights drawn from ``seed``)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
+    return save_model(model.to(getattr(torch, dtype)), out)
+
+
+def make_finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A stand-in fine-tune: the base plus a seeded random task vector whose
+    entries are ``scale`` times the base tensor's standard deviation."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            std = float(p.float().std()) if p.numel() > 1 else 1.0
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * (scale * (std or 1.0)))
+    return save_model(model, out)

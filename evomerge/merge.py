@@ -1,0 +1,594 @@
+"""Materialising a recipe: streamed to disk, or in place into a live model.
+
+Both paths share one plan (which output tensor comes from which input tensors,
+with which resolved parameters) and one per-tensor function, ``merge_tensor``,
+so they give bit-identical tensors.
+
+    recipe --plan_merge--> MergePlan --merge_tensor per job--> tensors
+                                         |-> streamed into safetensors shards
+                                         '-> copied into a live model's parameters
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.methods import MergeMethod, TensorInputs, get_method
+from evomerge.models import (
+    TOKENIZER_FILES,
+    SourceModel,
+    is_pre_layer,
+    resolve_model_path,
+    sha256_file,
+    split_layer_name,
+)
+from evomerge.recipe import Recipe, Setting, Slice, SliceSource, evaluate_setting, gradient_lengths
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# safetensors' names for the dtypes a merge can produce.
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_TORCH_OF_ST = {v: k for k, v in _ST_DTYPE.items()}
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: its inputs, in order, and its resolved parameters."""
+
+    name: str
+    inputs: list[tuple[str, str]]  # (model reference, input tensor name)
+    base_index: Optional[int]
+    params: dict[str, Any]
+    shape: tuple[int, ...]
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.out_dtype.itemsize
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    jobs: list[TensorJob]
+    config: dict  # the output model's config.json
+    config_source: str  # model reference whose config and tokenizer the output takes
+    layer_origin: list[tuple[str, int]] = field(default_factory=list)  # per output layer
+
+
+# -- planning ------------------------------------------------------------------
+
+
+def open_sources(
+    recipe: Recipe, root: Path | str = ".", allow_outside: bool = False
+) -> dict[str, SourceModel]:
+    """Open every model the recipe references, keyed by its reference string."""
+    root = Path(root)
+    pins = {s.model: s.sha256 for s in recipe.sources}
+    refs = [s.model for s in recipe.sources]
+    refs += [s.model for sl in recipe.slices or [] for s in sl.sources]
+    refs += [r for r in [recipe.base_model] + [sl.base_model for sl in recipe.slices or []] if r]
+    out: dict[str, SourceModel] = {}
+    for ref in dict.fromkeys(refs):
+        out[ref] = SourceModel(resolve_model_path(ref, root, allow_outside), ref=ref, sha256=pins.get(ref))
+    return out
+
+
+def _normalized_slices(recipe: Recipe, sources: dict[str, SourceModel]) -> list[Slice]:
+    """mergekit's normalisation: a models-style merge is one slice over all
+    layers; a base model not listed among the models is appended last."""
+    if recipe.slices:
+        return recipe.slices
+    refs = [s.model for s in recipe.sources]
+    params = {s.model: s.parameters for s in recipe.sources}
+    if recipe.base_model and recipe.base_model not in refs:
+        refs.append(recipe.base_model)
+    _check_compatible([sources[r] for r in refs])
+    n = sources[refs[0]].num_layers
+    return [Slice(sources=[SliceSource(model=r, layer_range=(0, n), parameters=params.get(r)) for r in refs])]
+
+
+def _check_compatible(models: list[SourceModel]) -> None:
+    first = models[0]
+    for other in models[1:]:
+        for what, a, b in (
+            ("architecture", first.architecture, other.architecture),
+            ("layer count", first.num_layers, other.num_layers),
+            ("vocab size", first.config.get("vocab_size"), other.config.get("vocab_size")),
+        ):
+            if a != b:
+                raise EvomergeError(
+                    f"models {first.ref} and {other.ref} differ in {what} ({a} vs {b}); "
+                    "merge only fine-tunes of the same base model"
+                )
+        missing = set(first.names) ^ set(other.names)
+        if missing:
+            name = sorted(missing)[0]
+            lacks = other.ref if first.has(name) else first.ref
+            raise EvomergeError(
+                f"model {lacks} lacks tensor {name}; merge only models of the same architecture"
+            )
+        for name in first.names:
+            if first.shape(name) != other.shape(name):
+                raise EvomergeError(
+                    f"tensor {name} has shape {first.shape(name)} in {first.ref} but {other.shape(name)} in "
+                    f"{other.ref}; merge only models of the same architecture"
+                )
+
+
+def _scopes(recipe: Recipe, sl: Slice, ref: Optional[str]) -> list[Optional[dict[str, Setting]]]:
+    """Settings in descending precedence: this model in this slice, the slice, the recipe."""
+    out: list[Optional[dict[str, Setting]]] = []
+    if ref is not None:
+        out += [s.parameters for s in sl.sources if s.model == ref]
+    return out + [sl.parameters, recipe.parameters]
+
+
+def _resolve(method: MergeMethod, name: str, scopes, t: float, where: str, param) -> Any:
+    for scope in scopes:
+        if scope and param.name in scope:
+            value = evaluate_setting(scope[param.name], name, t, lambda v: param.validate(v, where))
+            if value is not None:
+                return value
+    if param.required:
+        raise EvomergeError(
+            f"method {method.name!r} needs parameter {param.name!r} for {where}; add it to the recipe"
+        )
+    return param.default
+
+
+def _check_gradients(recipe: Recipe, slices: list[Slice]) -> None:
+    longest = max(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)
+    checks = [(recipe.parameters, longest, "parameters")]
+    for i, sl in enumerate(slices):
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        checks.append((sl.parameters, n, f"slice {i}"))
+        checks += [(s.parameters, n, f"model {s.model}") for s in sl.sources]
+    for settings, n, where in checks:
+        for pname, setting in (settings or {}).items():
+            for length in gradient_lengths(setting):
+                if length > n:
+                    raise EvomergeError(
+                        f"gradient for {pname!r} ({where}) has {length} values but the merge has only {n} layers; "
+                        f"give at most {n} values"
+                    )
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    return _DTYPES[name] if name else None
+
+
+def plan_merge(recipe: Recipe, sources: dict[str, SourceModel]) -> MergePlan:
+    """Resolve every output tensor's inputs and parameters, validating as it goes.
+
+    All user errors surface here, before any tensor is read or written.
+    """
+    method = get_method(recipe.method)
+    slices = _normalized_slices(recipe, sources)
+    _check_gradients(recipe, slices)
+    compute = _dtype(recipe.dtype)
+    out_dtype = _dtype(recipe.out_dtype)
+
+    for i, sl in enumerate(slices):
+        base = sl.base_model or recipe.base_model
+        refs = [s.model for s in sl.sources]
+        if base and method.base != "ignored" and base not in refs:
+            raise EvomergeError(f"base model {base} is not among the models of slice {i}; add it to that slice")
+        method.check_inputs(len(refs), bool(base and base in refs), f"slice {i}")
+        for s in sl.sources:
+            n = sources[s.model].num_layers
+            if not 0 <= s.layer_range[0] < s.layer_range[1] <= n:
+                raise EvomergeError(
+                    f"layer_range {list(s.layer_range)} of {s.model} is outside its {n} layers; fix the slice"
+                )
+
+    jobs: list[TensorJob] = []
+
+    def add(out_name: str, sl: Slice, in_names: list[str], t: float) -> None:
+        refs = [s.model for s in sl.sources]
+        base = sl.base_model or recipe.base_model
+        base_index = refs.index(base) if base and method.base != "ignored" and base in refs else None
+        params: dict[str, Any] = {}
+        for p in method.params:
+            if p.scope == "shared":
+                params[p.name] = _resolve(method, out_name, _scopes(recipe, sl, None), t, out_name, p)
+                continue
+            idx = [i for i in range(len(refs)) if p.scope == "per_input" or i != base_index]
+            params[p.name] = [
+                _resolve(method, in_names[i], _scopes(recipe, sl, refs[i]), t, f"{refs[i]} {in_names[i]}", p)
+                for i in idx
+            ]
+        first = sources[refs[0]]
+        dtypes = [_TORCH_OF_ST.get(sources[r].dtype_name(n), torch.float32) for r, n in zip(refs, in_names)]
+        c = compute or _promote(dtypes)
+        jobs.append(
+            TensorJob(out_name, list(zip(refs, in_names)), base_index, params, first.shape(in_names[0]), c, out_dtype or c)
+        )
+
+    first_slice, last_slice = slices[0], slices[-1]
+    head = sources[first_slice.sources[0].model]
+    tail = sources[last_slice.sources[-1].model]
+    for name in head.non_layer_names():
+        if is_pre_layer(name):
+            add(name, first_slice, [name] * len(first_slice.sources), 0.0)
+
+    layer_origin: list[tuple[str, int]] = []
+    out_layer = 0
+    for sl in slices:
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for k in range(n):
+            t = k / (n - 1) if n > 1 else 1.0
+            lead = sl.sources[0]
+            layer_origin.append((lead.model, lead.layer_range[0] + k))
+            for prefix, rest in sources[lead.model].layer_names(lead.layer_range[0] + k):
+                in_names = []
+                for s in sl.sources:
+                    src_prefix = _layer_prefix(sources[s.model]) or prefix
+                    in_names.append(f"{src_prefix}.{s.layer_range[0] + k}.{rest}")
+                add(f"{prefix}.{out_layer}.{rest}", sl, in_names, t)
+            out_layer += 1
+
+    for name in tail.non_layer_names():
+        if not is_pre_layer(name):
+            add(name, last_slice, [name] * len(last_slice.sources), 0.0)
+
+    config_source = recipe.base_model or first_slice.sources[0].model
+    config = _output_config(sources, config_source, layer_origin, recipe.out_dtype or recipe.dtype)
+    return MergePlan(recipe, method, jobs, config, config_source, layer_origin)
+
+
+def _layer_prefix(model: SourceModel) -> Optional[str]:
+    for name in model.names:
+        parts = split_layer_name(name)
+        if parts:
+            return parts[0]
+    return None
+
+
+def _promote(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    out = None
+    for d in dtypes:
+        out = d if out is None else torch.promote_types(out, d)
+    return out
+
+
+def _output_config(
+    sources: dict[str, SourceModel], ref: str, layer_origin: list[tuple[str, int]], dtype: Optional[str]
+) -> dict:
+    cfg = json.loads(json.dumps(sources[ref].config))
+    n_src = sources[ref].num_layers
+    for key, value in list(cfg.items()):
+        # Per-layer lists (e.g. layer_types) follow the layers they describe.
+        if isinstance(value, list) and len(value) == n_src and n_src != len(layer_origin):
+            cfg[key] = [sources[m].config.get(key, value)[i] for m, i in layer_origin]
+    if "num_hidden_layers" in cfg or "n_layer" not in cfg:
+        cfg["num_hidden_layers"] = len(layer_origin)
+    else:
+        cfg["n_layer"] = len(layer_origin)
+    if dtype:
+        cfg["dtype"] = dtype
+        cfg.pop("torch_dtype", None)
+    return cfg
+
+
+# -- the per-tensor kernel -------------------------------------------------------
+
+
+def merge_tensor(
+    job: TensorJob,
+    method: MergeMethod,
+    load: Callable[[str, str], torch.Tensor],
+    seed: int,
+    device: torch.device,
+    cache: Optional[dict] = None,
+    resident: bool = False,
+) -> torch.Tensor:
+    """Merge one output tensor from the inputs ``load(ref, name)`` returns."""
+    tensors = [load(ref, name).to(device=device, dtype=job.compute_dtype) for ref, name in job.inputs]
+    x = TensorInputs(job.name, tensors, job.base_index, seed, cache=cache, keys=job.inputs, resident=resident)
+    return method.fn(x, job.params).to(job.out_dtype)
+
+
+def _device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise EvomergeError(f"unknown device {device!r}; use cpu or cuda") from None
+
+
+# -- to disk -------------------------------------------------------------------
+
+
+def merge_to_disk(
+    recipe: Recipe,
+    out_dir: Path | str,
+    *,
+    root: Path | str = ".",
+    seed: Optional[int] = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_outside: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
+    """Merge ``recipe`` into a Hugging Face model folder at ``out_dir``.
+
+    Tensors stream one at a time from memory-mapped sources into sharded
+    safetensors, so peak memory is a few tensors. Everything is written into a
+    hidden sibling folder that is renamed at the end: a failed merge leaves
+    nothing behind.
+    """
+    if seed is not None:
+        recipe = recipe.model_copy(update={"seed": seed})
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise EvomergeError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
+    dev = _device(device)
+    sources = open_sources(recipe, root, allow_outside)
+    plan = plan_merge(recipe, sources)
+
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True, exist_ok=False)
+        _write_model(plan, sources, tmp, dev, shard_bytes, progress)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        tmp.rename(out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EvomergeError(
+            f"could not write {out_dir}: {e.strerror or e}; free disk space or choose a writable output folder"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_model(
+    plan: MergePlan, sources: dict[str, SourceModel], out: Path, device: torch.device, shard_bytes: int, progress: bool
+) -> None:
+    shards = _shard(plan.jobs, shard_bytes)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    def load(ref: str, name: str) -> torch.Tensor:
+        return sources[ref].get(name)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress)
+    weight_map = {}
+    for fname, jobs in zip(names, shards):
+        with _ShardWriter(out / fname, jobs) as writer:
+            for job in jobs:
+                tensor = merge_tensor(job, plan.method, load, plan.recipe.seed, device)
+                writer.write(job.name, tensor)
+                weight_map[job.name] = fname
+                bar.update(1)
+    bar.close()
+    if n > 1:
+        index = {"metadata": {"total_size": sum(j.nbytes for j in plan.jobs)}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(plan.config, indent=2))
+    src = sources[plan.config_source].path
+    if plan.recipe.tokenizer_source not in (None, "base"):
+        src = sources[plan.recipe.tokenizer_source].path if plan.recipe.tokenizer_source in sources else src
+    for fname in TOKENIZER_FILES:
+        if (src / fname).is_file():
+            shutil.copyfile(src / fname, out / fname)
+    recipe = _pinned(plan.recipe, sources)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    (out / "README.md").write_text(model_card(recipe, plan))
+    # Read back every shard header through safetensors itself.
+    from safetensors import safe_open
+
+    for fname in names:
+        with safe_open(str(out / fname), framework="pt") as f:
+            assert set(f.keys()) == {j.name for j in plan.jobs if weight_map[j.name] == fname}
+
+
+def _pinned(recipe: Recipe, sources: dict[str, SourceModel]) -> Recipe:
+    """The recipe with every listed source pinned by the sha256 of its weight files."""
+    pinned = []
+    for s in recipe.sources:
+        if s.sha256:
+            pinned.append(s)
+            continue
+        files = sorted(sources[s.model].path.glob("*.safetensors"))
+        pinned.append(s.model_copy(update={"sha256": {f.name: sha256_file(f) for f in files}}))
+    return recipe.model_copy(update={"sources": pinned})
+
+
+def _shard(jobs: list[TensorJob], limit: int) -> list[list[TensorJob]]:
+    shards: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        if shards[-1] and size + job.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(job)
+        size += job.nbytes
+    return shards
+
+
+class _ShardWriter:
+    """Writes one safetensors file tensor by tensor.
+
+    The safetensors library only serialises whole dicts of tensors in memory.
+    Shapes and dtypes are known from the plan before any tensor is merged, so
+    the header can be written first and each tensor streamed after it: peak
+    memory stays at one tensor instead of one shard. The file is read back
+    with ``safetensors.safe_open`` once written.
+    """
+
+    def __init__(self, path: Path, jobs: list[TensorJob]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self._expected = []
+        for job in jobs:
+            header[job.name] = {
+                "dtype": _ST_DTYPE[job.out_dtype],
+                "shape": list(job.shape),
+                "data_offsets": [offset, offset + job.nbytes],
+            }
+            offset += job.nbytes
+            self._expected.append((job.name, job.shape, job.out_dtype))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._i = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, shape, dtype = self._expected[self._i]
+        assert (name, tuple(tensor.shape), tensor.dtype) == (exp_name, shape, dtype), (name, tensor.shape)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._i += 1
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+        if exc[0] is None:
+            assert self._i == len(self._expected)
+
+
+def model_card(recipe: Recipe, plan: MergePlan) -> str:
+    models = [s.model for s in recipe.sources] or sorted({r for j in plan.jobs for r, _ in j.inputs})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge]",
+        "---",
+        f"# Merged model ({recipe.method})",
+        "",
+        f"Made with [evomerge](https://github.com/evomerge/evomerge) using **{recipe.method}** "
+        f"({plan.method.reference or 'mergekit semantics'}).",
+        "",
+        "## Sources",
+        "",
+    ]
+    for s in recipe.sources or []:
+        pins = ", ".join(f"`{k}` sha256 `{v}`" for k, v in (s.sha256 or {}).items())
+        lines.append(f"- `{s.model}`" + (f" ({pins})" if pins else ""))
+    if not recipe.sources:
+        lines += [f"- `{m}`" for m in models]
+    if recipe.base_model:
+        lines += ["", f"Base model: `{recipe.base_model}`"]
+    lines += [
+        "",
+        f"Recipe fingerprint: `{recipe.fingerprint()}`, seed {recipe.seed}.",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+        "Rebuild it with `evomerge merge recipe.yaml OUT_DIR`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- in place --------------------------------------------------------------------
+
+
+class InPlaceMerger:
+    """Merges candidate recipes into one resident model, for search.
+
+    The sources stay resident on ``device`` in the compute dtype; task vectors
+    and sorted magnitudes are computed on first use and kept. ``apply`` then
+    rewrites the live model's parameters in place: no disk I/O and no
+    allocation proportional to the model, only per-tensor temporaries.
+
+    Every recipe given to ``apply`` must use the sources of the template
+    recipe and produce the same tensor names and shapes.
+    """
+
+    def __init__(
+        self,
+        template: Recipe,
+        *,
+        root: Path | str = ".",
+        device: str = "cpu",
+        allow_outside: bool = False,
+        model: Optional[torch.nn.Module] = None,
+    ):
+        self.device = _device(device)
+        self.root = Path(root)
+        self.sources = open_sources(template, root, allow_outside)
+        plan = plan_merge(template, self.sources)
+        self.config = plan.config
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+        for job in plan.jobs:
+            for ref, name in job.inputs:
+                key = (ref, name)
+                if key not in self._tensors:
+                    self._tensors[key] = self.sources[ref].get(name).to(self.device, job.compute_dtype)
+        self._cache: dict = {}
+        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.device)
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(dict(self.model.named_buffers()))
+        missing = [j.name for j in plan.jobs if j.name not in named]
+        if missing:
+            raise EvomergeError(f"the live model has no parameter {missing[0]}; its architecture does not match the sources")
+        self._targets = {j.name: named[j.name] for j in plan.jobs}
+
+    def _load(self, ref: str, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[(ref, name)]
+        except KeyError:
+            raise EvomergeError(
+                f"recipe needs {ref}:{name}, which this merger did not load; create the merger from a recipe "
+                "with the same sources and layout"
+            ) from None
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> torch.nn.Module:
+        """Rewrite the live model's weights to be ``recipe``'s merge."""
+        plan = plan_merge(recipe, self.sources)
+        for job in plan.jobs:
+            target = self._targets.get(job.name)
+            if target is None or tuple(target.shape) != job.shape:
+                raise EvomergeError(
+                    f"recipe produces tensor {job.name} {job.shape}, which the live model lacks; "
+                    "use a recipe with the template's layout"
+                )
+        for job in plan.jobs:
+            out = merge_tensor(job, plan.method, self._load, recipe.seed, self.device, self._cache, resident=True)
+            self._targets[job.name].copy_(out)
+        return self.model
+
+
+def build_model(config: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """An uninitialised Hugging Face causal LM for ``config`` (no remote code)."""
+    import transformers
+
+    kwargs = dict(config)
+    cfg = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+    return model.to(device).eval()

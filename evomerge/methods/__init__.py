@@ -1,0 +1,146 @@
+"""The registry of merge methods: one explicit dict, name -> MergeMethod.
+
+Parameters are declared here, once per method family. Everything else (recipe
+validation, the search space) reads them from this registry.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from evomerge.errors import EvomergeError
+from evomerge.methods.base import MergeMethod, Param, TensorInputs
+
+__all__ = ["METHODS", "MergeMethod", "Param", "TensorInputs", "get_method"]
+
+# Search ranges follow the Evolutionary Model Merge paper: weights in [0, 1],
+# densities in (0, 1].
+_WEIGHT = Param("weight", float, "per_model", bounds=(0.0, 1.0), doc="scale of this model's task vector")
+_DENSITY = Param(
+    "density",
+    float,
+    "per_model",
+    default=1.0,
+    limits=(0.0, 1.0),
+    open_low=True,
+    bounds=(0.1, 1.0),
+    doc="fraction of the task vector kept",
+)
+_LAMBDA = Param("lambda", float, default=1.0, bounds=(0.5, 1.5), doc="scale of the combined task vector")
+_INT8_MASK = Param("int8_mask", bool, default=False, doc="accepted for mergekit compatibility; no numeric effect")
+_GAMMA = Param(
+    "gamma", float, "per_model", default=0.01, limits=(0.0, 1.0), bounds=(0.0, 0.1), doc="largest fraction removed"
+)
+_EPSILON = Param(
+    "epsilon", float, "per_model", default=0.15, limits=(0.0, 1.0), bounds=(0.01, 0.3), doc="spread of keep probabilities"
+)
+
+_REFS = {
+    "task_arithmetic": "https://arxiv.org/abs/2212.04089",
+    "ties": "https://arxiv.org/abs/2306.01708",
+    "dare": "https://arxiv.org/abs/2311.03099",
+    "breadcrumbs": "https://arxiv.org/abs/2312.06795",
+    "della": "https://arxiv.org/abs/2406.11617",
+}
+
+
+def _task_arithmetic_family(
+    name: str, consensus: bool, sparsify: str | None, normalize: bool, rescale: bool, ref: str
+) -> MergeMethod:
+    from evomerge.methods.task_arithmetic import generalized_task_arithmetic
+
+    params = [
+        _INT8_MASK,
+        Param("normalize", bool, default=normalize, doc="divide by the sum of the weights kept"),
+        Param("rescale", bool, default=rescale, doc="rescale sparsified vectors to their original L1 norm"),
+        _LAMBDA,
+        _WEIGHT,
+        _DENSITY,
+    ]
+    if sparsify == "magnitude_outliers":
+        params.append(_GAMMA)
+    if sparsify == "della":
+        params.append(_EPSILON)
+    return MergeMethod(
+        name=name,
+        fn=partial(generalized_task_arithmetic, consensus=consensus, sparsify=sparsify),
+        params=tuple(params),
+        base="required",
+        random=sparsify in ("random", "della"),
+        options={"consensus": consensus, "sparsify": sparsify},
+        reference=_REFS[ref],
+    )
+
+
+def _build() -> dict[str, MergeMethod]:
+    from evomerge.methods import linear, slerp
+
+    family = [
+        # name, TIES consensus, sparsification, default normalize, default rescale, reference
+        ("task_arithmetic", False, None, False, False, "task_arithmetic"),
+        ("ties", True, "magnitude", True, False, "ties"),
+        ("dare_ties", True, "random", False, True, "dare"),
+        ("dare_linear", False, "random", False, True, "dare"),
+        ("breadcrumbs", False, "magnitude_outliers", False, False, "breadcrumbs"),
+        ("breadcrumbs_ties", True, "magnitude_outliers", False, False, "breadcrumbs"),
+        ("della", True, "della", True, True, "della"),
+        ("della_linear", False, "della", False, True, "della"),
+    ]
+    methods = [_task_arithmetic_family(*row) for row in family]
+    methods += [
+        MergeMethod(
+            "linear",
+            linear.linear,
+            (
+                Param("weight", float, "per_input", bounds=(0.0, 1.0), doc="weight of this model"),
+                Param("normalize", bool, default=True, doc="divide by the sum of the weights"),
+            ),
+            reference="https://arxiv.org/abs/2203.05482",
+        ),
+        MergeMethod(
+            "slerp",
+            slerp.slerp,
+            (Param("t", float, bounds=(0.0, 1.0), doc="0 gives the base, 1 the other model"),),
+            base="required",
+            min_inputs=2,
+            max_inputs=2,
+        ),
+        MergeMethod(
+            "nuslerp",
+            slerp.nuslerp,
+            (
+                Param("weight", float, "per_model", bounds=(0.0, 1.0), doc="relative weight of this model"),
+                Param("nuslerp_row_wise", bool, default=False, doc="slerp columns instead of rows"),
+                Param("nuslerp_flatten", bool, default=True, doc="slerp the whole tensor as one vector"),
+            ),
+            base="optional",
+            exact_non_base=2,
+        ),
+        MergeMethod(
+            "model_stock",
+            linear.model_stock,
+            (Param("filter_wise", bool, default=False, doc="one ratio per row instead of per tensor"),),
+            base="required",
+            min_inputs=3,
+            reference="https://arxiv.org/abs/2403.19522",
+        ),
+        MergeMethod(
+            "passthrough",
+            linear.passthrough,
+            (Param("scale", float, "per_input", default=None, bounds=(0.0, 2.0), doc="multiply the tensor"),),
+            max_inputs=1,
+        ),
+    ]
+    return {m.name: m for m in methods}
+
+
+METHODS: dict[str, MergeMethod] = _build()
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise EvomergeError(
+            f"unknown merge method {name!r}; use one of: {', '.join(sorted(METHODS))}"
+        ) from None

@@ -1,0 +1,226 @@
+"""What a merge method is: a pure tensor function plus its declared parameters.
+
+Each parameter is declared exactly once, here in the method, with its type,
+scope, default, validity limits and the range a search explores. Recipe
+validation and (later) the search space are both derived from these
+declarations; nothing lists a method's parameters a second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+from evomerge.errors import EvomergeError
+
+if TYPE_CHECKING:
+    import torch
+
+REQUIRED = object()
+
+# SHARED: one value per tensor. PER_INPUT: one value per input tensor, base
+# included. PER_MODEL: one value per non-base input (mergekit's NON_BASE).
+Scope = Literal["shared", "per_input", "per_model"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a merge method.
+
+    ``limits`` are hard validity bounds (a value outside is a user error);
+    ``bounds`` is the default range a search explores, narrowed by a search
+    space. ``open_low`` excludes the lower limit itself, e.g. density in (0, 1].
+    """
+
+    name: str
+    kind: type
+    scope: Scope = "shared"
+    default: Any = REQUIRED
+    limits: Optional[tuple[float, float]] = None
+    open_low: bool = False
+    bounds: Optional[tuple[float, float]] = None
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def searchable(self) -> bool:
+        return self.kind is float and self.bounds is not None
+
+    def validate(self, value: Any, where: str = "") -> Any:
+        """Coerce ``value`` to this parameter's type and check its limits."""
+        at = f" ({where})" if where else ""
+        if value is None and not self.required and self.default is None:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise EvomergeError(
+                f"parameter {self.name!r}{at} must be true or false, got {value!r}; fix it in the recipe"
+            )
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise EvomergeError(
+                        f"parameter {self.name!r}{at} must be a number, got {value!r}; fix it in the recipe"
+                    ) from None
+            value = self.kind(value)
+            if self.limits is not None:
+                lo, hi = self.limits
+                too_low = value <= lo if self.open_low else value < lo
+                if too_low or value > hi:
+                    interval = f"{'(' if self.open_low else '['}{lo}, {hi}]"
+                    raise EvomergeError(
+                        f"parameter {self.name!r}{at} = {value} is outside {interval}; "
+                        f"set it inside that range in the recipe"
+                    )
+            return value
+        return self.kind(value)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named merge: ``fn(inputs, **params) -> tensor`` with its contract.
+
+    ``fn`` receives a :class:`TensorInputs` and keyword parameters: shared
+    ones as scalars, per-input and per-model ones as lists aligned with
+    ``inputs.indices`` and ``inputs.non_base`` respectively. ``options`` are
+    fixed keyword arguments, so one function serves several registered names
+    (TIES, DARE and DELLA are all options of generalized task arithmetic).
+    """
+
+    name: str
+    fn: Callable[..., "torch.Tensor"]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "ignored"] = "ignored"
+    min_inputs: int = 1
+    max_inputs: Optional[int] = None
+    exact_non_base: Optional[int] = None
+    random: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    reference: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def check_inputs(self, n_inputs: int, has_base: bool, where: str = "") -> None:
+        """Raise a user error when an input count or base presence is wrong."""
+        at = f" in {where}" if where else ""
+        if self.base == "required" and not has_base:
+            raise EvomergeError(f"method {self.name!r} needs a base model{at}; add base_model to the recipe")
+        n_non_base = n_inputs - (1 if has_base and self.base != "ignored" else 0)
+        if n_inputs < self.min_inputs:
+            raise EvomergeError(
+                f"method {self.name!r} needs at least {self.min_inputs} models{at}, got {n_inputs}; add models"
+            )
+        if self.max_inputs is not None and n_inputs > self.max_inputs:
+            raise EvomergeError(
+                f"method {self.name!r} takes at most {self.max_inputs} model(s){at}, got {n_inputs}; remove models"
+            )
+        if self.exact_non_base is not None and n_non_base != self.exact_non_base:
+            raise EvomergeError(
+                f"method {self.name!r} needs exactly {self.exact_non_base} non-base models{at}, "
+                f"got {n_non_base}; fix the model list"
+            )
+
+
+class TensorInputs:
+    """The inputs of one output tensor, as a merge function sees them.
+
+    ``tensors`` are in input order and already in the compute dtype and on the
+    compute device. Task vectors (``delta``), sorted magnitudes and per-row
+    ranks are computed on demand, and served from ``cache`` when one is given:
+    the in-place merger keeps them resident across candidates, the to-disk
+    path computes them once. Both paths run the same arithmetic, so their
+    outputs are bit-identical.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tensors: list["torch.Tensor"],
+        base_index: Optional[int],
+        seed: int,
+        cache: Optional[dict] = None,
+        keys: Optional[list[Any]] = None,
+        resident: bool = False,
+    ):
+        self.name = name
+        self.tensors = tensors
+        self.base_index = base_index
+        self.seed = seed
+        self._cache = cache if cache is not None else {}
+        self._keys = keys if keys is not None else list(range(len(tensors)))
+        # True when the cache outlives this call (the in-place merger): then
+        # it pays to keep sorted magnitudes rather than select each time.
+        self.resident = resident
+
+    @property
+    def indices(self) -> list[int]:
+        return list(range(len(self.tensors)))
+
+    @property
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base_index]
+
+    @property
+    def base(self) -> "torch.Tensor":
+        assert self.base_index is not None
+        return self.tensors[self.base_index]
+
+    def _cached(self, kind: str, i: int, make: Callable[[], "torch.Tensor"]) -> "torch.Tensor":
+        key = (kind, self._keys[i], self._keys[self.base_index] if self.base_index is not None else None)
+        value = self._cache.get(key)
+        if value is None:
+            value = make()
+            self._cache[key] = value
+        return value
+
+    def delta(self, i: int) -> "torch.Tensor":
+        """Task vector of input ``i``: tensor minus base."""
+        return self._cached("delta", i, lambda: self.tensors[i] - self.base)
+
+    def sorted_abs_delta(self, i: int) -> "torch.Tensor":
+        """Ascending magnitudes of the task vector, flattened, in float32."""
+        import torch
+
+        return self._cached("sorted_abs", i, lambda: torch.sort(self.delta(i).abs().reshape(-1).float()).values)
+
+    def row_rank_norm(self, i: int) -> "torch.Tensor":
+        """Per-row magnitude rank of the task vector, scaled to [0, 1] (DELLA)."""
+        import torch
+
+        def make():
+            d = self.delta(i)
+            d = d.unsqueeze(0) if d.dim() < 2 else d.reshape(d.shape[0], -1)
+            ranks = d.abs().argsort(dim=1).argsort(dim=1).float()
+            width = max(d.shape[1] - 1, 1)
+            return (ranks / width).clamp(0, 1)
+
+        return self._cached("rank_norm", i, make)
+
+    def generator(self, i: int) -> "torch.Generator":
+        """A generator seeded from (run seed, tensor name, input index).
+
+        Seeding per tensor, not from a global stream, makes random masks
+        independent of the order tensors are merged in, so the to-disk and
+        in-place paths draw the same masks.
+        """
+        import torch
+
+        digest = hashlib.blake2b(f"{self.seed}:{self.name}:{i}".encode(), digest_size=8).digest()
+        g = torch.Generator(device=self.tensors[i].device)
+        g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        return g

@@ -1,0 +1,162 @@
+"""Generalized task arithmetic: task_arithmetic, TIES, DARE, breadcrumbs, DELLA.
+
+All of them are: sparsify each task vector (x_i - base), weight it, optionally
+keep only the entries that agree with the majority sign (TIES consensus), sum,
+optionally normalize by the weights that were kept, scale by lambda, add to
+the base. Semantics follow mergekit 0.1.5.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.methods.base import TensorInputs
+
+_EPS = 1e-7
+
+
+def _rescale_l1(d: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    # DARE/DELLA rescale: match the L1 norm of the unmasked task vector, so the
+    # expected merged update equals the unmasked one.
+    before = d.abs().sum()
+    after = masked.abs().sum()
+    if before < _EPS or after < _EPS:
+        return masked
+    return masked * (before / after)
+
+
+def _kth_smallest(x: TensorInputs, i: int, flat_mag: torch.Tensor, rank: int) -> torch.Tensor:
+    """Value at 0-based position ``rank`` of the ascending magnitudes.
+
+    The in-place merger keeps the sorted magnitudes resident, so this is a
+    lookup; the one-shot path uses a selection, which returns the same value.
+    """
+    if x.resident:
+        return x.sorted_abs_delta(i)[rank]
+    return torch.kthvalue(flat_mag, rank + 1).values
+
+
+def _rank_window_mask(x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int) -> torch.Tensor:
+    """Mask keeping the entries whose ascending magnitude rank is in
+    [lo_rank, lo_rank + count). A threshold test does it in one pass; where
+    equal magnitudes straddle a boundary, an exact stable sort decides."""
+    flat = d.abs().reshape(-1).float()
+    if count <= 0:
+        return torch.zeros_like(d)
+    lo = _kth_smallest(x, i, flat, lo_rank)
+    hi_rank = lo_rank + count - 1
+    if hi_rank >= flat.numel() - 1:
+        keep = flat >= lo
+    else:
+        keep = (flat >= lo) & (flat <= _kth_smallest(x, i, flat, hi_rank))
+    if int(keep.sum()) != count:
+        order = torch.argsort(flat, stable=True)
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[order[lo_rank : lo_rank + count]] = True
+    return keep.reshape(d.shape).to(d.dtype)
+
+
+def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    if density >= 1:
+        return d
+    n = d.numel()
+    k = max(1, int(density * n))
+    masked = d * _rank_window_mask(x, i, d, n - k, k)
+    return _rescale_l1(d, masked) if rescale else masked
+
+
+def _magnitude_outliers(
+    x: TensorInputs, i: int, d: torch.Tensor, density: float, gamma: float, rescale: bool
+) -> torch.Tensor:
+    if density >= 1:
+        return d
+    n = d.numel()
+    keep_n = int(density * n)
+    n_bottom = max(0, n - keep_n - int(gamma * n))
+    masked = d * _rank_window_mask(x, i, d, n_bottom, keep_n)
+    return _rescale_l1(d, masked) if rescale else masked
+
+
+def _work_dtype(d: torch.Tensor) -> torch.dtype:
+    return d.dtype if d.device.type != "cpu" or d.dtype == torch.bfloat16 else torch.float32
+
+
+def _random(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    if density >= 1:
+        return d
+    work = d.to(_work_dtype(d))
+    mask = (torch.rand(d.shape, generator=x.generator(i), device=d.device, dtype=torch.float32) < density).to(work.dtype)
+    masked = work * mask
+    return (_rescale_l1(work, masked) if rescale else masked).to(d.dtype)
+
+
+def _della(x: TensorInputs, i: int, d: torch.Tensor, density: float, epsilon: float, rescale: bool) -> torch.Tensor:
+    if density >= 1:
+        return d
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise EvomergeError(
+            f"della needs density +/- epsilon inside (0, 1), got density={density}, epsilon={epsilon}; "
+            "lower epsilon or move density away from 0 and 1"
+        )
+    work = d.to(_work_dtype(d))
+    rows = work.unsqueeze(0) if work.dim() < 2 else work.reshape(work.shape[0], -1)
+    probs = (density - epsilon) + x.row_rank_norm(i) * (2 * epsilon)
+    draw = torch.rand(rows.shape, generator=x.generator(i), device=d.device, dtype=torch.float32)
+    masked = rows * (draw < probs).to(rows.dtype)
+    out = _rescale_l1(rows, masked) if rescale else masked
+    return out.to(d.dtype).reshape(d.shape)
+
+
+def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: int) -> torch.Tensor:
+    density = p["density"][j]
+    if how == "magnitude":
+        return _magnitude(x, i, d, density, p["rescale"])
+    if how == "random":
+        return _random(x, i, d, density, p["rescale"])
+    if how == "magnitude_outliers":
+        return _magnitude_outliers(x, i, d, density, p["gamma"][j], p["rescale"])
+    if how == "della":
+        return _della(x, i, d, density, p["epsilon"][j], p["rescale"])
+    raise AssertionError(how)
+
+
+def generalized_task_arithmetic(
+    x: TensorInputs, p: dict, *, consensus: bool, sparsify: Optional[str]
+) -> torch.Tensor:
+    """base + lambda * combine(weight_i * sparsify(x_i - base))."""
+    base = x.base
+    models = x.non_base
+    if not models:
+        return base
+    weights = torch.tensor(p["weight"], dtype=base.dtype, device=base.device)
+    weighted = []
+    for j, i in enumerate(models):
+        d = x.delta(i)
+        if sparsify:
+            d = _sparsify(x, i, d, sparsify, p, j)
+        weighted.append(d * weights[j])
+
+    if consensus:
+        # TIES: keep only entries whose sign agrees with the sign of the sum.
+        positive = torch.stack(weighted).sum(dim=0) >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for j, wd in enumerate(weighted):
+            agree = torch.where(positive, wd > 0, wd < 0).to(base.dtype)
+            mixed += wd * agree
+            divisor += weights[j] * agree
+        divisor[divisor == 0] = 1
+    else:
+        mixed = torch.stack(weighted).sum(dim=0)
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+
+    if p["normalize"]:
+        mixed = mixed / divisor
+    if p["lambda"] != 1:
+        mixed = mixed * p["lambda"]
+    return (base + mixed).to(base.dtype)

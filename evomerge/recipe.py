@@ -1,0 +1,267 @@
+"""The Recipe: a frozen, validated description of one merge.
+
+A recipe names its sources (local folders or HF ids, optionally pinned by
+sha256 per weight file), an optional base model, a merge method, parameters,
+dtype and seed. Parameters may be scalars, gradients (lists interpolated over
+layers) or filtered overrides, with mergekit's semantics. mergekit YAML configs
+load as recipes unchanged.
+
+A recipe holds no behaviour beyond validation, YAML round-trips and a stable
+fingerprint; ``merge.py`` materialises it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.errors import EvomergeError
+
+Scalar = Union[bool, int, float, str]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Conditional(_Frozen):
+    """A value that applies to tensors whose name contains ``filter``."""
+
+    value: Union[Scalar, list[Scalar]]
+    filter: Optional[str] = None
+
+
+Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
+Settings = dict[str, Setting]
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class Source(_Frozen):
+    """One input model. ``model`` is a folder (relative to the recipe's
+    folder) or a Hugging Face id; ``sha256`` pins weight files by name."""
+
+    model: str
+    parameters: Optional[Settings] = None
+    sha256: Optional[dict[str, str]] = None
+
+
+class SliceSource(_Frozen):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[Settings] = None
+
+
+class Slice(_Frozen):
+    """A run of output layers, merged from equally long layer ranges."""
+
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    parameters: Optional[Settings] = None
+
+
+class Recipe(_Frozen):
+    """A merge: method, sources, parameters, dtype and seed.
+
+    Either ``sources`` lists the models merged over all their layers
+    (mergekit's ``models:``), or ``slices`` builds the output layer by layer
+    (then ``sources`` may still list models to pin their sha256).
+    ``metadata`` (scores, versions, provenance) is not part of the fingerprint.
+    """
+
+    method: str
+    sources: list[Source] = Field(default_factory=list)
+    base_model: Optional[str] = None
+    slices: Optional[list[Slice]] = None
+    parameters: Optional[Settings] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    seed: int = 0
+    tokenizer_source: Optional[str] = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        from evomerge.methods import get_method
+
+        method = get_method(self.method)
+        for field_name in ("dtype", "out_dtype"):
+            value = getattr(self, field_name)
+            if value is not None and value not in DTYPES:
+                raise EvomergeError(f"{field_name} {value!r} is not supported; use one of {', '.join(DTYPES)}")
+        if not self.sources and not self.slices:
+            raise EvomergeError("the recipe has no models; list them under 'sources' (or mergekit's 'models')")
+        if self.slices:
+            if any(s.parameters for s in self.sources):
+                raise EvomergeError(
+                    "a recipe with slices takes per-model parameters inside each slice, not under sources; move them"
+                )
+            for i, sl in enumerate(self.slices):
+                lengths = {b - a for a, b in (s.layer_range for s in sl.sources)}
+                if not sl.sources or len(lengths) != 1 or min(lengths) <= 0:
+                    raise EvomergeError(
+                        f"slice {i} needs sources with equally long, non-empty layer ranges; fix layer_range"
+                    )
+        for where, settings in self._all_settings():
+            for name, setting in (settings or {}).items():
+                if name not in method.param_names:
+                    known = ", ".join(method.param_names) or "none"
+                    raise EvomergeError(
+                        f"unknown parameter {name!r} for method {self.method!r} ({where}); its parameters are: {known}"
+                    )
+                for leaf in _leaves(setting):
+                    method.param(name).validate(leaf, where)
+        return self
+
+    def _all_settings(self):
+        yield "parameters", self.parameters
+        for s in self.sources:
+            yield f"model {s.model}", s.parameters
+        for i, sl in enumerate(self.slices or []):
+            yield f"slice {i}", sl.parameters
+            for s in sl.sources:
+                yield f"slice {i} model {s.model}", s.parameters
+
+    # -- serialisation -----------------------------------------------------
+
+    def canonical(self) -> dict:
+        """The recipe as plain data, without metadata and unset fields."""
+        return self.model_dump(mode="json", exclude={"metadata"}, exclude_none=True)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON form: equal recipes, equal fingerprints."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("metadata"):
+            data.pop("metadata", None)
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def to_mergekit_yaml(self) -> str:
+        """The same merge as a mergekit config (sha256, seed and metadata dropped)."""
+        data: dict[str, Any] = {"merge_method": self.method}
+        if self.slices:
+            data["slices"] = [sl.model_dump(mode="json", exclude_none=True) for sl in self.slices]
+        else:
+            data["models"] = [s.model_dump(mode="json", exclude_none=True, exclude={"sha256"}) for s in self.sources]
+        for key in ("base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = value
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
+        """Build from evomerge or mergekit data (detected by ``merge_method``)."""
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where} is not a YAML mapping; write it as 'key: value' lines")
+        if "merge_method" in data:
+            data = _from_mergekit(data, where)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise EvomergeError(f"{where}: {loc}: {err['msg']}; fix that field") from None
+
+
+def _leaves(setting: Any):
+    """Every scalar inside a setting (gradient entries, filtered values)."""
+    if isinstance(setting, Conditional):
+        yield from _leaves(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _leaves(item)
+    else:
+        yield setting
+
+
+_MERGEKIT_KEYS = {
+    "models",
+    "slices",
+    "merge_method",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+}
+
+
+def _from_mergekit(data: dict, where: str) -> dict:
+    unsupported = set(data) - _MERGEKIT_KEYS
+    if unsupported:
+        raise EvomergeError(
+            f"{where}: mergekit option(s) {', '.join(sorted(unsupported))} are not supported by evomerge; remove them"
+        )
+    if data.get("models") is not None and data.get("slices") is not None:
+        raise EvomergeError(f"{where}: give either 'models' or 'slices', not both")
+    refs = [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]
+    refs += [s.get("model") for sl in data.get("slices") or [] for s in sl.get("sources", [])]
+    for ref in refs + [data.get("base_model")]:
+        if isinstance(ref, str) and "+" in ref:
+            raise EvomergeError(f"{where}: LoRA model references ({ref!r}) are not supported; merge the LoRA first")
+    out = {k: v for k, v in data.items() if k not in ("models", "merge_method")}
+    out["method"] = data["merge_method"]
+    out["sources"] = data.get("models") or []
+    return out
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe (evomerge or mergekit YAML) from a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"recipe file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvomergeError(f"recipe {path} is not valid YAML ({first}); fix the syntax") from None
+    return Recipe.from_dict(data, where=str(path))
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float, validate) -> Any:
+    """Resolve one setting for one tensor at relative depth ``t`` in [0, 1].
+
+    Filters: the first conditional whose filter is absent, ``*`` or a
+    substring of the tensor name wins; if none matches, return None so that a
+    lower-precedence setting applies. Gradients: numeric lists interpolate
+    linearly over ``t``; lists of booleans or strings pick a step.
+    """
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return validate(setting)
+    if not setting:
+        return None
+    if isinstance(setting[0], Conditional):
+        for cond in setting:
+            if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+                return evaluate_setting(cond.value, tensor_name, t, validate)
+        return None
+    values = [validate(v) for v in setting]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    pos = t * (len(values) - 1)
+    i0 = int(pos)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = pos - i0
+    return validate((1 - frac) * values[i0] + frac * values[i1])
+
+
+def gradient_lengths(setting: Setting) -> list[int]:
+    """Lengths of the gradient lists inside a setting (for depth checks)."""
+    if isinstance(setting, Conditional):
+        return gradient_lengths(setting.value)
+    if isinstance(setting, list):
+        if setting and isinstance(setting[0], Conditional):
+            return [n for c in setting for n in gradient_lengths(c)]
+        return [len(setting)]
+    return []
