@@ -1,0 +1,48 @@
+"""Session fixtures: tiny models made here, never downloaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from evomerge.demo import make_finetune, make_tiny_model  # noqa: E402
+
+
+class TinyFamily:
+    """A tiny base model and three stand-in fine-tunes of it."""
+
+    def __init__(self, root: Path, arch: str):
+        self.arch = arch
+        self.base = make_tiny_model(root / "base", arch=arch, seed=0)
+        self.ft = [make_finetune(self.base, root / f"ft{i}", seed=i + 1) for i in range(3)]
+        self.root = root
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def family(request, tmp_path_factory) -> TinyFamily:
+    """Llama-style (untied, GQA) and Qwen2-style (biases, tied embeddings)."""
+    return _family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory) -> TinyFamily:
+    return _family("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen2(tmp_path_factory) -> TinyFamily:
+    return _family("qwen2", tmp_path_factory)
+
+
+_FAMILIES: dict = {}
+
+
+def _family(arch, tmp_path_factory):
+    if arch not in _FAMILIES:
+        _FAMILIES[arch] = TinyFamily(tmp_path_factory.mktemp(arch), arch)
+    return _FAMILIES[arch]
