@@ -6,30 +6,39 @@ and a character-level tokenizer is written beside them.
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Optional
 
 ARCHS = ("llama", "qwen2")
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
 def make_tokenizer():
-    """A character-level fast tokenizer (one token per character)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level tokenizer with no merges: one token per byte.
+
+    Byte-level BPE (rather than a plain character vocabulary) because
+    transformers rebuilds some model types' tokenizers (Qwen2's, for one)
+    around a byte-level pre-tokenizer; this vocabulary survives that.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + _byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
 
 
-VOCAB_SIZE = len(_SPECIALS) + len(CHARS)
+VOCAB_SIZE = len(_SPECIALS) + 256
 
 
 def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, tie: Optional[bool] = None, **overrides):
