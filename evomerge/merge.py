@@ -516,7 +516,7 @@ class InPlaceMerger:
     """Merges candidate recipes into one resident model, for search.
 
     The sources stay resident on ``device`` in the compute dtype; task vectors
-    and sorted magnitudes are computed on first use and kept. ``apply`` then
+    and magnitude ranks are computed on first use and kept. ``apply`` then
     rewrites the live model's parameters in place: no disk I/O and no
     allocation proportional to the model, only per-tensor temporaries.
 

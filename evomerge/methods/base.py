@@ -140,7 +140,7 @@ class TensorInputs:
     """The inputs of one output tensor, as a merge function sees them.
 
     ``tensors`` are in input order and already in the compute dtype and on the
-    compute device. Task vectors (``delta``), sorted magnitudes and per-row
+    compute device. Task vectors (``delta``), magnitude ranks and per-row
     ranks are computed on demand, and served from ``cache`` when one is given:
     the in-place merger keeps them resident across candidates, the to-disk
     path computes them once. Both paths run the same arithmetic, so their
@@ -164,7 +164,7 @@ class TensorInputs:
         self._cache = cache if cache is not None else {}
         self._keys = keys if keys is not None else list(range(len(tensors)))
         # True when the cache outlives this call (the in-place merger): then
-        # it pays to keep sorted magnitudes rather than select each time.
+        # it pays to keep magnitude ranks rather than select each time.
         self.resident = resident
 
     @property
@@ -192,11 +192,20 @@ class TensorInputs:
         """Task vector of input ``i``: tensor minus base."""
         return self._cached("delta", i, lambda: self.tensors[i] - self.base)
 
-    def sorted_abs_delta(self, i: int) -> "torch.Tensor":
-        """Ascending magnitudes of the task vector, flattened, in float32."""
+    def magnitude_rank(self, i: int) -> "torch.Tensor":
+        """Ascending rank of each entry's task-vector magnitude, equal
+        magnitudes ranked by position (a stable sort), shaped like the tensor."""
         import torch
 
-        return self._cached("sorted_abs", i, lambda: torch.sort(self.delta(i).abs().reshape(-1).float()).values)
+        def make():
+            m = self.delta(i).abs().reshape(-1).float()
+            order = torch.sort(m, stable=True).indices
+            dtype = torch.int32 if m.numel() < 2**31 else torch.int64
+            rank = torch.empty(m.numel(), dtype=dtype, device=m.device)
+            rank[order] = torch.arange(m.numel(), dtype=dtype, device=m.device)
+            return rank.reshape(self.tensors[i].shape)
+
+        return self._cached("rank", i, make)
 
     def row_rank_norm(self, i: int) -> "torch.Tensor":
         """Per-row magnitude rank of the task vector, scaled to [0, 1] (DELLA)."""
@@ -205,7 +214,7 @@ class TensorInputs:
         def make():
             d = self.delta(i)
             d = d.unsqueeze(0) if d.dim() < 2 else d.reshape(d.shape[0], -1)
-            ranks = d.abs().argsort(dim=1).argsort(dim=1).float()
+            ranks = d.abs().argsort(dim=1, stable=True).argsort(dim=1, stable=True).float()
             width = max(d.shape[1] - 1, 1)
             return (ranks / width).clamp(0, 1)
 

@@ -8,6 +8,7 @@ the base. Semantics follow mergekit 0.1.5.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -28,35 +29,33 @@ def _rescale_l1(d: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def _kth_smallest(x: TensorInputs, i: int, flat_mag: torch.Tensor, rank: int) -> torch.Tensor:
-    """Value at 0-based position ``rank`` of the ascending magnitudes.
-
-    The in-place merger keeps the sorted magnitudes resident, so this is a
-    lookup; the one-shot path uses a selection, which returns the same value.
-    """
-    if x.resident:
-        return x.sorted_abs_delta(i)[rank]
-    return torch.kthvalue(flat_mag, rank + 1).values
-
-
 def _rank_window_mask(x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int) -> torch.Tensor:
-    """Mask keeping the entries whose ascending magnitude rank is in
-    [lo_rank, lo_rank + count). A threshold test does it in one pass; where
-    equal magnitudes straddle a boundary, an exact stable sort decides."""
-    flat = d.abs().reshape(-1).float()
-    if count <= 0:
-        return torch.zeros_like(d)
-    lo = _kth_smallest(x, i, flat, lo_rank)
+    """Mask of the entries whose ascending magnitude rank lies in
+    [lo_rank, lo_rank + count), equal magnitudes ranked by position.
+
+    That tie rule (a stable sort's) makes the kept set exact and well defined
+    even in bfloat16, where equal magnitudes are common. The in-place merger
+    keeps every entry's rank resident, so a candidate costs one comparison;
+    the one-shot path finds the boundary values by selection and ranks the
+    entries equal to them by a running count. Both give the same mask.
+    """
+    n = d.numel()
     hi_rank = lo_rank + count - 1
-    if hi_rank >= flat.numel() - 1:
-        keep = flat >= lo
-    else:
-        keep = (flat >= lo) & (flat <= _kth_smallest(x, i, flat, hi_rank))
-    if int(keep.sum()) != count:
-        order = torch.argsort(flat, stable=True)
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[order[lo_rank : lo_rank + count]] = True
-    return keep.reshape(d.shape).to(d.dtype)
+    if count <= 0:
+        return torch.zeros_like(d, dtype=torch.bool)
+    if x.resident:
+        rank = x.magnitude_rank(i)
+        keep = rank >= lo_rank
+        return keep if hi_rank >= n - 1 else keep & (rank <= hi_rank)
+    m = d.abs().reshape(-1).float()
+    lo = torch.kthvalue(m, lo_rank + 1).values
+    hi = torch.kthvalue(m, hi_rank + 1).values if hi_rank < n - 1 else None
+    keep = m > lo if hi is None else (m > lo) & (m < hi)
+    for v in (lo,) if hi is None or hi == lo else (lo, hi):
+        equal = m == v
+        rank = (m < v).sum() + equal.cumsum(0) - 1
+        keep |= equal & (rank >= lo_rank) & (rank <= hi_rank)
+    return keep.reshape(d.shape)
 
 
 def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -64,7 +63,8 @@ def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale
         return d
     n = d.numel()
     k = max(1, int(density * n))
-    masked = d * _rank_window_mask(x, i, d, n - k, k)
+    # mergekit: the first k of a descending argsort.
+    masked = d * _rank_window_mask(x, i, d, n - k, k, lambda w: torch.argsort(w, descending=True)[:k])
     return _rescale_l1(d, masked) if rescale else masked
 
 
@@ -76,7 +76,9 @@ def _magnitude_outliers(
     n = d.numel()
     keep_n = int(density * n)
     n_bottom = max(0, n - keep_n - int(gamma * n))
-    masked = d * _rank_window_mask(x, i, d, n_bottom, keep_n)
+    # mergekit: a window of an ascending sort.
+    window = slice(n_bottom, n_bottom + keep_n)
+    masked = d * _rank_window_mask(x, i, d, n_bottom, keep_n, lambda w: torch.sort(w, descending=False).indices[window])
     return _rescale_l1(d, masked) if rescale else masked
 
 

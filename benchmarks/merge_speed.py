@@ -1,0 +1,228 @@
+"""Merge speed: evomerge against mergekit-yaml, to disk and in place.
+
+In one run on one machine, for a tiny model and a randomly initialised Llama
+of about 370M parameters (both saved as safetensors), this measures:
+
+  a) `evomerge merge` against `mergekit-yaml` on the same TIES config:
+     wall time and peak RSS of each, as separate processes;
+  b) the in-place path's time per candidate (InPlaceMerger.apply with a new
+     random recipe each time) on the same models;
+  c) the in-place path's effective bandwidth (bytes of inputs read plus
+     bytes of outputs written, per second) against this machine's memory copy
+     bandwidth, measured in the same run.
+
+Usage:
+    .venv/bin/python benchmarks/merge_speed.py [--sizes tiny,large] [--repeats 3] [--candidates 10]
+
+Results go to stdout as a markdown table (copy it into docs/benchmarks.md)
+and to --json if given. Model folders are cached under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from evomerge.demo import make_finetune, make_tiny_model  # noqa: E402
+
+SIZES = {
+    # name: (config overrides for evomerge.demo.tiny_config, storage dtype)
+    "tiny": (dict(layers=4, hidden=64), "float32"),
+    "large": (
+        dict(
+            layers=20,
+            hidden=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+        "bfloat16",
+    ),
+}
+
+# Run a command and report its own peak RSS: a wrapper process per command,
+# so RUSAGE_CHILDREN covers exactly one child.
+_WRAPPER = (
+    "import resource, subprocess, sys, time;"
+    "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE);"
+    "w = time.perf_counter() - t;"
+    "sys.stderr.write(r.stderr.decode()[-2000:] if r.returncode else '');"
+    "print(r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def build_models(workdir: Path, size: str) -> dict[str, Path]:
+    overrides, dtype = SIZES[size]
+    root = workdir / size
+    paths = {"base": root / "base", "a": root / "a", "b": root / "b"}
+    if not (paths["b"] / "config.json").is_file():
+        print(f"building {size} models in {root} ...", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
+        make_tiny_model(paths["base"], arch="llama", seed=0, dtype=dtype, **overrides)
+        make_finetune(paths["base"], paths["a"], seed=1)
+        make_finetune(paths["base"], paths["b"], seed=2)
+    return paths
+
+
+def ties_config(paths: dict[str, Path], dtype: str, rng: random.Random | None = None) -> dict:
+    def p():
+        if rng is None:
+            return {"weight": 0.6, "density": 0.5}
+        return {"weight": round(rng.uniform(0.1, 1.0), 4), "density": round(rng.uniform(0.2, 0.9), 4)}
+
+    return {
+        "merge_method": "ties",
+        "base_model": str(paths["base"]),
+        "dtype": dtype,
+        "models": [
+            {"model": str(paths["a"]), "parameters": p()},
+            {"model": str(paths["b"]), "parameters": p()},
+            {"model": str(paths["base"])},
+        ],
+    }
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of ``cmd`` run as its own process."""
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
+    code, wall, rss_kib = out.stdout.split()
+    if code != "0":
+        raise RuntimeError(f"{cmd[0]} failed:\n{out.stderr}")
+    return float(wall), int(rss_kib) / 1024
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times) / 1e9
+
+
+def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
+    from evomerge.merge import InPlaceMerger, open_sources, plan_merge
+    from evomerge.recipe import Recipe
+
+    paths = build_models(workdir, size)
+    dtype = SIZES[size][1]
+    cfg_path = workdir / f"{size}-ties.yaml"
+    cfg_path.write_text(yaml.safe_dump(ties_config(paths, dtype)))
+    bindir = Path(sys.executable).parent
+    cmds = {
+        "mergekit-yaml": [str(bindir / "mergekit-yaml"), str(cfg_path), str(workdir / "out-mk")],
+        "evomerge merge": [
+            str(bindir / "evomerge"),
+            "merge",
+            str(cfg_path),
+            str(workdir / "out-em"),
+            "--allow-outside-paths",
+            "--no-progress",
+            "--overwrite",
+        ],
+    }
+    disk: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+    for _ in range(repeats):  # alternate, so drift on a noisy machine hits both
+        for name, cmd in cmds.items():
+            shutil.rmtree(workdir / "out-mk", ignore_errors=True)
+            disk[name].append(run_measured(cmd))
+    for d in ("out-mk", "out-em"):
+        shutil.rmtree(workdir / d, ignore_errors=True)
+
+    template = Recipe.from_dict(ties_config(paths, dtype))
+    t = time.perf_counter()
+    merger = InPlaceMerger(template, allow_outside=True)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    merger.apply(template)  # first call also builds the resident caches
+    first_s = time.perf_counter() - t
+    rng = random.Random(0)
+    per_candidate = []
+    for _ in range(candidates):
+        recipe = Recipe.from_dict(ties_config(paths, dtype, rng))
+        t = time.perf_counter()
+        merger.apply(recipe)
+        per_candidate.append(time.perf_counter() - t)
+
+    plan = plan_merge(template, open_sources(template, allow_outside=True))
+    bytes_in = sum(j.nbytes // j.out_dtype.itemsize * j.compute_dtype.itemsize * len(j.inputs) for j in plan.jobs)
+    bytes_out = sum(j.nbytes for j in plan.jobs)
+    n_params = sum(j.nbytes // j.out_dtype.itemsize for j in plan.jobs)
+    cand_s = statistics.median(per_candidate)
+    copy_gbs = copy_bandwidth()
+    mk_wall = statistics.median(w for w, _ in disk["mergekit-yaml"])
+    em_wall = statistics.median(w for w, _ in disk["evomerge merge"])
+    return {
+        "size": size,
+        "params": n_params,
+        "dtype": dtype,
+        "mergekit_wall_s": mk_wall,
+        "mergekit_peak_rss_mib": max(r for _, r in disk["mergekit-yaml"]),
+        "evomerge_wall_s": em_wall,
+        "evomerge_peak_rss_mib": max(r for _, r in disk["evomerge merge"]),
+        "disk_speedup": mk_wall / em_wall,
+        "inplace_load_s": load_s,
+        "inplace_first_apply_s": first_s,
+        "inplace_candidate_s": cand_s,
+        "inplace_vs_mergekit": mk_wall / cand_s,
+        "inplace_gbs": (bytes_in + bytes_out) / cand_s / 1e9,
+        "copy_gbs": copy_gbs,
+        "inplace_share_of_copy": (bytes_in + bytes_out) / cand_s / 1e9 / copy_gbs,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = (
+        "| model | params | dtype | mergekit-yaml s | evomerge merge s | speed-up | mergekit peak RSS MiB | "
+        "evomerge peak RSS MiB | in-place s/candidate | in-place vs mergekit | in-place GB/s | copy GB/s | share of copy |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['mergekit_wall_s']:.2f} | "
+            f"{r['evomerge_wall_s']:.2f} | {r['disk_speedup']:.2f}x | {r['mergekit_peak_rss_mib']:.0f} | "
+            f"{r['evomerge_peak_rss_mib']:.0f} | {r['inplace_candidate_s']:.3f} | {r['inplace_vs_mergekit']:.0f}x | "
+            f"{r['inplace_gbs']:.2f} | {r['copy_gbs']:.2f} | {100 * r['inplace_share_of_copy']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,large")
+    ap.add_argument("--workdir", default="runs/bench")
+    ap.add_argument("--repeats", type=int, default=3, help="to-disk runs per tool")
+    ap.add_argument("--candidates", type=int, default=10, help="in-place candidates timed")
+    ap.add_argument("--json", help="also write results here")
+    args = ap.parse_args()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = [bench_size(s, workdir, args.repeats, args.candidates) for s in args.sizes.split(",")]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {time.strftime('%Y-%m-%d')}")
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
