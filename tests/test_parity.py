@@ -7,7 +7,8 @@ embeddings, grouped-query attention) and a Qwen2-style one (attention biases,
 tied embeddings), with per-layer gradients and name filters at every level a
 mergekit config allows: per model, per slice and top level. Each case also
 merges a perturbed config with evomerge and checks that it does *not* match,
-so a comparison that could never fail cannot pass.
+so a comparison that could never fail cannot pass. Last, magnitude pruning is
+checked where equal magnitudes straddle the density cut.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -25,13 +27,17 @@ from safetensors.torch import load_file
 from evomerge.merge import merge_to_disk
 from evomerge.recipe import Recipe
 
-mergekit = pytest.importorskip("mergekit")
-
 RTOL = 1e-5  # relative to the largest magnitude of mergekit's tensor
 ATOL = 1e-7  # for tensors that are (near) all zero, e.g. a scale-0 o_proj
 
 
 # -- running both sides ----------------------------------------------------------
+
+
+def test_the_reference_is_mergekit_0_1_5():
+    # mergekit is a pinned dev dependency; a missing or different one must
+    # fail loudly rather than skip the parity checks.
+    assert version("mergekit") == "0.1.5"
 
 
 def _run_mergekit(cfg: dict, out: Path) -> int:
@@ -457,9 +463,41 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
+def _bf16(case: Callable) -> Callable:
+    """The case computed in bfloat16, where equal magnitudes are everywhere
+    and the order of every rounding step shows in the result."""
+
+    def bf16_case(f, k):
+        return {**case(f, k), "dtype": "bfloat16"}
+
+    bf16_case.__name__ = f"{case.__name__}_bf16"
+    return bf16_case
+
+
+BF16_CASES = [_bf16(c) for c in (task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, slerp_slices, nuslerp_base)]
+
+
+@pytest.mark.parametrize("case", CASES + BF16_CASES, ids=lambda c: c.__name__)
 def test_matches_mergekit(case, family, tmp_path):
     _check_parity(case, family, tmp_path)
+
+
+@pytest.mark.parametrize("case", [ties, breadcrumbs_ties, _bf16(ties), _bf16(breadcrumbs)], ids=lambda c: c.__name__)
+def test_in_place_merge_matches_mergekit(case, family, tmp_path):
+    """The search's in-place path (resident task vectors and magnitude ranks,
+    reused across candidates) gives mergekit's tensors too."""
+    from evomerge.merge import InPlaceMerger
+
+    merger = InPlaceMerger(Recipe.from_dict(case(family, 0.1)), allow_outside=True)
+    merger.apply(Recipe.from_dict(case(family, 0.1)))  # fill the resident caches with another candidate
+    _run_mergekit(case(family, 0.0), tmp_path / "mergekit")
+    theirs = _tensors(tmp_path / "mergekit")
+    live = merger.apply(Recipe.from_dict(case(family, 0.0))).state_dict()
+    assert theirs.keys() <= live.keys()
+    problems = _mismatches({k: live[k] for k in theirs}, theirs)
+    assert not problems, "the in-place merge differs from mergekit:\n" + "\n".join(problems[:20])
+    perturbed = merger.apply(Recipe.from_dict(case(family, 0.1))).state_dict()
+    assert _mismatches({k: perturbed[k] for k in theirs}, theirs)
 
 
 # -- ties in magnitude ------------------------------------------------------------

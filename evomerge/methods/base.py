@@ -192,20 +192,24 @@ class TensorInputs:
         """Task vector of input ``i``: tensor minus base."""
         return self._cached("delta", i, lambda: self.tensors[i] - self.base)
 
-    def magnitude_rank(self, i: int) -> "torch.Tensor":
-        """Ascending rank of each entry's task-vector magnitude, equal
-        magnitudes ranked by position (a stable sort), shaped like the tensor."""
+    def magnitude_rank(
+        self, i: int, order: Optional[Callable[["torch.Tensor"], "torch.Tensor"]] = None
+    ) -> "torch.Tensor":
+        """Ascending rank of each entry's task-vector magnitude, shaped like
+        the tensor. ``order`` (task vector -> the flat indices in ascending
+        magnitude order) decides how equal magnitudes rank; by default by
+        position (a stable sort). Cached per order."""
         import torch
 
         def make():
-            m = self.delta(i).abs().reshape(-1).float()
-            order = torch.sort(m, stable=True).indices
-            dtype = torch.int32 if m.numel() < 2**31 else torch.int64
-            rank = torch.empty(m.numel(), dtype=dtype, device=m.device)
-            rank[order] = torch.arange(m.numel(), dtype=dtype, device=m.device)
-            return rank.reshape(self.tensors[i].shape)
+            d = self.delta(i)
+            perm = order(d) if order is not None else torch.sort(d.abs().reshape(-1).float(), stable=True).indices
+            dtype = torch.int32 if d.numel() < 2**31 else torch.int64
+            rank = torch.empty(d.numel(), dtype=dtype, device=d.device)
+            rank[perm] = torch.arange(d.numel(), dtype=dtype, device=d.device)
+            return rank.reshape(d.shape)
 
-        return self._cached("rank", i, make)
+        return self._cached(f"rank:{getattr(order, '__name__', 'stable')}", i, make)
 
     def row_rank_norm(self, i: int) -> "torch.Tensor":
         """Per-row magnitude rank of the task vector, scaled to [0, 1] (DELLA)."""

@@ -16,6 +16,9 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(-1).to(dtype)
     b = v1.reshape(-1).to(dtype)
+    # t as a tensor of the working dtype, as mergekit has it: 1 - t then rounds
+    # as mergekit's does (a Python float would round 1 - t in double first).
+    t = torch.tensor(t, dtype=dtype, device=a.device)
     norm_a = torch.linalg.vector_norm(a)
     norm_b = torch.linalg.vector_norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)

@@ -29,33 +29,77 @@ def _rescale_l1(d: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def _rank_window_mask(x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int) -> torch.Tensor:
-    """Mask of the entries whose ascending magnitude rank lies in
-    [lo_rank, lo_rank + count), equal magnitudes ranked by position.
+# Tie orders: task vector -> its flat indices in ascending magnitude order.
+# Which of several equal magnitudes straddling a density cut survive depends
+# on the order a sort leaves them in. mergekit sorts with unstable sorts, whose
+# tie order no other call reproduces, so for parity the masks rank ties by the
+# very call mergekit makes, on the very magnitudes it sorts (float32 on the
+# CPU, the compute dtype elsewhere). Ties are common in bfloat16 and do occur
+# in float32 (a tiny float32 Qwen2 breadcrumbs merge already has one).
 
-    That tie rule (a stable sort's) makes the kept set exact and well defined
-    even in bfloat16, where equal magnitudes are common. The in-place merger
-    keeps every entry's rank resident, so a candidate costs one comparison;
-    the one-shot path finds the boundary values by selection and ranks the
-    entries equal to them by a running count. Both give the same mask.
+
+def _mergekit_magnitudes(d: torch.Tensor) -> torch.Tensor:
+    w = d.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def mergekit_topk_order(d: torch.Tensor) -> torch.Tensor:
+    # mergekit's magnitude() keeps the first k of argsort(w, descending=True);
+    # reversed, that is an ascending order whose top k are the same entries.
+    return torch.argsort(_mergekit_magnitudes(d), descending=True).flip(0)
+
+
+def mergekit_window_order(d: torch.Tensor) -> torch.Tensor:
+    # mergekit's magnitude_outliers() keeps a window of sort(w).indices.
+    return torch.sort(_mergekit_magnitudes(d), descending=False).indices
+
+
+def _rank_window_mask(
+    x: TensorInputs,
+    i: int,
+    d: torch.Tensor,
+    lo_rank: int,
+    count: int,
+    order: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Mask of the entries whose ascending magnitude rank lies in
+    [lo_rank, lo_rank + count), equal magnitudes ranked by ``order`` (see the
+    tie orders above), by position (a stable sort's rule) when None.
+
+    The in-place merger keeps every entry's rank resident, so a candidate
+    costs one comparison. The one-shot path finds the boundary values by
+    selection; only the entries equal to a boundary value need a tie rule:
+    by position that is a running count, for another order a full sort, and
+    only when equal magnitudes straddle the cut. Both paths give the same mask.
     """
     n = d.numel()
     hi_rank = lo_rank + count - 1
     if count <= 0:
         return torch.zeros_like(d, dtype=torch.bool)
     if x.resident:
-        rank = x.magnitude_rank(i)
-        keep = rank >= lo_rank
-        return keep if hi_rank >= n - 1 else keep & (rank <= hi_rank)
+        return _window(x.magnitude_rank(i, order), lo_rank, hi_rank)
     m = d.abs().reshape(-1).float()
     lo = torch.kthvalue(m, lo_rank + 1).values
     hi = torch.kthvalue(m, hi_rank + 1).values if hi_rank < n - 1 else None
     keep = m > lo if hi is None else (m > lo) & (m < hi)
     for v in (lo,) if hi is None or hi == lo else (lo, hi):
         equal = m == v
-        rank = (m < v).sum() + equal.cumsum(0) - 1
+        below = (m < v).sum()
+        if order is not None:
+            if below < lo_rank or below + equal.sum() - 1 > hi_rank:  # the equal run straddles the cut
+                rank = torch.empty(n, dtype=torch.int64, device=m.device)
+                rank[order(d)] = torch.arange(n, device=m.device)
+                return _window(rank, lo_rank, hi_rank).reshape(d.shape)
+            keep |= equal
+            continue
+        rank = below + equal.cumsum(0) - 1
         keep |= equal & (rank >= lo_rank) & (rank <= hi_rank)
     return keep.reshape(d.shape)
+
+
+def _window(rank: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
+    keep = rank >= lo_rank
+    return keep if hi_rank >= rank.numel() - 1 else keep & (rank <= hi_rank)
 
 
 def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -63,8 +107,7 @@ def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale
         return d
     n = d.numel()
     k = max(1, int(density * n))
-    # mergekit: the first k of a descending argsort.
-    masked = d * _rank_window_mask(x, i, d, n - k, k, lambda w: torch.argsort(w, descending=True)[:k])
+    masked = d * _rank_window_mask(x, i, d, n - k, k, mergekit_topk_order)
     return _rescale_l1(d, masked) if rescale else masked
 
 
@@ -76,9 +119,7 @@ def _magnitude_outliers(
     n = d.numel()
     keep_n = int(density * n)
     n_bottom = max(0, n - keep_n - int(gamma * n))
-    # mergekit: a window of an ascending sort.
-    window = slice(n_bottom, n_bottom + keep_n)
-    masked = d * _rank_window_mask(x, i, d, n_bottom, keep_n, lambda w: torch.sort(w, descending=False).indices[window])
+    masked = d * _rank_window_mask(x, i, d, n_bottom, keep_n, mergekit_window_order)
     return _rescale_l1(d, masked) if rescale else masked
 
 
@@ -141,18 +182,18 @@ def generalized_task_arithmetic(
             d = _sparsify(x, i, d, sparsify, p, j)
         weighted.append(d * weights[j])
 
+    # Reduce over the stacked models, as mergekit does: a running sum rounds at
+    # every step, which in bfloat16 differs from mergekit's in the last bit.
+    stacked = torch.stack(weighted)
     if consensus:
         # TIES: keep only entries whose sign agrees with the sign of the sum.
-        positive = torch.stack(weighted).sum(dim=0) >= 0
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for j, wd in enumerate(weighted):
-            agree = torch.where(positive, wd > 0, wd < 0).to(base.dtype)
-            mixed += wd * agree
-            divisor += weights[j] * agree
+        positive = stacked.sum(dim=0) >= 0
+        agree = torch.where(positive, stacked > 0, stacked < 0).to(base.dtype)
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (weights.reshape(-1, *(1,) * base.dim()) * agree).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
-        mixed = torch.stack(weighted).sum(dim=0)
+        mixed = stacked.sum(dim=0)
         divisor = weights.sum()
         if divisor.abs() < 1e-8:
             divisor = torch.ones_like(divisor)
