@@ -156,6 +156,7 @@ class TensorInputs:
         cache: Optional[dict] = None,
         keys: Optional[list[Any]] = None,
         resident: bool = False,
+        fuse: bool = False,
     ):
         self.name = name
         self.tensors = tensors
@@ -166,6 +167,8 @@ class TensorInputs:
         # True when the cache outlives this call (the in-place merger): then
         # it pays to keep magnitude ranks rather than select each time.
         self.resident = resident
+        # True to run elementwise tails through torch.compile (same bits, one pass).
+        self.fuse = fuse
 
     @property
     def indices(self) -> list[int]:

@@ -9,6 +9,7 @@ the base. Semantics follow mergekit 0.1.5.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,16 +18,6 @@ from evomerge.errors import EvomergeError
 from evomerge.methods.base import TensorInputs
 
 _EPS = 1e-7
-
-
-def _rescale_l1(d: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    # DARE/DELLA rescale: match the L1 norm of the unmasked task vector, so the
-    # expected merged update equals the unmasked one.
-    before = d.abs().sum()
-    after = masked.abs().sum()
-    if before < _EPS or after < _EPS:
-        return masked
-    return masked * (before / after)
 
 
 # Tie orders: task vector -> its flat indices in ascending magnitude order.
@@ -102,58 +93,87 @@ def _window(rank: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
     return keep if hi_rank >= rank.numel() - 1 else keep & (rank <= hi_rank)
 
 
-def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+@dataclass
+class _Sparse:
+    """How one task vector is sparsified, without applying it yet: the kept
+    entries (a mask, or a window of resident magnitude ranks), the L1 rescale
+    factor, and the dtype the masking happens in (mergekit's work dtype)."""
+
+    keep: Optional[torch.Tensor] = None
+    rank: Optional[torch.Tensor] = None
+    window: tuple[int, int] = (0, 0)
+    factor: Optional[torch.Tensor] = None
+    work: Optional[torch.dtype] = None
+
+
+def _l1_factor(d: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
+    # DARE/DELLA rescale: match the L1 norm of the unmasked task vector, so the
+    # expected merged update equals the unmasked one (mergekit's RescaleNorm.l1).
+    before = d.abs().sum()
+    after = (d * keep.to(d.dtype)).abs().sum()
+    if before < _EPS or after < _EPS:
+        return None
+    return before / after
+
+
+def _rank_window(
+    x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int, order, rescale: bool
+) -> _Sparse:
+    if x.resident and not rescale and count > 0:
+        # Leave the comparison to the combine kernel: one pass over the ranks.
+        return _Sparse(rank=x.magnitude_rank(i, order), window=(lo_rank, lo_rank + count - 1))
+    keep = _rank_window_mask(x, i, d, lo_rank, count, order)
+    return _Sparse(keep=keep, factor=_l1_factor(d, keep) if rescale else None)
+
+
+def _magnitude(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> _Sparse:
     if density >= 1:
-        return d
+        return _Sparse()
     n = d.numel()
     k = max(1, int(density * n))
-    masked = d * _rank_window_mask(x, i, d, n - k, k, mergekit_topk_order)
-    return _rescale_l1(d, masked) if rescale else masked
+    return _rank_window(x, i, d, n - k, k, mergekit_topk_order, rescale)
 
 
 def _magnitude_outliers(
     x: TensorInputs, i: int, d: torch.Tensor, density: float, gamma: float, rescale: bool
-) -> torch.Tensor:
+) -> _Sparse:
     if density >= 1:
-        return d
+        return _Sparse()
     n = d.numel()
     keep_n = int(density * n)
     n_bottom = max(0, n - keep_n - int(gamma * n))
-    masked = d * _rank_window_mask(x, i, d, n_bottom, keep_n, mergekit_window_order)
-    return _rescale_l1(d, masked) if rescale else masked
+    return _rank_window(x, i, d, n_bottom, keep_n, mergekit_window_order, rescale)
 
 
 def _work_dtype(d: torch.Tensor) -> torch.dtype:
     return d.dtype if d.device.type != "cpu" or d.dtype == torch.bfloat16 else torch.float32
 
 
-def _random(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+def _random(x: TensorInputs, i: int, d: torch.Tensor, density: float, rescale: bool) -> _Sparse:
     if density >= 1:
-        return d
-    work = d.to(_work_dtype(d))
-    mask = (torch.rand(d.shape, generator=x.generator(i), device=d.device, dtype=torch.float32) < density).to(work.dtype)
-    masked = work * mask
-    return (_rescale_l1(work, masked) if rescale else masked).to(d.dtype)
+        return _Sparse()
+    work = _work_dtype(d)
+    keep = torch.rand(d.shape, generator=x.generator(i), device=d.device, dtype=torch.float32) < density
+    return _Sparse(keep=keep, factor=_l1_factor(d.to(work), keep) if rescale else None, work=work)
 
 
-def _della(x: TensorInputs, i: int, d: torch.Tensor, density: float, epsilon: float, rescale: bool) -> torch.Tensor:
+def _della(x: TensorInputs, i: int, d: torch.Tensor, density: float, epsilon: float, rescale: bool) -> _Sparse:
     if density >= 1:
-        return d
+        return _Sparse()
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise EvomergeError(
             f"della needs density +/- epsilon inside (0, 1), got density={density}, epsilon={epsilon}; "
             "lower epsilon or move density away from 0 and 1"
         )
-    work = d.to(_work_dtype(d))
-    rows = work.unsqueeze(0) if work.dim() < 2 else work.reshape(work.shape[0], -1)
+    work = _work_dtype(d)
+    # Keep probabilities rise with the entry's magnitude rank within its row.
     probs = (density - epsilon) + x.row_rank_norm(i) * (2 * epsilon)
-    draw = torch.rand(rows.shape, generator=x.generator(i), device=d.device, dtype=torch.float32)
-    masked = rows * (draw < probs).to(rows.dtype)
-    out = _rescale_l1(rows, masked) if rescale else masked
-    return out.to(d.dtype).reshape(d.shape)
+    draw = torch.rand(probs.shape, generator=x.generator(i), device=d.device, dtype=torch.float32)
+    keep = (draw < probs).reshape(d.shape)
+    return _Sparse(keep=keep, factor=_l1_factor(d.to(work), keep) if rescale else None, work=work)
 
 
-def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: int) -> torch.Tensor:
+def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: int) -> _Sparse:
     density = p["density"][j]
     if how == "magnitude":
         return _magnitude(x, i, d, density, p["rescale"])
@@ -166,20 +186,36 @@ def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: in
     raise AssertionError(how)
 
 
-def generalized_task_arithmetic(
-    x: TensorInputs, p: dict, *, consensus: bool, sparsify: Optional[str]
+def combine(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    keeps: list[Optional[torch.Tensor]],
+    ranks: list[Optional[torch.Tensor]],
+    windows: torch.Tensor,
+    factors: list[Optional[torch.Tensor]],
+    works: tuple[Optional[torch.dtype], ...],
+    weights: torch.Tensor,
+    lam: torch.Tensor,
+    consensus: bool,
+    normalize: bool,
 ) -> torch.Tensor:
-    """base + lambda * combine(weight_i * sparsify(x_i - base))."""
-    base = x.base
-    models = x.non_base
-    if not models:
-        return base
-    weights = torch.tensor(p["weight"], dtype=base.dtype, device=base.device)
+    """The elementwise part of generalized task arithmetic, on flat tensors.
+
+    Everything global (thresholds, ranks, random masks, rescale factors) is
+    decided before; what is left is elementwise, so ``torch.compile`` can fuse
+    it into one pass (see ``fused_combine``) without changing a bit.
+    """
     weighted = []
-    for j, i in enumerate(models):
-        d = x.delta(i)
-        if sparsify:
-            d = _sparsify(x, i, d, sparsify, p, j)
+    for j, d in enumerate(deltas):
+        work = works[j] or d.dtype
+        keep = keeps[j]
+        if ranks[j] is not None:
+            keep = (ranks[j] >= windows[j, 0]) & (ranks[j] <= windows[j, 1])
+        if keep is not None:
+            masked = d.to(work) * keep.to(work)
+            if factors[j] is not None:
+                masked = masked * factors[j]
+            d = masked.to(d.dtype)
         weighted.append(d * weights[j])
 
     # Reduce over the stacked models, as mergekit does: a running sum rounds at
@@ -190,16 +226,67 @@ def generalized_task_arithmetic(
         positive = stacked.sum(dim=0) >= 0
         agree = torch.where(positive, stacked > 0, stacked < 0).to(base.dtype)
         mixed = (stacked * agree).sum(dim=0)
-        divisor = (weights.reshape(-1, *(1,) * base.dim()) * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor = (weights.reshape(-1, 1) * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
         mixed = stacked.sum(dim=0)
         divisor = weights.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
 
-    if p["normalize"]:
+    if normalize:
         mixed = mixed / divisor
-    if p["lambda"] != 1:
-        mixed = mixed * p["lambda"]
+    mixed = (mixed * lam).to(mixed.dtype)
     return (base + mixed).to(base.dtype)
+
+
+_FUSED = None
+
+
+def fused_combine():
+    """``combine`` compiled with torch.compile into a single fused pass.
+
+    ``emulate_precision_casts`` makes the fused code round wherever eager
+    PyTorch rounds, so the result is bit-identical to ``combine`` (a test
+    checks it); shapes are dynamic, so one compilation serves every tensor.
+    """
+    global _FUSED
+    if _FUSED is None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.emulate_precision_casts = True
+        # One variant per pattern of masked / unmasked / rescaled models.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _FUSED = torch.compile(combine, dynamic=True)
+    return _FUSED
+
+
+def generalized_task_arithmetic(
+    x: TensorInputs, p: dict, *, consensus: bool, sparsify: Optional[str]
+) -> torch.Tensor:
+    """base + lambda * combine(weight_i * sparsify(x_i - base))."""
+    base = x.base
+    models = x.non_base
+    if not models:
+        return base
+    deltas = [x.delta(i) for i in models]
+    plans = [_sparsify(x, i, d, sparsify, p, j) if sparsify else _Sparse() for j, (i, d) in enumerate(zip(models, deltas))]
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    kernel = fused_combine() if x.fuse else combine
+    out = kernel(
+        base.reshape(-1),
+        [d.reshape(-1) for d in deltas],
+        [flat(s.keep) for s in plans],
+        [flat(s.rank) for s in plans],
+        torch.tensor([s.window for s in plans], dtype=torch.int64, device=base.device),
+        [s.factor for s in plans],
+        tuple(s.work for s in plans),
+        torch.tensor(p["weight"], dtype=base.dtype, device=base.device),
+        # A one-element float32 tensor, cast back after the product: that is
+        # how PyTorch computes "tensor * python float", and a 0-d tensor would
+        # become a double-precision scalar under torch.compile. x * 1 == x,
+        # so always multiplying keeps one compiled variant, not two.
+        torch.tensor([p["lambda"]], dtype=torch.float32, device=base.device),
+        consensus,
+        p["normalize"],
+    )
+    return out.reshape(base.shape)
