@@ -217,8 +217,10 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     rows = [bench_size(s, workdir, args.repeats, args.candidates) for s in args.sizes.split(",")]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {time.strftime('%Y-%m-%d')}"
+    )
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -7,7 +7,6 @@ and a character-level tokenizer is written beside them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 ARCHS = ("llama", "qwen2")
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -41,7 +40,7 @@ def make_tokenizer():
 VOCAB_SIZE = len(_SPECIALS) + 256
 
 
-def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, tie: Optional[bool] = None, **overrides):
+def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, tie: bool | None = None, **overrides):
     """A transformers config for a tiny Llama (untied, grouped-query attention)
     or Qwen2 (attention biases, tied embeddings) model."""
     import transformers

@@ -15,9 +15,10 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class TensorJob:
 
     name: str
     inputs: list[tuple[str, str]]  # (model reference, input tensor name)
-    base_index: Optional[int]
+    base_index: int | None
     params: dict[str, Any]
     shape: tuple[int, ...]
     compute_dtype: torch.dtype
@@ -74,19 +75,22 @@ class MergePlan:
 # -- planning ------------------------------------------------------------------
 
 
-def open_sources(
-    recipe: Recipe, root: Path | str = ".", allow_outside: bool = False
-) -> dict[str, SourceModel]:
-    """Open every model the recipe references, keyed by its reference string."""
-    root = Path(root)
-    pins = {s.model: s.sha256 for s in recipe.sources}
+def _referenced(recipe: Recipe) -> list[str]:
+    """Every model reference in the recipe, in first-use order, once each."""
     refs = [s.model for s in recipe.sources]
     refs += [s.model for sl in recipe.slices or [] for s in sl.sources]
     refs += [r for r in [recipe.base_model] + [sl.base_model for sl in recipe.slices or []] if r]
-    out: dict[str, SourceModel] = {}
-    for ref in dict.fromkeys(refs):
-        out[ref] = SourceModel(resolve_model_path(ref, root, allow_outside), ref=ref, sha256=pins.get(ref))
-    return out
+    return list(dict.fromkeys(refs))
+
+
+def open_sources(recipe: Recipe, root: Path | str = ".", allow_outside: bool = False) -> dict[str, SourceModel]:
+    """Open every model the recipe references, keyed by its reference string."""
+    root = Path(root)
+    pins = {s.model: s.sha256 for s in recipe.sources}
+    return {
+        ref: SourceModel(resolve_model_path(ref, root, allow_outside), ref=ref, sha256=pins.get(ref))
+        for ref in _referenced(recipe)
+    }
 
 
 def _normalized_slices(recipe: Recipe, sources: dict[str, SourceModel]) -> list[Slice]:
@@ -120,9 +124,7 @@ def _check_compatible(models: list[SourceModel]) -> None:
         if missing:
             name = sorted(missing)[0]
             lacks = other.ref if first.has(name) else first.ref
-            raise EvomergeError(
-                f"model {lacks} lacks tensor {name}; merge only models of the same architecture"
-            )
+            raise EvomergeError(f"model {lacks} lacks tensor {name}; merge only models of the same architecture")
         for name in first.names:
             if first.shape(name) != other.shape(name):
                 raise EvomergeError(
@@ -131,9 +133,9 @@ def _check_compatible(models: list[SourceModel]) -> None:
                 )
 
 
-def _scopes(recipe: Recipe, sl: Slice, ref: Optional[str]) -> list[Optional[dict[str, Setting]]]:
+def _scopes(recipe: Recipe, sl: Slice, ref: str | None) -> list[dict[str, Setting] | None]:
     """Settings in descending precedence: this model in this slice, the slice, the recipe."""
-    out: list[Optional[dict[str, Setting]]] = []
+    out: list[dict[str, Setting] | None] = []
     if ref is not None:
         out += [s.parameters for s in sl.sources if s.model == ref]
     return out + [sl.parameters, recipe.parameters]
@@ -146,9 +148,7 @@ def _resolve(method: MergeMethod, name: str, scopes, t: float, where: str, param
             if value is not None:
                 return value
     if param.required:
-        raise EvomergeError(
-            f"method {method.name!r} needs parameter {param.name!r} for {where}; add it to the recipe"
-        )
+        raise EvomergeError(f"method {method.name!r} needs parameter {param.name!r} for {where}; add it to the recipe")
     return param.default
 
 
@@ -169,7 +169,7 @@ def _check_gradients(recipe: Recipe, slices: list[Slice]) -> None:
                     )
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def _dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name] if name else None
 
 
@@ -217,7 +217,9 @@ def plan_merge(recipe: Recipe, sources: dict[str, SourceModel]) -> MergePlan:
         dtypes = [_TORCH_OF_ST.get(sources[r].dtype_name(n), torch.float32) for r, n in zip(refs, in_names)]
         c = compute or _promote(dtypes)
         jobs.append(
-            TensorJob(out_name, list(zip(refs, in_names)), base_index, params, first.shape(in_names[0]), c, out_dtype or c)
+            TensorJob(
+                out_name, list(zip(refs, in_names)), base_index, params, first.shape(in_names[0]), c, out_dtype or c
+            )
         )
 
     first_slice, last_slice = slices[0], slices[-1]
@@ -252,7 +254,7 @@ def plan_merge(recipe: Recipe, sources: dict[str, SourceModel]) -> MergePlan:
     return MergePlan(recipe, method, jobs, config, config_source, layer_origin)
 
 
-def _layer_prefix(model: SourceModel) -> Optional[str]:
+def _layer_prefix(model: SourceModel) -> str | None:
     for name in model.names:
         parts = split_layer_name(name)
         if parts:
@@ -268,7 +270,7 @@ def _promote(dtypes: Iterable[torch.dtype]) -> torch.dtype:
 
 
 def _output_config(
-    sources: dict[str, SourceModel], ref: str, layer_origin: list[tuple[str, int]], dtype: Optional[str]
+    sources: dict[str, SourceModel], ref: str, layer_origin: list[tuple[str, int]], dtype: str | None
 ) -> dict:
     cfg = json.loads(json.dumps(sources[ref].config))
     n_src = sources[ref].num_layers
@@ -295,7 +297,7 @@ def merge_tensor(
     load: Callable[[str, str], torch.Tensor],
     seed: int,
     device: torch.device,
-    cache: Optional[dict] = None,
+    cache: dict | None = None,
     resident: bool = False,
     fuse: bool = False,
 ) -> torch.Tensor:
@@ -322,7 +324,7 @@ def merge_to_disk(
     out_dir: Path | str,
     *,
     root: Path | str = ".",
-    seed: Optional[int] = None,
+    seed: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     allow_outside: bool = False,
@@ -369,6 +371,7 @@ def _write_model(
     shards = _shard(plan.jobs, shard_bytes)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
     def load(ref: str, name: str) -> torch.Tensor:
         return sources[ref].get(name)
 
@@ -464,7 +467,7 @@ class _ShardWriter:
         self._f.write(memoryview(data))
         self._i += 1
 
-    def __enter__(self) -> "_ShardWriter":
+    def __enter__(self) -> _ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -535,8 +538,8 @@ class InPlaceMerger:
         root: Path | str = ".",
         device: str = "cpu",
         allow_outside: bool = False,
-        model: Optional[torch.nn.Module] = None,
-        fuse: Optional[bool] = None,
+        model: torch.nn.Module | None = None,
+        fuse: bool | None = None,
     ):
         self.device = _device(device)
         self.root = Path(root)
@@ -555,8 +558,16 @@ class InPlaceMerger:
         named.update(dict(self.model.named_buffers()))
         missing = [j.name for j in plan.jobs if j.name not in named]
         if missing:
-            raise EvomergeError(f"the live model has no parameter {missing[0]}; its architecture does not match the sources")
+            raise EvomergeError(
+                f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
+            )
         self._targets = {j.name: named[j.name] for j in plan.jobs}
+        written = {t.data_ptr() for t in self._targets.values()}
+        unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
+        if unwritten:
+            raise EvomergeError(
+                f"no source provides the live model's parameter {unwritten[0]}; the sources do not match its config"
+            )
         # Fusing the elementwise tail with torch.compile costs seconds once
         # and then makes each candidate several times faster; same bits
         # either way. Worth it from tens of millions of parameters.
@@ -564,17 +575,17 @@ class InPlaceMerger:
         self.fuse = fuse if fuse is not None else n_params >= FUSE_MIN_PARAMS
 
     def _load(self, ref: str, name: str) -> torch.Tensor:
-        try:
-            return self._tensors[(ref, name)]
-        except KeyError:
-            raise EvomergeError(
-                f"recipe needs {ref}:{name}, which this merger did not load; create the merger from a recipe "
-                "with the same sources and layout"
-            ) from None
+        return self._tensors[(ref, name)]  # apply() checked every key first
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> torch.nn.Module:
         """Rewrite the live model's weights to be ``recipe``'s merge."""
+        unknown = set(_referenced(recipe)) - set(self.sources)
+        if unknown:
+            raise EvomergeError(
+                f"recipe uses model {sorted(unknown)[0]}, which this merger did not load; "
+                "create the merger from a recipe with the same sources"
+            )
         plan = plan_merge(recipe, self.sources)
         for job in plan.jobs:
             target = self._targets.get(job.name)
@@ -583,6 +594,18 @@ class InPlaceMerger:
                     f"recipe produces tensor {job.name} {job.shape}, which the live model lacks; "
                     "use a recipe with the template's layout"
                 )
+        not_loaded = [key for job in plan.jobs for key in job.inputs if key not in self._tensors]
+        if not_loaded:
+            ref, name = not_loaded[0]
+            raise EvomergeError(
+                f"recipe needs {ref}:{name}, which this merger did not load; create the merger from a recipe "
+                "with the same sources and layout"
+            )
+        if len(plan.jobs) != len(self._targets):
+            stale = sorted(set(self._targets) - {j.name for j in plan.jobs})[0]
+            raise EvomergeError(
+                f"recipe does not produce {stale}, which the live model has; use a recipe with the template's layout"
+            )
         for job in plan.jobs:
             out = merge_tensor(job, plan.method, self._load, recipe.seed, self.device, self._cache, True, self.fuse)
             self._targets[job.name].copy_(out)
@@ -601,4 +624,5 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device) -> torch
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+    model.tie_weights()  # skipped under no_init_weights; tied heads must share storage
     return model.to(device).eval()

@@ -13,7 +13,6 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
 
 from evomerge.errors import EvomergeError
 
@@ -33,7 +32,7 @@ TOKENIZER_FILES = (
 )
 
 
-def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
     """(prefix, layer index, rest) for a per-layer tensor name, else None."""
     m = _LAYER.match(name)
     return (m["prefix"], int(m["index"]), m["rest"]) if m else None
@@ -98,7 +97,7 @@ class SourceModel:
     reading a model never holds more than the tensor being read.
     """
 
-    def __init__(self, path: Path, ref: Optional[str] = None, sha256: Optional[dict[str, str]] = None):
+    def __init__(self, path: Path, ref: str | None = None, sha256: dict[str, str] | None = None):
         self.path = Path(path)
         self.ref = ref or str(path)
         if not self.path.is_dir():

@@ -15,14 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import EvomergeError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class _Frozen(BaseModel):
@@ -32,11 +32,11 @@ class _Frozen(BaseModel):
 class Conditional(_Frozen):
     """A value that applies to tensors whose name contains ``filter``."""
 
-    value: Union[Scalar, list[Scalar]]
-    filter: Optional[str] = None
+    value: Scalar | list[Scalar]
+    filter: str | None = None
 
 
-Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
+Setting = Scalar | list[Scalar] | Conditional | list[Conditional]
 Settings = dict[str, Setting]
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -47,22 +47,22 @@ class Source(_Frozen):
     folder) or a Hugging Face id; ``sha256`` pins weight files by name."""
 
     model: str
-    parameters: Optional[Settings] = None
-    sha256: Optional[dict[str, str]] = None
+    parameters: Settings | None = None
+    sha256: dict[str, str] | None = None
 
 
 class SliceSource(_Frozen):
     model: str
     layer_range: tuple[int, int]
-    parameters: Optional[Settings] = None
+    parameters: Settings | None = None
 
 
 class Slice(_Frozen):
     """A run of output layers, merged from equally long layer ranges."""
 
     sources: list[SliceSource]
-    base_model: Optional[str] = None
-    parameters: Optional[Settings] = None
+    base_model: str | None = None
+    parameters: Settings | None = None
 
 
 class Recipe(_Frozen):
@@ -76,17 +76,17 @@ class Recipe(_Frozen):
 
     method: str
     sources: list[Source] = Field(default_factory=list)
-    base_model: Optional[str] = None
-    slices: Optional[list[Slice]] = None
-    parameters: Optional[Settings] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
+    base_model: str | None = None
+    slices: list[Slice] | None = None
+    parameters: Settings | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
     seed: int = 0
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
+    def _check(self) -> Recipe:
         from evomerge.methods import get_method
 
         method = get_method(self.method)
@@ -130,8 +130,20 @@ class Recipe(_Frozen):
     # -- serialisation -----------------------------------------------------
 
     def canonical(self) -> dict:
-        """The recipe as plain data, without metadata and unset fields."""
-        return self.model_dump(mode="json", exclude={"metadata"}, exclude_none=True)
+        """The recipe as plain data, without metadata and unset fields, with
+        every parameter number as a float (weight 1 and 1.0 are one recipe)."""
+        data = self.model_dump(mode="json", exclude={"metadata"}, exclude_none=True)
+        for key in ("parameters",):
+            if key in data:
+                data[key] = _floats(data[key])
+        for group in [data.get("sources", [])] + [sl["sources"] for sl in data.get("slices", [])]:
+            for s in group:
+                if "parameters" in s:
+                    s["parameters"] = _floats(s["parameters"])
+        for sl in data.get("slices", []):
+            if "parameters" in sl:
+                sl["parameters"] = _floats(sl["parameters"])
+        return data
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON form: equal recipes, equal fingerprints."""
@@ -146,19 +158,19 @@ class Recipe(_Frozen):
 
     def to_mergekit_yaml(self) -> str:
         """The same merge as a mergekit config (sha256, seed and metadata dropped)."""
+        plain = self.model_dump(mode="json", exclude_none=True)
         data: dict[str, Any] = {"merge_method": self.method}
         if self.slices:
-            data["slices"] = [sl.model_dump(mode="json", exclude_none=True) for sl in self.slices]
+            data["slices"] = plain["slices"]
         else:
-            data["models"] = [s.model_dump(mode="json", exclude_none=True, exclude={"sha256"}) for s in self.sources]
+            data["models"] = [{k: v for k, v in s.items() if k != "sha256"} for s in plain["sources"]]
         for key in ("base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"):
-            value = getattr(self, key)
-            if value is not None:
-                data[key] = value
+            if key in plain:
+                data[key] = plain[key]
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
         """Build from evomerge or mergekit data (detected by ``merge_method``)."""
         if not isinstance(data, dict):
             raise EvomergeError(f"{where} is not a YAML mapping; write it as 'key: value' lines")
@@ -170,6 +182,17 @@ class Recipe(_Frozen):
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise EvomergeError(f"{where}: {loc}: {err['msg']}; fix that field") from None
+
+
+def _floats(value: Any) -> Any:
+    """Integers inside plain parameter data as floats (booleans kept)."""
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _leaves(setting: Any):

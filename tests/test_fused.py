@@ -28,7 +28,9 @@ def test_fused_in_place_equals_disk(llama, tmp_path, dtype):
 
     merger = InPlaceMerger(recipe("ties", 0.5, 0.5), allow_outside=True, fuse=True)
     assert merger.fuse
-    for i, r in enumerate([recipe("ties", 0.3, 0.4), recipe("dare_ties", 0.8, 0.6), recipe("breadcrumbs_ties", 0.5, 0.9)]):
+    for i, r in enumerate(
+        [recipe("ties", 0.3, 0.4), recipe("dare_ties", 0.8, 0.6), recipe("breadcrumbs_ties", 0.5, 0.9)]
+    ):
         disk = load_file(merge_to_disk(r, tmp_path / str(i), allow_outside=True, progress=False) / "model.safetensors")
         live = merger.apply(r).state_dict()
         changed = [k for k in disk if not torch.equal(live[k], disk[k])]

@@ -99,7 +99,10 @@ def test_relative_paths_resolve_against_the_recipe_folder(llama, tmp_path, monke
     data = {
         "method": "task_arithmetic",
         "base_model": "models/base",
-        "sources": [{"model": "models/a", "parameters": {"weight": 0.5}}, {"model": "models/b", "parameters": {"weight": 0.5}}],
+        "sources": [
+            {"model": "models/a", "parameters": {"weight": 0.5}},
+            {"model": "models/b", "parameters": {"weight": 0.5}},
+        ],
     }
     (tmp_path / "proj" / "recipe.yaml").write_text(yaml.safe_dump(data))
     monkeypatch.chdir(tmp_path)  # somewhere else than the recipe's folder

@@ -32,7 +32,13 @@ _GAMMA = Param(
     "gamma", float, "per_model", default=0.01, limits=(0.0, 1.0), bounds=(0.0, 0.1), doc="largest fraction removed"
 )
 _EPSILON = Param(
-    "epsilon", float, "per_model", default=0.15, limits=(0.0, 1.0), bounds=(0.01, 0.3), doc="spread of keep probabilities"
+    "epsilon",
+    float,
+    "per_model",
+    default=0.15,
+    limits=(0.0, 1.0),
+    bounds=(0.01, 0.3),
+    doc="spread of keep probabilities",
 )
 
 _REFS = {
@@ -141,6 +147,4 @@ def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise EvomergeError(
-            f"unknown merge method {name!r}; use one of: {', '.join(sorted(METHODS))}"
-        ) from None
+        raise EvomergeError(f"unknown merge method {name!r}; use one of: {', '.join(sorted(METHODS))}") from None

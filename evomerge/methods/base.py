@@ -9,8 +9,9 @@ declarations; nothing lists a method's parameters a second time.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import EvomergeError
 
@@ -37,9 +38,9 @@ class Param:
     kind: type
     scope: Scope = "shared"
     default: Any = REQUIRED
-    limits: Optional[tuple[float, float]] = None
+    limits: tuple[float, float] | None = None
     open_low: bool = False
-    bounds: Optional[tuple[float, float]] = None
+    bounds: tuple[float, float] | None = None
     doc: str = ""
 
     @property
@@ -95,12 +96,12 @@ class MergeMethod:
     """
 
     name: str
-    fn: Callable[..., "torch.Tensor"]
+    fn: Callable[..., torch.Tensor]
     params: tuple[Param, ...]
     base: Literal["required", "optional", "ignored"] = "ignored"
     min_inputs: int = 1
-    max_inputs: Optional[int] = None
-    exact_non_base: Optional[int] = None
+    max_inputs: int | None = None
+    exact_non_base: int | None = None
     random: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     reference: str = ""
@@ -150,11 +151,11 @@ class TensorInputs:
     def __init__(
         self,
         name: str,
-        tensors: list["torch.Tensor"],
-        base_index: Optional[int],
+        tensors: list[torch.Tensor],
+        base_index: int | None,
         seed: int,
-        cache: Optional[dict] = None,
-        keys: Optional[list[Any]] = None,
+        cache: dict | None = None,
+        keys: list[Any] | None = None,
         resident: bool = False,
         fuse: bool = False,
     ):
@@ -179,25 +180,25 @@ class TensorInputs:
         return [i for i in range(len(self.tensors)) if i != self.base_index]
 
     @property
-    def base(self) -> "torch.Tensor":
+    def base(self) -> torch.Tensor:
         assert self.base_index is not None
         return self.tensors[self.base_index]
 
-    def _cached(self, kind: str, i: int, make: Callable[[], "torch.Tensor"]) -> "torch.Tensor":
-        key = (kind, self._keys[i], self._keys[self.base_index] if self.base_index is not None else None)
+    def _cached(self, kind: str, i: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t = self.tensors[i]
+        base_key = self._keys[self.base_index] if self.base_index is not None else None
+        key = (kind, self._keys[i], base_key, t.dtype, t.device)
         value = self._cache.get(key)
         if value is None:
             value = make()
             self._cache[key] = value
         return value
 
-    def delta(self, i: int) -> "torch.Tensor":
+    def delta(self, i: int) -> torch.Tensor:
         """Task vector of input ``i``: tensor minus base."""
         return self._cached("delta", i, lambda: self.tensors[i] - self.base)
 
-    def magnitude_rank(
-        self, i: int, order: Optional[Callable[["torch.Tensor"], "torch.Tensor"]] = None
-    ) -> "torch.Tensor":
+    def magnitude_rank(self, i: int, order: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Ascending rank of each entry's task-vector magnitude, shaped like
         the tensor. ``order`` (task vector -> the flat indices in ascending
         magnitude order) decides how equal magnitudes rank; by default by
@@ -214,9 +215,8 @@ class TensorInputs:
 
         return self._cached(f"rank:{getattr(order, '__name__', 'stable')}", i, make)
 
-    def row_rank_norm(self, i: int) -> "torch.Tensor":
+    def row_rank_norm(self, i: int) -> torch.Tensor:
         """Per-row magnitude rank of the task vector, scaled to [0, 1] (DELLA)."""
-        import torch
 
         def make():
             d = self.delta(i)
@@ -227,7 +227,7 @@ class TensorInputs:
 
         return self._cached("rank_norm", i, make)
 
-    def generator(self, i: int) -> "torch.Generator":
+    def generator(self, i: int) -> torch.Generator:
         """A generator seeded from (run seed, tensor name, input index).
 
         Seeding per tensor, not from a global stream, makes random masks

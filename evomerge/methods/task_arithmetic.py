@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -51,7 +50,7 @@ def _rank_window_mask(
     d: torch.Tensor,
     lo_rank: int,
     count: int,
-    order: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    order: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mask of the entries whose ascending magnitude rank lies in
     [lo_rank, lo_rank + count), equal magnitudes ranked by ``order`` (see the
@@ -99,14 +98,14 @@ class _Sparse:
     entries (a mask, or a window of resident magnitude ranks), the L1 rescale
     factor, and the dtype the masking happens in (mergekit's work dtype)."""
 
-    keep: Optional[torch.Tensor] = None
-    rank: Optional[torch.Tensor] = None
+    keep: torch.Tensor | None = None
+    rank: torch.Tensor | None = None
     window: tuple[int, int] = (0, 0)
-    factor: Optional[torch.Tensor] = None
-    work: Optional[torch.dtype] = None
+    factor: torch.Tensor | None = None
+    work: torch.dtype | None = None
 
 
-def _l1_factor(d: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
+def _l1_factor(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
     # DARE/DELLA rescale: match the L1 norm of the unmasked task vector, so the
     # expected merged update equals the unmasked one (mergekit's RescaleNorm.l1).
     before = d.abs().sum()
@@ -116,9 +115,7 @@ def _l1_factor(d: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
     return before / after
 
 
-def _rank_window(
-    x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int, order, rescale: bool
-) -> _Sparse:
+def _rank_window(x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int, order, rescale: bool) -> _Sparse:
     if x.resident and not rescale and count > 0:
         # Leave the comparison to the combine kernel: one pass over the ranks.
         return _Sparse(rank=x.magnitude_rank(i, order), window=(lo_rank, lo_rank + count - 1))
@@ -189,11 +186,11 @@ def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: in
 def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
-    keeps: list[Optional[torch.Tensor]],
-    ranks: list[Optional[torch.Tensor]],
+    keeps: list[torch.Tensor | None],
+    ranks: list[torch.Tensor | None],
     windows: torch.Tensor,
-    factors: list[Optional[torch.Tensor]],
-    works: tuple[Optional[torch.dtype], ...],
+    factors: list[torch.Tensor | None],
+    works: tuple[torch.dtype | None, ...],
     weights: torch.Tensor,
     lam: torch.Tensor,
     consensus: bool,
@@ -260,16 +257,16 @@ def fused_combine():
     return _FUSED
 
 
-def generalized_task_arithmetic(
-    x: TensorInputs, p: dict, *, consensus: bool, sparsify: Optional[str]
-) -> torch.Tensor:
+def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sparsify: str | None) -> torch.Tensor:
     """base + lambda * combine(weight_i * sparsify(x_i - base))."""
     base = x.base
     models = x.non_base
     if not models:
         return base
     deltas = [x.delta(i) for i in models]
-    plans = [_sparsify(x, i, d, sparsify, p, j) if sparsify else _Sparse() for j, (i, d) in enumerate(zip(models, deltas))]
+    plans = [
+        _sparsify(x, i, d, sparsify, p, j) if sparsify else _Sparse() for j, (i, d) in enumerate(zip(models, deltas))
+    ]
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     kernel = fused_combine() if x.fuse else combine
     out = kernel(
