@@ -183,6 +183,18 @@ def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: in
     raise AssertionError(how)
 
 
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over models, accumulated in float32 and rounded once, as mergekit's
+    sum over a stacked dimension is (bit for bit in bf16 and fp16). Written
+    as adds rather than stack().sum() so that torch.compile fuses it."""
+    dtype = tensors[0].dtype
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = tensors[0].to(acc_dtype)
+    for t in tensors[1:]:
+        acc = acc + t.to(acc_dtype)
+    return acc.to(dtype)
+
+
 def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -215,18 +227,15 @@ def combine(
             d = masked.to(d.dtype)
         weighted.append(d * weights[j])
 
-    # Reduce over the stacked models, as mergekit does: a running sum rounds at
-    # every step, which in bfloat16 differs from mergekit's in the last bit.
-    stacked = torch.stack(weighted)
     if consensus:
         # TIES: keep only entries whose sign agrees with the sign of the sum.
-        positive = stacked.sum(dim=0) >= 0
-        agree = torch.where(positive, stacked > 0, stacked < 0).to(base.dtype)
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (weights.reshape(-1, 1) * agree).sum(dim=0)
+        positive = _sum(weighted) >= 0
+        agree = [torch.where(positive, wd > 0, wd < 0).to(base.dtype) for wd in weighted]
+        mixed = _sum([wd * a for wd, a in zip(weighted, agree)])
+        divisor = _sum([weights[j] * a for j, a in enumerate(agree)])
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = stacked.sum(dim=0)
+        mixed = _sum(weighted)
         divisor = weights.sum()
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
 
