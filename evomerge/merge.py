@@ -520,7 +520,8 @@ def model_card(recipe: Recipe, plan: MergePlan) -> str:
 class InPlaceMerger:
     """Merges candidate recipes into one resident model, for search.
 
-    The sources stay resident on ``device`` in the compute dtype; task vectors
+    The sources stay resident on ``device`` (default: the GPU when there is
+    one) in the compute dtype; task vectors
     and magnitude ranks are computed on first use and kept. ``apply`` then
     rewrites the live model's parameters in place: no disk I/O and no
     allocation proportional to the model, only per-tensor temporaries.
@@ -536,12 +537,12 @@ class InPlaceMerger:
         template: Recipe,
         *,
         root: Path | str = ".",
-        device: str = "cpu",
+        device: str | None = None,
         allow_outside: bool = False,
         model: torch.nn.Module | None = None,
         fuse: bool | None = None,
     ):
-        self.device = _device(device)
+        self.device = _device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.root = Path(root)
         self.sources = open_sources(template, root, allow_outside)
         plan = plan_merge(template, self.sources)
@@ -617,7 +618,14 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device) -> torch
     import transformers
 
     kwargs = dict(config)
-    cfg = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    model_type = kwargs.pop("model_type", None)
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError):
+        raise EvomergeError(
+            f"model type {model_type!r} is not built into transformers, and evomerge never runs a model's own "
+            "code (trust_remote_code); use a supported architecture"
+        ) from None
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers < 5

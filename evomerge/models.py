@@ -94,7 +94,8 @@ class SourceModel:
     """A model folder opened for streaming reads.
 
     Tensors are memory-mapped by safetensors and copied out one at a time, so
-    reading a model never holds more than the tensor being read.
+    reading a model never holds more than the tensor being read. Headers stay
+    open for shapes and dtypes.
     """
 
     def __init__(self, path: Path, ref: str | None = None, sha256: dict[str, str] | None = None):
@@ -172,9 +173,17 @@ class SourceModel:
         return self._slice(name).get_dtype()
 
     def get(self, name: str):
-        """Read one tensor (a copy out of the memory map)."""
+        """Read one tensor (a copy out of the memory map).
+
+        The file is mapped for this read only: a mapping kept open would count
+        every page read so far in the process's resident memory, so a
+        streamed merge would seem to hold all its sources.
+        """
+        from safetensors import safe_open
+
         self._slice(name)  # uniform error for a missing tensor
-        return self._handles[self._file_of[name]].get_tensor(name)
+        with safe_open(str(self.path / self._file_of[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
     @property
     def num_layers(self) -> int:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
+from helpers import read_tensors
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import InPlaceMerger, merge_to_disk
@@ -132,14 +132,6 @@ def test_every_registered_method_has_a_recipe_here():
 # -- helpers ------------------------------------------------------------------------
 
 
-def _tensors(folder) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory):
     """merge_to_disk results, computed once per recipe fingerprint."""
@@ -149,7 +141,7 @@ def disk(tmp_path_factory):
         key = r.fingerprint()
         if key not in done:
             out = tmp_path_factory.mktemp("disk") / "out"
-            done[key] = _tensors(merge_to_disk(r, out, allow_outside=True, progress=False))
+            done[key] = read_tensors(merge_to_disk(r, out, allow_outside=True, progress=False))
         return done[key]
 
     return get
@@ -187,7 +179,7 @@ def test_in_place_equals_to_disk(family, method, disk):
     assert model is merger.model
     assert_model_equals(model, expected)
     # The merge is not a copy of one input (the comparison above has teeth).
-    base = _tensors(family.base)
+    base = read_tensors(family.base)
     assert any(not torch.equal(expected[k], base[k]) for k in expected if k in base)
 
 
@@ -308,7 +300,7 @@ def fam_vocab(fam) -> int:
 
 def test_tied_lm_head_stays_tied(qwen2):
     r = recipe("ties", qwen2)
-    assert "lm_head.weight" not in _tensors(qwen2.base)  # the fixture really is tied
+    assert "lm_head.weight" not in read_tensors(qwen2.base)  # the fixture really is tied
     merger = InPlaceMerger(r, allow_outside=True)
     model = merger.apply(r)
     assert model.config.tie_word_embeddings

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from safetensors import safe_open
+from helpers import read_tensors
 
 from evomerge.cli import main
 from evomerge.merge import merge_to_disk
@@ -35,14 +35,6 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def test_sharded_output_is_a_loadable_model(family, tmp_path):
     recipe = _recipe(family)
     one = merge_to_disk(recipe, tmp_path / "one", allow_outside=True, progress=False)
@@ -51,7 +43,7 @@ def test_sharded_output_is_a_loadable_model(family, tmp_path):
     assert len(shards) > 2
     index = json.loads((many / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
-    a, b = _tensors(one), _tensors(many)
+    a, b = read_tensors(one), read_tensors(many)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert set(index["weight_map"]) == set(b)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())

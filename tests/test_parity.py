@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from helpers import read_tensors
 
 from evomerge.merge import merge_to_disk
 from evomerge.recipe import Recipe
@@ -57,21 +57,12 @@ def _run_mergekit(cfg: dict, out: Path) -> int:
         # and the depth it set is the number of layers it wrote.
         if "layer_types" not in str(e) or (out / "config.json").exists():
             raise
-        return len(_layer_indices(_tensors(out)))
+        return len(_layer_indices(read_tensors(out)))
     return _num_layers(out)
 
 
 def _run_evomerge(cfg: dict, out: Path) -> Path:
     return merge_to_disk(Recipe.from_dict(copy.deepcopy(cfg)), out, allow_outside=True, progress=False)
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    files = sorted(folder.glob("*.safetensors"))  # mergekit may shard
-    assert files, f"no weights in {folder}"
-    for f in files:
-        out.update(load_file(f))
-    return out
 
 
 def _mismatches(ours: dict, theirs: dict) -> list[str]:
@@ -109,7 +100,7 @@ def _check_parity(case: Callable, family, tmp_path: Path) -> None:
     cfg = case(family, 0.0)
     their_layers = _run_mergekit(cfg, tmp_path / "mergekit")
     ours_dir = _run_evomerge(cfg, tmp_path / "evomerge")
-    theirs, ours = _tensors(tmp_path / "mergekit"), _tensors(ours_dir)
+    theirs, ours = read_tensors(tmp_path / "mergekit"), read_tensors(ours_dir)
 
     problems = _mismatches(ours, theirs)
     assert not problems, "evomerge differs from mergekit:\n" + "\n".join(problems[:20])
@@ -120,10 +111,10 @@ def _check_parity(case: Callable, family, tmp_path: Path) -> None:
     # Not vacuous: the merge is no plain copy of an input, and a slightly
     # different config gives tensors the comparison rejects.
     for src in set(_model_paths(cfg)):
-        inp = _tensors(Path(src))
+        inp = read_tensors(Path(src))
         same = [k for k in theirs if k in inp and theirs[k].shape == inp[k].shape and torch.equal(theirs[k], inp[k])]
         assert len(same) < len(theirs), f"the merge is a plain copy of {src}"
-    perturbed = _tensors(_run_evomerge(case(family, 0.1), tmp_path / "perturbed"))
+    perturbed = read_tensors(_run_evomerge(case(family, 0.1), tmp_path / "perturbed"))
     assert _mismatches(perturbed, theirs), "a perturbed config still matched mergekit: the check is vacuous"
 
 
@@ -491,7 +482,7 @@ def test_in_place_merge_matches_mergekit(case, family, tmp_path):
     merger = InPlaceMerger(Recipe.from_dict(case(family, 0.1)), allow_outside=True)
     merger.apply(Recipe.from_dict(case(family, 0.1)))  # fill the resident caches with another candidate
     _run_mergekit(case(family, 0.0), tmp_path / "mergekit")
-    theirs = _tensors(tmp_path / "mergekit")
+    theirs = read_tensors(tmp_path / "mergekit")
     live = merger.apply(Recipe.from_dict(case(family, 0.0))).state_dict()
     assert theirs.keys() <= live.keys()
     problems = _mismatches({k: live[k] for k in theirs}, theirs)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import read_tensors
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import merge_to_disk
@@ -73,14 +73,6 @@ def _shas(folder) -> dict:
     return shas
 
 
-def _tensors(folder) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 # -- reproducibility ------------------------------------------------------------------
 
 
@@ -91,7 +83,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(family, method, tmp
     a = merge_to_disk(recipe, tmp_path / "a", seed=11, **kw)
     b = merge_to_disk(recipe, tmp_path / "b", seed=11, **kw)
     c = merge_to_disk(recipe, tmp_path / "c", seed=12, **kw)
-    ta, tb, tc = _tensors(a), _tensors(b), _tensors(c)
+    ta, tb, tc = read_tensors(a), read_tensors(b), read_tensors(c)
 
     assert _shas(a) == _shas(b)
     assert ta.keys() == tb.keys() == tc.keys()

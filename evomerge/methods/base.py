@@ -141,7 +141,7 @@ class TensorInputs:
     """The inputs of one output tensor, as a merge function sees them.
 
     ``tensors`` are in input order and already in the compute dtype and on the
-    compute device. Task vectors (``delta``), magnitude ranks and per-row
+    compute device. Task vectors (``delta``), magnitude orders and per-row
     ranks are computed on demand, and served from ``cache`` when one is given:
     the in-place merger keeps them resident across candidates, the to-disk
     path computes them once. Both paths run the same arithmetic, so their
@@ -166,7 +166,7 @@ class TensorInputs:
         self._cache = cache if cache is not None else {}
         self._keys = keys if keys is not None else list(range(len(tensors)))
         # True when the cache outlives this call (the in-place merger): then
-        # it pays to keep magnitude ranks rather than select each time.
+        # it pays to keep magnitude orders rather than select each time.
         self.resident = resident
         # True to run elementwise tails through torch.compile (same bits, one pass).
         self.fuse = fuse
@@ -198,22 +198,24 @@ class TensorInputs:
         """Task vector of input ``i``: tensor minus base."""
         return self._cached("delta", i, lambda: self.tensors[i] - self.base)
 
-    def magnitude_rank(self, i: int, order: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Ascending rank of each entry's task-vector magnitude, shaped like
-        the tensor. ``order`` (task vector -> the flat indices in ascending
-        magnitude order) decides how equal magnitudes rank; by default by
-        position (a stable sort). Cached per order."""
+    def magnitude_order(
+        self, i: int, order: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task vector's flat indices in ascending magnitude order, and
+        the magnitudes in that order. ``order`` (task vector -> such indices)
+        decides how equal magnitudes rank; by position (a stable sort) when
+        None. Cached per order."""
         import torch
 
         def make():
             d = self.delta(i)
-            perm = order(d) if order is not None else torch.sort(d.abs().reshape(-1).float(), stable=True).indices
-            dtype = torch.int32 if d.numel() < 2**31 else torch.int64
-            rank = torch.empty(d.numel(), dtype=dtype, device=d.device)
-            rank[perm] = torch.arange(d.numel(), dtype=dtype, device=d.device)
-            return rank.reshape(d.shape)
+            m = d.abs().reshape(-1)
+            perm = order(d) if order is not None else torch.sort(m.float(), stable=True).indices
+            if d.numel() < 2**31:
+                perm = perm.to(torch.int32)
+            return perm, m[perm.long()]
 
-        return self._cached(f"rank:{getattr(order, '__name__', 'stable')}", i, make)
+        return self._cached(f"order:{getattr(order, '__name__', 'stable')}", i, make)
 
     def row_rank_norm(self, i: int) -> torch.Tensor:
         """Per-row magnitude rank of the task vector, scaled to [0, 1] (DELLA)."""

@@ -56,18 +56,20 @@ def _rank_window_mask(
     [lo_rank, lo_rank + count), equal magnitudes ranked by ``order`` (see the
     tie orders above), by position (a stable sort's rule) when None.
 
-    The in-place merger keeps every entry's rank resident, so a candidate
-    costs one comparison. The one-shot path finds the boundary values by
-    selection; only the entries equal to a boundary value need a tie rule:
-    by position that is a running count, for another order a full sort, and
-    only when equal magnitudes straddle the cut. Both paths give the same mask.
+    The in-place merger keeps the magnitude order resident. The one-shot path
+    finds the boundary values by selection; only entries equal to a boundary
+    value need a tie rule: by position that is a running count, for another
+    order a full sort, and only when equal magnitudes straddle the cut (in
+    bfloat16 and float16 they nearly always do, so those sort at once).
     """
     n = d.numel()
     hi_rank = lo_rank + count - 1
     if count <= 0:
         return torch.zeros_like(d, dtype=torch.bool)
     if x.resident:
-        return _window(x.magnitude_rank(i, order), lo_rank, hi_rank)
+        return _positions_mask(x.magnitude_order(i, order)[0][lo_rank : hi_rank + 1], d)
+    if order is not None and d.dtype in (torch.bfloat16, torch.float16):
+        return _positions_mask(order(d)[lo_rank : hi_rank + 1], d)
     m = d.abs().reshape(-1).float()
     lo = torch.kthvalue(m, lo_rank + 1).values
     hi = torch.kthvalue(m, hi_rank + 1).values if hi_rank < n - 1 else None
@@ -77,9 +79,7 @@ def _rank_window_mask(
         below = (m < v).sum()
         if order is not None:
             if below < lo_rank or below + equal.sum() - 1 > hi_rank:  # the equal run straddles the cut
-                rank = torch.empty(n, dtype=torch.int64, device=m.device)
-                rank[order(d)] = torch.arange(n, device=m.device)
-                return _window(rank, lo_rank, hi_rank).reshape(d.shape)
+                return _positions_mask(order(d)[lo_rank : hi_rank + 1], d)
             keep |= equal
             continue
         rank = below + equal.cumsum(0) - 1
@@ -87,20 +87,24 @@ def _rank_window_mask(
     return keep.reshape(d.shape)
 
 
-def _window(rank: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor:
-    keep = rank >= lo_rank
-    return keep if hi_rank >= rank.numel() - 1 else keep & (rank <= hi_rank)
+def _positions_mask(flat_indices: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
+    keep[flat_indices.long()] = True
+    return keep.reshape(d.shape)
 
 
 @dataclass
 class _Sparse:
     """How one task vector is sparsified, without applying it yet: the kept
-    entries (a mask, or a window of resident magnitude ranks), the L1 rescale
-    factor, and the dtype the masking happens in (mergekit's work dtype)."""
+    entries, the L1 rescale factor, and the dtype the masking happens in
+    (mergekit's work dtype). Kept entries are either a mask, or (in place) the
+    magnitudes strictly between two cut values, which the combine kernel tests
+    itself, plus the listed ``ties``: entries equal to a cut value that the
+    tie order keeps."""
 
     keep: torch.Tensor | None = None
-    rank: torch.Tensor | None = None
-    window: tuple[int, int] = (0, 0)
+    cut: torch.Tensor | None = None  # [low, high] magnitudes, exclusive
+    ties: torch.Tensor | None = None  # flat indices
     factor: torch.Tensor | None = None
     work: torch.dtype | None = None
 
@@ -117,8 +121,19 @@ def _l1_factor(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
 
 def _rank_window(x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int, order, rescale: bool) -> _Sparse:
     if x.resident and not rescale and count > 0:
-        # Leave the comparison to the combine kernel: one pass over the ranks.
-        return _Sparse(rank=x.magnitude_rank(i, order), window=(lo_rank, lo_rank + count - 1))
+        # Leave the test to the combine kernel, which then reads only the task
+        # vector itself: kept are the magnitudes strictly between the values at
+        # the window's two ends, plus the entries equal to one of those values
+        # whose place in the tie order falls inside the window.
+        perm, mags = x.magnitude_order(i, order)
+        hi_rank = lo_rank + count - 1
+        lo = mags[lo_rank]
+        hi = mags[hi_rank] if hi_rank < perm.numel() - 1 else torch.full_like(lo, float("inf"))
+        lo_run_end = int(torch.searchsorted(mags, lo, right=True))
+        ties = [perm[lo_rank : min(lo_run_end, hi_rank + 1)]]
+        if hi_rank < perm.numel() - 1 and hi != lo:
+            ties.append(perm[int(torch.searchsorted(mags, hi)) : hi_rank + 1])
+        return _Sparse(cut=torch.stack([lo, hi]), ties=torch.cat(ties).long())
     keep = _rank_window_mask(x, i, d, lo_rank, count, order)
     return _Sparse(keep=keep, factor=_l1_factor(d, keep) if rescale else None)
 
@@ -199,8 +214,7 @@ def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
     keeps: list[torch.Tensor | None],
-    ranks: list[torch.Tensor | None],
-    windows: torch.Tensor,
+    cuts: list[torch.Tensor | None],
     factors: list[torch.Tensor | None],
     works: tuple[torch.dtype | None, ...],
     weights: torch.Tensor,
@@ -210,16 +224,17 @@ def combine(
 ) -> torch.Tensor:
     """The elementwise part of generalized task arithmetic, on flat tensors.
 
-    Everything global (thresholds, ranks, random masks, rescale factors) is
-    decided before; what is left is elementwise, so ``torch.compile`` can fuse
-    it into one pass (see ``fused_combine``) without changing a bit.
+    Everything global (cut values, random masks, rescale factors) is decided
+    before; what is left is elementwise, so ``torch.compile`` can fuse it into
+    one pass (see ``fused_combine``) without changing a bit.
     """
     weighted = []
     for j, d in enumerate(deltas):
         work = works[j] or d.dtype
         keep = keeps[j]
-        if ranks[j] is not None:
-            keep = (ranks[j] >= windows[j, 0]) & (ranks[j] <= windows[j, 1])
+        if cuts[j] is not None:
+            magnitude = d.abs()
+            keep = (magnitude > cuts[j][0:1]) & (magnitude < cuts[j][1:2])
         if keep is not None:
             masked = d.to(work) * keep.to(work)
             if factors[j] is not None:
@@ -272,27 +287,51 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
     models = x.non_base
     if not models:
         return base
-    deltas = [x.delta(i) for i in models]
-    plans = [
-        _sparsify(x, i, d, sparsify, p, j) if sparsify else _Sparse() for j, (i, d) in enumerate(zip(models, deltas))
-    ]
+    deltas = [x.delta(i).reshape(-1) for i in models]
+    plans = [_sparsify(x, i, x.delta(i), sparsify, p, j) if sparsify else _Sparse() for j, i in enumerate(models)]
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     kernel = fused_combine() if x.fuse else combine
+    weights = torch.tensor(p["weight"], dtype=base.dtype, device=base.device)
+    # A one-element float32 tensor, cast back after the product: that is how
+    # PyTorch computes "tensor * python float", and a 0-d tensor would become
+    # a double-precision scalar under torch.compile. x * 1 == x, so always
+    # multiplying keeps one compiled variant, not two.
+    lam = torch.tensor([p["lambda"]], dtype=torch.float32, device=base.device)
+    factors = [s.factor for s in plans]
+    works = tuple(s.work for s in plans)
+    consensus_normalize = (consensus, p["normalize"])
     out = kernel(
         base.reshape(-1),
-        [d.reshape(-1) for d in deltas],
+        deltas,
         [flat(s.keep) for s in plans],
-        [flat(s.rank) for s in plans],
-        torch.tensor([s.window for s in plans], dtype=torch.int64, device=base.device),
-        [s.factor for s in plans],
-        tuple(s.work for s in plans),
-        torch.tensor(p["weight"], dtype=base.dtype, device=base.device),
-        # A one-element float32 tensor, cast back after the product: that is
-        # how PyTorch computes "tensor * python float", and a 0-d tensor would
-        # become a double-precision scalar under torch.compile. x * 1 == x,
-        # so always multiplying keeps one compiled variant, not two.
-        torch.tensor([p["lambda"]], dtype=torch.float32, device=base.device),
-        consensus,
-        p["normalize"],
+        [s.cut for s in plans],
+        factors,
+        works,
+        weights,
+        lam,
+        *consensus_normalize,
     )
+    ties = [s.ties for s in plans if s.ties is not None and s.ties.numel()]
+    if ties:
+        # Entries at a cut value: recompute them exactly, with explicit masks.
+        at = torch.unique(torch.cat(ties))
+        keeps = []
+        for s, d in zip(plans, deltas):
+            if s.cut is None:
+                keeps.append(None if s.keep is None else s.keep.reshape(-1)[at])
+                continue
+            magnitude = d[at].abs()
+            keep = (magnitude > s.cut[0:1]) & (magnitude < s.cut[1:2])
+            keeps.append(keep | torch.isin(at, s.ties) if s.ties is not None else keep)
+        out[at] = combine(
+            base.reshape(-1)[at],
+            [d[at] for d in deltas],
+            keeps,
+            [None] * len(deltas),
+            factors,
+            works,
+            weights,
+            lam,
+            *consensus_normalize,
+        )
     return out.reshape(base.shape)
