@@ -122,9 +122,6 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
-    from evomerge.merge import InPlaceMerger, open_sources, plan_merge
-    from evomerge.recipe import Recipe
-
     paths = build_models(workdir, size)
     dtype = SIZES[size][1]
     cfg_path = workdir / f"{size}-ties.yaml"
@@ -150,12 +147,46 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
     for d in ("out-mk", "out-em"):
         shutil.rmtree(workdir / d, ignore_errors=True)
 
+    # In-place timing runs in a fresh process per size, so that neither memory
+    # nor compiled kernels left by an earlier size affect it.
+    cmd = [sys.executable, __file__, "--inplace", size, "--workdir", str(workdir), "--candidates", str(candidates)]
+    inplace = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    cand_s = inplace["candidate_s"]
+    copy_gbs = copy_bandwidth()
+    mk_wall = statistics.median(w for w, _ in disk["mergekit-yaml"])
+    em_wall = statistics.median(w for w, _ in disk["evomerge merge"])
+    return {
+        "size": size,
+        "params": inplace["params"],
+        "dtype": dtype,
+        "mergekit_wall_s": mk_wall,
+        "mergekit_peak_rss_mib": max(r for _, r in disk["mergekit-yaml"]),
+        "evomerge_wall_s": em_wall,
+        "evomerge_peak_rss_mib": max(r for _, r in disk["evomerge merge"]),
+        "disk_speedup": mk_wall / em_wall,
+        "inplace_load_s": inplace["load_s"],
+        "inplace_first_apply_s": inplace["first_apply_s"],
+        "inplace_candidate_s": cand_s,
+        "inplace_vs_mergekit": mk_wall / cand_s,
+        "inplace_gbs": inplace["bytes"] / cand_s / 1e9,
+        "copy_gbs": copy_gbs,
+        "inplace_share_of_copy": inplace["bytes"] / cand_s / 1e9 / copy_gbs,
+    }
+
+
+def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
+    """Time InPlaceMerger.apply on new random recipes (run in its own process)."""
+    from evomerge.merge import InPlaceMerger, plan_merge
+    from evomerge.recipe import Recipe
+
+    paths = build_models(workdir, size)
+    dtype = SIZES[size][1]
     template = Recipe.from_dict(ties_config(paths, dtype))
     t = time.perf_counter()
     merger = InPlaceMerger(template, allow_outside=True)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    merger.apply(template)  # first call also builds the resident caches
+    merger.apply(template)  # the first call also builds the resident caches
     first_s = time.perf_counter() - t
     rng = random.Random(0)
     per_candidate = []
@@ -164,31 +195,19 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
         t = time.perf_counter()
         merger.apply(recipe)
         per_candidate.append(time.perf_counter() - t)
-
-    plan = plan_merge(template, open_sources(template, allow_outside=True))
-    bytes_in = sum(j.nbytes // j.out_dtype.itemsize * j.compute_dtype.itemsize * len(j.inputs) for j in plan.jobs)
-    bytes_out = sum(j.nbytes for j in plan.jobs)
-    n_params = sum(j.nbytes // j.out_dtype.itemsize for j in plan.jobs)
-    cand_s = statistics.median(per_candidate)
-    copy_gbs = copy_bandwidth()
-    mk_wall = statistics.median(w for w, _ in disk["mergekit-yaml"])
-    em_wall = statistics.median(w for w, _ in disk["evomerge merge"])
+    plan = plan_merge(template, merger.sources)
+    # Bytes of the source tensors read plus bytes of the merged tensors written.
+    n = sum(j.nbytes // j.out_dtype.itemsize for j in plan.jobs)
+    nbytes = sum(
+        j.nbytes // j.out_dtype.itemsize * (j.compute_dtype.itemsize * len(j.inputs)) + j.nbytes for j in plan.jobs
+    )
     return {
-        "size": size,
-        "params": n_params,
-        "dtype": dtype,
-        "mergekit_wall_s": mk_wall,
-        "mergekit_peak_rss_mib": max(r for _, r in disk["mergekit-yaml"]),
-        "evomerge_wall_s": em_wall,
-        "evomerge_peak_rss_mib": max(r for _, r in disk["evomerge merge"]),
-        "disk_speedup": mk_wall / em_wall,
-        "inplace_load_s": load_s,
-        "inplace_first_apply_s": first_s,
-        "inplace_candidate_s": cand_s,
-        "inplace_vs_mergekit": mk_wall / cand_s,
-        "inplace_gbs": (bytes_in + bytes_out) / cand_s / 1e9,
-        "copy_gbs": copy_gbs,
-        "inplace_share_of_copy": (bytes_in + bytes_out) / cand_s / 1e9 / copy_gbs,
+        "params": n,
+        "bytes": nbytes,
+        "load_s": load_s,
+        "first_apply_s": first_s,
+        "candidate_s": statistics.median(per_candidate),
+        "fused": merger.fuse,
     }
 
 
@@ -215,8 +234,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="to-disk runs per tool")
     ap.add_argument("--candidates", type=int, default=10, help="in-place candidates timed")
     ap.add_argument("--json", help="also write results here")
+    ap.add_argument("--inplace", help=argparse.SUPPRESS)  # internal: time one size in place
     args = ap.parse_args()
     workdir = Path(args.workdir).resolve()
+    if args.inplace:
+        print(json.dumps(bench_inplace(args.inplace, workdir, args.candidates)))
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     rows = [bench_size(s, workdir, args.repeats, args.candidates) for s in args.sizes.split(",")]
     print(

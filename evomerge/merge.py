@@ -300,11 +300,19 @@ def merge_tensor(
     cache: dict | None = None,
     resident: bool = False,
     fuse: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Merge one output tensor from the inputs ``load(ref, name)`` returns."""
+    """Merge one output tensor from the inputs ``load(ref, name)`` returns,
+    into ``out`` when given (saving a copy for methods that write there)."""
     tensors = [load(ref, name).to(device=device, dtype=job.compute_dtype) for ref, name in job.inputs]
     x = TensorInputs(job.name, tensors, job.base_index, seed, cache, job.inputs, resident, fuse)
-    return method.fn(x, job.params).to(job.out_dtype)
+    x.out = out
+    result = method.fn(x, job.params)
+    if out is None:
+        return result.to(job.out_dtype)
+    if result is not out:
+        out.copy_(result)
+    return out
 
 
 def _device(device: str) -> torch.device:
@@ -608,8 +616,8 @@ class InPlaceMerger:
                 f"recipe does not produce {stale}, which the live model has; use a recipe with the template's layout"
             )
         for job in plan.jobs:
-            out = merge_tensor(job, plan.method, self._load, recipe.seed, self.device, self._cache, True, self.fuse)
-            self._targets[job.name].copy_(out)
+            target = self._targets[job.name]
+            merge_tensor(job, plan.method, self._load, recipe.seed, self.device, self._cache, True, self.fuse, target)
         return self.model
 
 

@@ -170,6 +170,9 @@ class TensorInputs:
         self.resident = resident
         # True to run elementwise tails through torch.compile (same bits, one pass).
         self.fuse = fuse
+        # Where a method may write its result directly (the live parameter);
+        # methods that ignore it return a new tensor instead.
+        self.out: torch.Tensor | None = None
 
     @property
     def indices(self) -> list[int]:

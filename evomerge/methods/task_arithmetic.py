@@ -221,12 +221,14 @@ def combine(
     lam: torch.Tensor,
     consensus: bool,
     normalize: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The elementwise part of generalized task arithmetic, on flat tensors.
 
     Everything global (cut values, random masks, rescale factors) is decided
     before; what is left is elementwise, so ``torch.compile`` can fuse it into
-    one pass (see ``fused_combine``) without changing a bit.
+    one pass (see ``fused_combine``) without changing a bit. With ``out``, the
+    result is written there (converted to its dtype) and ``out`` returned.
     """
     weighted = []
     for j, d in enumerate(deltas):
@@ -257,7 +259,8 @@ def combine(
     if normalize:
         mixed = mixed / divisor
     mixed = (mixed * lam).to(mixed.dtype)
-    return (base + mixed).to(base.dtype)
+    result = (base + mixed).to(base.dtype)
+    return result if out is None else out.copy_(result)
 
 
 _FUSED = None
@@ -310,6 +313,7 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
         weights,
         lam,
         *consensus_normalize,
+        x.out.reshape(-1) if x.out is not None else None,
     )
     ties = [s.ties for s in plans if s.ties is not None and s.ties.numel()]
     if ties:
@@ -334,4 +338,4 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
             lam,
             *consensus_normalize,
         )
-    return out.reshape(base.shape)
+    return x.out if x.out is not None else out.reshape(base.shape)
