@@ -11,7 +11,20 @@ from evomerge.recipe import Recipe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_fused_in_place_equals_disk(llama, tmp_path, dtype):
+@pytest.mark.parametrize("masks", ["cut values and tie fix-ups", "magnitude ranks"])
+def test_fused_in_place_equals_disk(llama, tmp_path, dtype, masks, monkeypatch):
+    # The kernel keeps magnitudes between two cut values and fixes up the
+    # entries tied with them, or, where ties are many, tests magnitude ranks.
+    from evomerge.methods import base, task_arithmetic
+
+    by_rank = masks == "magnitude ranks"
+    monkeypatch.setattr(task_arithmetic, "_MAX_TIE_SHARE", 10**12 if by_rank else 1)
+    rank_calls = []
+    original = base.TensorInputs.magnitude_rank
+    monkeypatch.setattr(
+        base.TensorInputs, "magnitude_rank", lambda self, *a: rank_calls.append(1) or original(self, *a)
+    )
+
     def recipe(method, w, density):
         return Recipe.from_dict(
             {
@@ -36,3 +49,4 @@ def test_fused_in_place_equals_disk(llama, tmp_path, dtype):
         changed = [k for k in disk if not torch.equal(live[k], disk[k])]
         assert not changed, changed[:3]
         assert any(not torch.equal(disk[k], load_file(llama.base / "model.safetensors")[k]) for k in disk)
+    assert bool(rank_calls) == by_rank

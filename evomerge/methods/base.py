@@ -220,6 +220,18 @@ class TensorInputs:
 
         return self._cached(f"order:{getattr(order, '__name__', 'stable')}", i, make)
 
+    def magnitude_rank(self, i: int, order: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Each entry's place in ``magnitude_order`` (its inverse), int32, flat."""
+        import torch
+
+        def make():
+            perm = self.magnitude_order(i, order)[0].long()
+            rank = torch.empty(perm.numel(), dtype=torch.int32, device=perm.device)
+            rank[perm] = torch.arange(perm.numel(), dtype=torch.int32, device=perm.device)
+            return rank
+
+        return self._cached(f"rank:{getattr(order, '__name__', 'stable')}", i, make)
+
     def row_rank_norm(self, i: int) -> torch.Tensor:
         """Per-row magnitude rank of the task vector, scaled to [0, 1] (DELLA)."""
 

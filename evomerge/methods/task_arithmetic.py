@@ -103,7 +103,8 @@ class _Sparse:
     tie order keeps."""
 
     keep: torch.Tensor | None = None
-    cut: torch.Tensor | None = None  # [low, high] magnitudes, exclusive
+    cut: torch.Tensor | None = None  # [low, high] magnitudes, exclusive; or ranks, inclusive
+    rank: torch.Tensor | None = None  # when set, ``cut`` bounds these ranks instead
     ties: torch.Tensor | None = None  # flat indices
     factor: torch.Tensor | None = None
     work: torch.dtype | None = None
@@ -119,20 +120,30 @@ def _l1_factor(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
     return before / after
 
 
+# Beyond one tie in this many entries, the kernel tests magnitude ranks.
+_MAX_TIE_SHARE = 256
+
+
 def _rank_window(x: TensorInputs, i: int, d: torch.Tensor, lo_rank: int, count: int, order, rescale: bool) -> _Sparse:
     if x.resident and not rescale and count > 0:
         # Leave the test to the combine kernel, which then reads only the task
         # vector itself: kept are the magnitudes strictly between the values at
         # the window's two ends, plus the entries equal to one of those values
         # whose place in the tie order falls inside the window.
+        # When the tie runs are long (bfloat16 task vectors are often
+        # quantised to a few dozen magnitudes), fixing them up costs more than
+        # a pass over each entry's rank, so the kernel tests ranks instead.
         perm, mags = x.magnitude_order(i, order)
+        n = perm.numel()
         hi_rank = lo_rank + count - 1
         lo = mags[lo_rank]
-        hi = mags[hi_rank] if hi_rank < perm.numel() - 1 else torch.full_like(lo, float("inf"))
+        hi = mags[hi_rank] if hi_rank < n - 1 else torch.full_like(lo, float("inf"))
         lo_run_end = int(torch.searchsorted(mags, lo, right=True))
-        ties = [perm[lo_rank : min(lo_run_end, hi_rank + 1)]]
-        if hi_rank < perm.numel() - 1 and hi != lo:
-            ties.append(perm[int(torch.searchsorted(mags, hi)) : hi_rank + 1])
+        hi_run_start = int(torch.searchsorted(mags, hi)) if hi_rank < n - 1 and hi != lo else hi_rank + 1
+        if min(lo_run_end, hi_rank + 1) - lo_rank + hi_rank + 1 - hi_run_start > n // _MAX_TIE_SHARE:
+            window = torch.tensor([lo_rank, hi_rank], dtype=torch.int32, device=perm.device)
+            return _Sparse(cut=window, rank=x.magnitude_rank(i, order))
+        ties = [perm[lo_rank : min(lo_run_end, hi_rank + 1)], perm[hi_run_start : hi_rank + 1]]
         return _Sparse(cut=torch.stack([lo, hi]), ties=torch.cat(ties).long())
     keep = _rank_window_mask(x, i, d, lo_rank, count, order)
     return _Sparse(keep=keep, factor=_l1_factor(d, keep) if rescale else None)
@@ -215,6 +226,7 @@ def combine(
     deltas: list[torch.Tensor],
     keeps: list[torch.Tensor | None],
     cuts: list[torch.Tensor | None],
+    ranks: list[torch.Tensor | None],
     factors: list[torch.Tensor | None],
     works: tuple[torch.dtype | None, ...],
     weights: torch.Tensor,
@@ -234,7 +246,9 @@ def combine(
     for j, d in enumerate(deltas):
         work = works[j] or d.dtype
         keep = keeps[j]
-        if cuts[j] is not None:
+        if ranks[j] is not None:
+            keep = (ranks[j] >= cuts[j][0:1]) & (ranks[j] <= cuts[j][1:2])
+        elif cuts[j] is not None:
             magnitude = d.abs()
             keep = (magnitude > cuts[j][0:1]) & (magnitude < cuts[j][1:2])
         if keep is not None:
@@ -308,6 +322,7 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
         deltas,
         [flat(s.keep) for s in plans],
         [s.cut for s in plans],
+        [s.rank for s in plans],
         factors,
         works,
         weights,
@@ -321,16 +336,23 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
         at = torch.unique(torch.cat(ties))
         keeps = []
         for s, d in zip(plans, deltas):
+            if s.rank is not None:
+                keeps.append((s.rank[at] >= s.cut[0]) & (s.rank[at] <= s.cut[1]))
+                continue
             if s.cut is None:
                 keeps.append(None if s.keep is None else s.keep.reshape(-1)[at])
                 continue
             magnitude = d[at].abs()
             keep = (magnitude > s.cut[0:1]) & (magnitude < s.cut[1:2])
-            keeps.append(keep | torch.isin(at, s.ties) if s.ties is not None else keep)
+            if s.ties is not None:
+                # ``at`` is sorted, so a binary search finds each tie's place.
+                keep[torch.searchsorted(at, s.ties)] = True
+            keeps.append(keep)
         out[at] = combine(
             base.reshape(-1)[at],
             [d[at] for d in deltas],
             keeps,
+            [None] * len(deltas),
             [None] * len(deltas),
             factors,
             works,
