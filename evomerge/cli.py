@@ -60,6 +60,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir))
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.export import status_table
+    from evomerge.search import Run
+
+    run = Run(
+        args.config,
+        args.run_dir,
+        force=args.force,
+        allow_outside_paths=args.allow_outside_paths,
+        allow_test_sets=args.allow_test_sets,
+        progress=not args.no_progress,
+    )
+    try:
+        run.search()
+    finally:
+        run.close()
+    print(status_table(args.run_dir, top=args.top))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.export import status_table
+
+    print(status_table(args.run_dir, top=args.top))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import export_best
+
+    out, recipe = export_best(
+        args.run_dir,
+        out=args.out,
+        fmt=args.format,
+        merge_dir=args.merge,
+        trial=args.trial,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    meta = recipe.metadata["evomerge"]
+    held = meta["heldout"]["fitness"] if meta.get("heldout") else None
+    print(
+        f"wrote {out} (trial {meta['trial']}, dev fitness {meta['dev']['fitness']:.4f}"
+        + (f", held-out {held:.4f}" if held is not None else "")
+        + ")"
+    )
+    if args.merge:
+        print(f"merged into {args.merge}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Discover how to merge fine-tuned LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -75,6 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=_size, default="5GB", help="maximum shard size, e.g. 500MB (default 5GB)")
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     m.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("search", help="search for the best merge recipe (resumes an existing run)")
+    s.add_argument("config", help="search config YAML")
+    s.add_argument("--run-dir", required=True, help="run folder: study, checkpoints; run again to continue")
+    s.add_argument("--force", action="store_true", help="start afresh in a run folder of another config")
+    s.add_argument("--allow-outside-paths", action="store_true", help="let paths leave the config's folder")
+    s.add_argument("--allow-test-sets", action="store_true", help="allow objectives scored on a test split")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.add_argument("--top", type=int, default=10, help="search trials shown in the final table")
+    s.set_defaults(func=cmd_search)
+
+    st = sub.add_parser("status", help="top trials of a run against its baselines")
+    st.add_argument("run_dir")
+    st.add_argument("--top", type=int, default=10, help="search trials shown")
+    st.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("export", help="write a run's best recipe (and optionally merge it)")
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="recipe file (default: RUN_DIR/best_recipe.yaml)")
+    e.add_argument("--format", choices=["evomerge", "mergekit"], default="evomerge")
+    e.add_argument("--merge", metavar="OUT_DIR", help="also merge the recipe into this model folder")
+    e.add_argument("--trial", type=int, help="export this trial instead of the best")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --merge folder")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="build tiny demo models and merge them (no downloads)")
     d.add_argument("--workdir", default="runs/demo", help="where demo models and outputs go")

@@ -1,0 +1,114 @@
+"""The search config: one YAML file per experiment.
+
+Paths in a config resolve against the config's folder and may not leave it
+unless ``--allow-outside-paths`` is given. The config's fingerprint ties a
+run folder to the experiment it belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate import EvalSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DriverSettings(_Strict):
+    """Which optimizer proposes candidates, and its knobs."""
+
+    name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
+    sigma0: float = 0.2  # cma, cmaes: initial step, as a fraction of each range
+    popsize: int | None = None  # cma, cmaes, nsga2 (None: the optimizer's default)
+    restarts: int = 0  # cma: IPOP restarts, each doubling the population
+    startup_trials: int = 10  # tpe, gp: random trials before modelling
+
+    @field_validator("sigma0")
+    @classmethod
+    def _sigma(cls, v):
+        if not 0 < v <= 1:
+            raise ValueError("sigma0 is a fraction of each range; use a value in (0, 1]")
+        return v
+
+
+class Budget(_Strict):
+    trials: int | None = None  # search trials (baselines not counted)
+    minutes: float | None = None  # wall time, summed over resumed sessions
+
+    @field_validator("trials", "minutes")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+
+class SearchConfig(_Strict):
+    """An experiment: sources, space, objectives, budget, driver, storage."""
+
+    models: list[str]
+    base_model: str | None = None
+    space: str | dict[str, Any]
+    eval: EvalSpec
+    heldout: EvalSpec | None = None
+    budget: Budget = Field(default_factory=lambda: Budget(trials=50))
+    driver: DriverSettings = Field(default_factory=DriverSettings)
+    storage: str | None = None  # an Optuna RDB URL; default: SQLite in the run folder
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    baselines: bool = True
+    tokenizer: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v):
+        if not v:
+            raise ValueError("list at least one model")
+        return v
+
+    def fingerprint(self) -> str:
+        data = self.model_dump(mode="json", exclude={"budget", "storage", "device"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_path(root: Path, value: str, what: str, allow_outside: bool, must_exist: bool = True) -> Path:
+    """``value`` relative to ``root``; refuse an escape unless allowed."""
+    path = Path(value).expanduser()
+    full = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    if not allow_outside and not full.is_relative_to(root.resolve()):
+        raise EvomergeError(
+            f"{what} {value} is outside the config's folder {root}; move it inside or pass --allow-outside-paths"
+        )
+    if must_exist and not full.exists():
+        raise EvomergeError(f"{what} {value} does not exist (looked for {full}); check the path")
+    return full
+
+
+def load_config(path: str | Path) -> tuple[SearchConfig, Path]:
+    """Read and validate a search config; returns it and its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"search config {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvomergeError(f"search config {path} cannot be read ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"search config {path} is not a YAML mapping; write it as 'key: value' lines")
+    try:
+        return SearchConfig.model_validate(data), path.resolve().parent
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise EvomergeError(f"search config {path}: {loc}: {err['msg']}; fix that field") from None

@@ -1,0 +1,132 @@
+"""CMA-ES through pycma, in the space's unit cube, with optional IPOP restarts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+from evomerge.drivers import Candidate, Driver
+
+
+class CmaDriver(Driver):
+    """pycma's ``CMAEvolutionStrategy`` with bounds [0, 1] in every coordinate.
+
+    ``sigma0`` is relative to each parameter's range. With ``restarts`` > 0,
+    a converged run restarts from a random point with twice the population
+    (IPOP-CMA-ES). The strategy is pickled to ``state_path`` after each
+    generation (pycma has no other serialisation; the file is the run's own),
+    and a resumed strategy asks exactly the generation the killed one asked,
+    so its finished candidates come back from the cache.
+    """
+
+    name = "cma"
+
+    def __init__(self, space, study, state_path: Path, settings, seed: int):
+        self.space = space
+        self.study = study
+        self.state_path = Path(state_path)
+        self.settings = settings
+        self.seed = seed
+        if self.state_path.is_file():
+            with open(self.state_path, "rb") as f:
+                state = pickle.load(f)  # noqa: S301 - written by this driver in this run folder
+            self.es, self.restarts, self.popsize = state["es"], state["restarts"], state["popsize"]
+        else:
+            self.es = None
+            self.restarts = 0
+            self.popsize = settings.popsize
+        self._x0 = space.x0()
+        self._inject: list[list[float]] = []
+
+    def _new_strategy(self, x0: list[float]):
+        import cma
+
+        opts = {
+            "bounds": [0.0, 1.0],
+            "seed": self.seed * 1000 + self.restarts + 1,  # pycma treats seed 0 as "random"
+            "verbose": -9,
+        }
+        if self.popsize:
+            opts["popsize"] = self.popsize
+        es = cma.CMAEvolutionStrategy(x0, self.settings.sigma0, opts)
+        self.popsize = es.popsize
+        return es
+
+    def start_from(self, points):
+        if self.es is not None or not points:
+            return
+        xs = [self.space.params_to_unit(p) for p in points]
+        self._x0 = xs[0]
+        self._inject = xs
+
+    def ask(self) -> list[Candidate]:
+        if self.es is None:
+            self.es = self._new_strategy(self._x0)
+            if self._inject:
+                self.es.inject(self._inject[: self.es.popsize], force=True)
+            self._save()
+        if self.es.stop() and not self._restart():
+            return []
+        xs = self.es.ask()
+        generation = f"{self.restarts}:{self.es.countiter}"
+        return [
+            Candidate(
+                self.space.decode(x),
+                self.space.unit_to_params(x),
+                x=list(map(float, x)),
+                extra={"cma_generation": generation, "cma_index": i},
+            )
+            for i, x in enumerate(xs)
+        ]
+
+    def _restart(self) -> bool:
+        if self.restarts >= self.settings.restarts:
+            return False
+        self.restarts += 1
+        self.popsize = self.es.popsize * 2
+        rng = random.Random(self.seed * 1000 + self.restarts)
+        self.es = self._new_strategy([rng.random() for _ in range(self.space.dim)])
+        self._save()
+        return True
+
+    def record(self, candidate, values, attrs) -> None:
+        import optuna
+
+        dists = self.space.distributions()
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                params=candidate.params,
+                distributions={k: dists[k] for k in candidate.params},
+                values=values,
+                user_attrs={**attrs, **candidate.extra},
+            )
+        )
+
+    def recorded(self, candidate):
+        # A resumed strategy asks the generation the killed one asked; the
+        # candidates it finished are in the study already.
+        for t in self.study.get_trials(deepcopy=False):
+            a = t.user_attrs
+            if (
+                a.get("cma_generation") == candidate.extra["cma_generation"]
+                and a.get("cma_index") == candidate.extra["cma_index"]
+                and a.get("fingerprint") == candidate.recipe.fingerprint()
+            ):
+                return list(t.values), dict(a)
+        return None
+
+    def tell(self, candidates, values) -> None:
+        # pycma minimises; fitness is higher-is-better.
+        self.es.tell([c.x for c in candidates], [-v[0] for v in values])
+        self._save()
+
+    def should_stop(self) -> bool:
+        return self.es is not None and bool(self.es.stop()) and self.restarts >= self.settings.restarts
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"es": self.es, "restarts": self.restarts, "popsize": self.popsize}, f)
+        os.replace(tmp, self.state_path)

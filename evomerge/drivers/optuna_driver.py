@@ -1,0 +1,49 @@
+"""Optuna's samplers as drivers: TPE, GP, CMA-ES, random and NSGA-II."""
+
+from __future__ import annotations
+
+from evomerge.drivers import Candidate, Driver
+
+
+def make_sampler(settings, seed: int):
+    """The Optuna sampler a driver name stands for, seeded."""
+    import optuna
+
+    name = settings.name
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=settings.startup_trials)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, sigma0=settings.sigma0, popsize=settings.popsize)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=settings.popsize or 16)
+    raise ValueError(name)
+
+
+class OptunaDriver(Driver):
+    """Asks the study (with the configured sampler) one trial at a time.
+
+    The sampler learns from every complete trial in the study, baselines
+    included; on resume it is reseeded with the trial count, so a resumed run
+    does not replay the proposals it already made.
+    """
+
+    def __init__(self, space, study, settings, seed: int):
+        self.space = space
+        self.study = study
+        self.name = settings.name
+        self.multi_objective = settings.name == "nsga2"
+        study.sampler = make_sampler(settings, seed + len(study.trials))
+
+    def ask(self) -> list[Candidate]:
+        trial = self.study.ask()
+        recipe = self.space.suggest(trial)
+        return [Candidate(recipe, dict(trial.params), trial=trial)]
+
+    def record(self, candidate, values, attrs) -> None:
+        for key, value in attrs.items():
+            candidate.trial.set_user_attr(key, value)
+        self.study.tell(candidate.trial, values if self.multi_objective else values[0])
