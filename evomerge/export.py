@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import yaml
 

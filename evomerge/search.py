@@ -91,12 +91,15 @@ class Run:
         )
         self.objectives = list(cfg.eval.objectives)
         tokenizer = resolve_path(root, cfg.tokenizer or refs[0], "tokenizer", allow_outside_paths)
+        import torch
+
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # Build evaluators (tasks, metrics, test-set checks) before touching the run folder.
         self.dev = Evaluator(
             cfg.eval,
             tokenizer,
             root=root,
-            device=cfg.device or "cpu",
+            device=device,
             allow_test_sets=allow_test_sets,
             allow_outside_paths=allow_outside_paths,
         )
@@ -105,16 +108,13 @@ class Run:
                 cfg.heldout,
                 tokenizer,
                 root=root,
-                device=cfg.device or "cpu",
+                device=device,
                 allow_test_sets=allow_test_sets,
                 allow_outside_paths=allow_outside_paths,
             )
             if cfg.heldout
             else None
         )
-        self.run_dir = Path(run_dir)
-        self._open_run_dir(force)
-        self.study = self._open_study()
         # The live model: a template over every source loads every tensor any
         # candidate or baseline can need.
         template = Recipe(
@@ -122,7 +122,11 @@ class Run:
             sources=[Source(model=r, parameters={"weight": 1.0}) for r in refs],
             dtype=self.space.dtype,
         )
-        self.merger = InPlaceMerger(template, root=root, device=cfg.device, allow_outside=allow_outside_paths)
+        self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=allow_outside_paths)
+        # Only now, with everything validated, touch the run folder.
+        self.run_dir = Path(run_dir)
+        self._open_run_dir(force)
+        self.study = self._open_study()
         self.cache: dict[str, Outcome] = {}
         for t in self._trials():
             a = t.user_attrs

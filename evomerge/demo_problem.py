@@ -1,0 +1,301 @@
+"""The demo's merge problem: a tiny base, two experts and lm-eval tasks.
+
+Everything is made here, seeded, on the CPU, in about a minute:
+
+- a 4-layer character-level Llama pretrained on general string tasks
+  (mostly copying) that has seen a little of each of two skills;
+- two experts fine-tuned gently from it, each on one skill:
+  ``rev`` reverses a string (an attention skill: where to read from) and
+  ``nxt`` replaces each letter by the next one in the alphabet (a lookup
+  skill: what to write);
+- lm-eval multiple-choice tasks (local YAML and jsonl, scored by
+  loglikelihood) for each skill: a dev split the search may use and a
+  held-out split only for the final report.
+
+Gentle fine-tunes from a base that already knows a little of each skill are
+the regime real fine-tunes live in: their task vectors are small, and merges
+of them can keep both skills. Experts fine-tuned hard from a base that never
+saw their skill lose both in every merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+VERSION = 1
+SEED = 0
+LAYERS = 4
+HIDDEN = 64
+SKILLS = ("rev", "nxt")
+DEV_DOCS = 150  # per skill
+HELDOUT_DOCS = 400  # per skill
+
+# Pretraining mixture (task -> share) and schedules.
+PRETRAIN_MIX = {"cpy": 0.7, "dup": 0.2, "rev": 0.05, "nxt": 0.05}
+PRETRAIN = dict(steps=900, lr=3e-3, batch=64)
+FINETUNE = dict(steps=120, lr=5e-4, batch=32)
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_STAMP = "demo_problem.json"
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """Paths of a built demo problem."""
+
+    base: Path
+    experts: list[Path]
+    tasks_dir: Path
+    dev_tasks: list[str]
+    heldout_tasks: list[str]
+
+
+def build_demo(workdir: Path, progress: bool = True) -> DemoAssets:
+    """Build (once) the demo's base, experts and lm-eval tasks under ``workdir``.
+
+    Returns at once when a previous build of this version is there; rewrites
+    only the task files when ``workdir`` moved (they hold absolute paths).
+    """
+    workdir = Path(workdir).resolve()
+    assets = _assets(workdir)
+    stamp = workdir / _STAMP
+    built = _read_stamp(stamp)
+    models_ok = built.get("version") == VERSION and all(
+        (p / "model.safetensors").is_file() for p in [assets.base, *assets.experts]
+    )
+    if models_ok and built.get("root") == str(workdir) and (assets.tasks_dir / _task_file(SKILLS[0], "dev")).is_file():
+        return assets
+    items = {s: _eval_items(s) for s in SKILLS}
+    _write_tasks(assets.tasks_dir, items)
+    if not models_ok:
+        _build_models(workdir, items, progress)
+    stamp.write_text(json.dumps({"version": VERSION, "root": str(workdir)}) + "\n")
+    return assets
+
+
+def _assets(workdir: Path) -> DemoAssets:
+    models = workdir / "models"
+    return DemoAssets(
+        base=models / "base",
+        experts=[models / "expert_a", models / "expert_b"],
+        tasks_dir=workdir / "tasks",
+        dev_tasks=[f"demo_{s}" for s in SKILLS],
+        heldout_tasks=[f"demo_{s}_heldout" for s in SKILLS],
+    )
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# -- data ------------------------------------------------------------------------
+
+
+def _shift(s: str, k: int) -> str:
+    return "".join(_LETTERS[(_LETTERS.index(c) + k) % 26] for c in s)
+
+
+def _answer(task: str, s: str) -> str:
+    if task in ("cpy",):
+        return s
+    if task == "dup":
+        return "".join(c + c for c in s)
+    if task == "rev":
+        return s[::-1]
+    if task == "nxt":
+        return _shift(s, 1)
+    raise AssertionError(task)
+
+
+def _swap(s: str, rng: random.Random) -> str:
+    i = rng.randrange(len(s) - 1)
+    return s[:i] + s[i + 1] + s[i] + s[i + 2 :]
+
+
+def _distractors(task: str, s: str, rng: random.Random) -> list[str]:
+    """Plausible wrong answers: the input copied, near misses, and the other
+    skill's answer."""
+    right = _answer(task, s)
+    if task == "rev":
+        pool = [s, _swap(right, rng), right[1:] + right[0], _shift(s, 1)]
+    else:
+        pool = [s, _shift(s, 2), _shift(s, -1), _swap(right, rng), right[::-1]]
+    out = list(dict.fromkeys(p for p in pool if p != right))
+    rng.shuffle(out)
+    return out[:3]
+
+
+def _random_string(rng: random.Random) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+
+
+def _prompt(task: str, s: str) -> str:
+    return f"{task} {s} ="
+
+
+def _eval_items(task: str) -> dict[str, list[dict]]:
+    """Disjoint dev and held-out multiple-choice docs for one skill."""
+    rng = random.Random(f"{SEED}-eval-{task}")
+    seen: set[str] = set()
+    docs: list[dict] = []
+    while len(docs) < DEV_DOCS + HELDOUT_DOCS:
+        s = _random_string(rng)
+        if s in seen or s == s[::-1] or len(set(s)) < 2:
+            continue
+        seen.add(s)
+        wrong = _distractors(task, s, rng)
+        if len(wrong) < 3:
+            continue
+        choices = wrong + [_answer(task, s)]
+        rng.shuffle(choices)
+        docs.append({"prompt": _prompt(task, s), "choices": choices, "label": choices.index(_answer(task, s))})
+    return {"dev": docs[:DEV_DOCS], "heldout": docs[DEV_DOCS:]}
+
+
+def _eval_inputs(items: dict[str, dict[str, list[dict]]]) -> set[str]:
+    return {d["prompt"].split(" ")[1] for splits in items.values() for docs in splits.values() for d in docs}
+
+
+def _task_file(skill: str, split: str) -> str:
+    return f"demo_{skill}{'' if split == 'dev' else '_heldout'}.yaml"
+
+
+def _write_tasks(tasks_dir: Path, items: dict[str, dict[str, list[dict]]]) -> None:
+    import yaml
+
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    for skill, splits in items.items():
+        for split, docs in splits.items():
+            data = tasks_dir / f"{skill}_{split}.jsonl"
+            data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+            config = {
+                "task": f"demo_{skill}" + ("" if split == "dev" else "_heldout"),
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"validation": str(data)}},
+                "validation_split": "validation",
+                "output_type": "multiple_choice",
+                # Plain field names, not Jinja templates: lm-eval compiles a
+                # template on every call, which would double the cost of a candidate.
+                "doc_to_text": "prompt",
+                "doc_to_choice": "choices",
+                "doc_to_target": "label",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": VERSION},
+            }
+            (tasks_dir / _task_file(skill, split)).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+# -- training --------------------------------------------------------------------
+
+
+def _batches(mix: dict[str, float], steps: int, batch: int, exclude: set[str], seed: str):
+    """Deterministic batches of (prompt, answer) pairs drawn from ``mix``."""
+    rng = random.Random(seed)
+    tasks, shares = zip(*mix.items())
+    for _ in range(steps):
+        out = []
+        while len(out) < batch:
+            task = rng.choices(tasks, shares)[0]
+            s = _random_string(rng)
+            if s not in exclude:
+                out.append((_prompt(task, s), _answer(task, s)))
+        yield out
+
+
+def _encode(tok, pairs: list[tuple[str, str]], answer_only: bool):
+    """Right-padded token ids and labels (-100 where no loss is taken)."""
+    import torch
+
+    rows, labels = [], []
+    for prompt, answer in pairs:
+        p = tok(prompt)["input_ids"]
+        a = tok(" " + answer)["input_ids"]
+        rows.append(p + a)
+        labels.append(([-100] * len(p) if answer_only else p) + a)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    lab = torch.full((len(rows), width), -100)
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+    return ids, lab
+
+
+def _train(model, tok, batches, steps: int, lr: float, answer_only: bool, desc: str, progress: bool) -> None:
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))),
+    )
+    model.train()
+    bar = _bar(steps, desc, progress)
+    for pairs in batches:
+        ids, lab = _encode(tok, pairs, answer_only)
+        logits = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits
+        # (B, T, V) predicting token t+1 from position t
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    model.eval()
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+
+
+def _build_models(workdir: Path, items: dict, progress: bool) -> None:
+    from evomerge.demo import make_tokenizer, save_model
+
+    tok = make_tokenizer()
+    exclude = _eval_inputs(items)
+    models = workdir / "models"
+    save_model(_pretrain(tok, exclude, progress), models / "base", tok)
+    for name, skill in zip(("expert_a", "expert_b"), SKILLS):
+        save_model(_finetune(models / "base", skill, tok, exclude, progress, name), models / name, tok)
+
+
+def _pretrain(tok, exclude: set[str], progress: bool):
+    import torch
+    import transformers
+
+    from evomerge.demo import tiny_config
+
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", layers=LAYERS, hidden=HIDDEN))
+    steps = PRETRAIN["steps"]
+    batches = _batches(PRETRAIN_MIX, steps, PRETRAIN["batch"], exclude, f"{SEED}-pretrain")
+    _train(model, tok, batches, steps, PRETRAIN["lr"], answer_only=False, desc="pretraining base", progress=progress)
+    return model
+
+
+def _finetune(base: Path, skill: str, tok, exclude: set[str], progress: bool, name: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    steps = FINETUNE["steps"]
+    batches = _batches({skill: 1.0}, steps, FINETUNE["batch"], exclude, f"{SEED}-finetune-{skill}")
+    desc = f"fine-tuning {name} ({skill})"
+    _train(model, tok, batches, steps, FINETUNE["lr"], answer_only=True, desc=desc, progress=progress)
+    return model

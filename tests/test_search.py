@@ -1,0 +1,248 @@
+"""`evomerge search`, `status` and `export` end to end on tiny models."""
+
+import hashlib
+import json
+import random
+import textwrap
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.cli import main
+from evomerge.demo import make_finetune, make_tiny_model
+from evomerge.search import Run, open_study
+
+N_DOCS = 24
+
+
+def task_yaml(name: str, data, split: str = "validation") -> str:
+    return textwrap.dedent(
+        f"""\
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            {split}: {data}
+        {split}_split: {split}
+        doc_to_text: "{{{{q}}}}"
+        output_type: multiple_choice
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """
+    )
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A config folder: a tiny base, two fine-tunes, a local task, a config."""
+    root = tmp_path_factory.mktemp("search")
+    base = make_tiny_model(root / "models" / "base", arch="llama", layers=2, hidden=32, seed=0)
+    for i, name in enumerate(["expert_a", "expert_b"]):
+        make_finetune(base, root / "models" / name, seed=i + 1, scale=0.5)
+    rng = random.Random(0)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for name in ("sums", "sums_heldout"):
+        data = tasks / f"{name}.jsonl"
+        with data.open("w") as f:
+            for _ in range(N_DOCS):
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                choices = [f" {a + b}", f" {a + b + 1}", f" {a * b + 3}", f" {abs(a - b)}"]
+                rng.shuffle(choices)
+                f.write(json.dumps({"q": f"{a}+{b}=", "choices": choices, "label": choices.index(f" {a + b}")}) + "\n")
+        (tasks / f"{name}.yaml").write_text(task_yaml(name, data.resolve()))
+    return root
+
+
+def write_config(root, name="config.yaml", **overrides):
+    config = {
+        "base_model": "models/base",
+        "models": ["models/expert_a", "models/expert_b"],
+        "space": "task_arithmetic_layerwise",
+        "eval": {"include_path": "tasks", "objectives": [{"task": "sums", "metric": "acc"}], "batch_size": 32},
+        "heldout": {"include_path": "tasks", "objectives": [{"task": "sums_heldout", "metric": "acc"}]},
+        "budget": {"trials": 6},
+        "driver": {"name": "cma", "popsize": 4},
+        "seed": 0,
+    }
+    config.update(overrides)
+    path = root / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def trials(run_dir, kind=None):
+    study, _ = open_study(run_dir)
+    return [
+        t
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if kind is None or t.user_attrs.get("kind") == kind
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["cma", "tpe", "gp", "cmaes", "random", "nsga2"])
+def test_every_driver_searches_end_to_end(experiment, tmp_path, driver):
+    objectives = [{"task": "sums", "metric": "acc"}]
+    if driver == "nsga2":
+        objectives.append({"perplexity": "tasks/sums.jsonl", "direction": "minimize"})
+    config = write_config(
+        experiment,
+        f"{driver}.yaml",
+        driver={"name": driver, "popsize": 4, "startup_trials": 2},
+        eval={"include_path": "tasks", "objectives": objectives, "batch_size": 32, "samples": 16},
+    )
+    run_dir = tmp_path / "run"
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    search = trials(run_dir, "search")
+    baselines = trials(run_dir, "baseline")
+    assert len(search) == 6
+    # every source alone plus linear, task arithmetic, TIES and DARE-TIES
+    assert len(baselines) == 3 + 4
+    assert all(t.user_attrs["status"] == "ok" for t in search + baselines)
+    # the driver really proposed different points of the space
+    assert len({json.dumps(t.params, sort_keys=True) for t in search}) > 1
+    assert all(t.params for t in search)
+    study, _ = open_study(run_dir)
+    assert len(study.directions) == (2 if driver == "nsga2" else 1)
+    # baselines expressible in the space carry their point, for the samplers to learn from
+    ta = next(t for t in baselines if t.user_attrs["name"].startswith("task_arithmetic"))
+    assert ta.params and all(v == 1.0 for v in ta.params.values())
+
+
+@pytest.mark.slow
+def test_scores_are_real_and_the_best_gets_a_heldout_score(experiment, tmp_path):
+    run_dir = tmp_path / "run"
+    run = Run(write_config(experiment), run_dir, progress=False)
+    try:
+        result = run.search()
+        best = result["best"]
+        assert "heldout_fitness" in best.user_attrs
+        # re-scoring a recorded search trial's recipe gives its recorded fitness
+        from evomerge.recipe import Recipe
+
+        t = trials(run_dir, "search")[-1]
+        again = run.dev.score(run.merger.apply(Recipe.model_validate(t.user_attrs["recipe"])))
+        assert again.fitness(run.objectives) == t.user_attrs["fitness"]
+        # baselines were scored on the held-out set; search trials were not (except the best)
+        assert all("heldout" in b.user_attrs for b in trials(run_dir, "baseline"))
+        others = [s for s in trials(run_dir, "search") if s.number != best.number]
+        assert not any("heldout" in s.user_attrs for s in others)
+    finally:
+        run.close()
+
+
+@pytest.mark.slow
+def test_a_failing_candidate_is_recorded_and_the_search_goes_on(experiment, tmp_path, monkeypatch):
+    run = Run(write_config(experiment), tmp_path / "run", progress=False)
+    real = run.merger.apply
+    calls = []
+
+    def flaky(recipe):
+        calls.append(1)
+        if len(calls) in (1, 3):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        model = real(recipe)
+        if len(calls) == 2:
+            next(model.parameters()).data.view(-1)[0] = float("nan")
+        return model
+
+    try:
+        run.run_baselines()
+        monkeypatch.setattr(run.merger, "apply", flaky)  # the first three search candidates fail
+        run.search()
+    finally:
+        run.close()
+    search = trials(tmp_path / "run", "search")
+    assert len(search) == 6
+    failed = [t for t in search if t.user_attrs["status"] == "failed"]
+    assert len(failed) == 3
+    reasons = " ".join(t.user_attrs["reason"] for t in failed)
+    assert "out of memory" in reasons.lower() and "non-finite" in reasons
+    # the optimizer got the worst fitness seen before, not a crash
+    ok = [t.values[0] for t in trials(tmp_path / "run") if t.user_attrs["status"] == "ok"]
+    assert all(t.values[0] >= min(ok) - 1e-12 and t.values[0] <= max(ok) for t in failed)
+
+
+@pytest.mark.slow
+def test_duplicate_candidates_are_served_from_the_cache(experiment, tmp_path, monkeypatch):
+    # Weights in [0.5, 0.500001], rounded to 6 decimals: four recipes in all.
+    space = {"methods": ["task_arithmetic"], "search": {"weight": {"bounds": [0.5, 0.500001]}}}
+    config = write_config(experiment, space=space, budget={"trials": 8}, driver={"name": "random"})
+    run = Run(config, tmp_path / "run", progress=False)
+    scored = []
+    real = run.dev.score
+    monkeypatch.setattr(run.dev, "score", lambda model: scored.append(1) or real(model))
+    try:
+        run.search()
+    finally:
+        run.close()
+    search = trials(tmp_path / "run", "search")
+    cached = [t for t in search if t.user_attrs.get("cached")]
+    assert len(search) == 8 and cached
+    # each distinct recipe was scored once: the 7 baselines, then the new search recipes
+    assert len(scored) == 7 + len(search) - len(cached)
+    assert len(search) - len(cached) == len({t.user_attrs["fingerprint"] for t in search})
+    for t in cached:
+        first = next(
+            s
+            for s in search
+            if s.user_attrs["fingerprint"] == t.user_attrs["fingerprint"] and not s.user_attrs.get("cached")
+        )
+        assert t.values == first.values
+
+
+def _sha256_dir(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_export_pins_sources_and_re_merges_bit_identically(experiment, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(experiment, budget={"trials": 4})
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = tmp_path / "best.yaml"
+    assert main(["export", str(run_dir), "--out", str(out), "--merge", str(tmp_path / "m1"), "--no-progress"]) == 0
+    data = yaml.safe_load(out.read_text())
+    meta = data["metadata"]["evomerge"]
+    assert all(s["sha256"] for s in data["sources"])
+    assert meta["space_fingerprint"] and meta["versions"]["torch"] and meta["seed"] == 0
+    assert meta["dev"]["fitness"] is not None and meta["heldout"]["fitness"] is not None
+    # re-merging the exported file with the plain merge command gives the same bytes
+    assert main(["merge", str(out), str(tmp_path / "m2"), "--allow-outside-paths", "--no-progress"]) == 0
+    first, second = _sha256_dir(tmp_path / "m1"), _sha256_dir(tmp_path / "m2")
+    assert first and first == second
+    # and the same tensors the search scored in place
+    from evomerge.merge import InPlaceMerger
+    from evomerge.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(out)
+    live = InPlaceMerger(recipe, root=out.parent, allow_outside=True).apply(recipe).state_dict()
+    disk = load_file(tmp_path / "m1" / "model.safetensors")
+    assert all(torch.equal(live[k], v) for k, v in disk.items())
+    assert Recipe.model_validate(data).fingerprint() != ""
+    # mergekit format: a config mergekit reads, with the provenance in comments
+    mk = tmp_path / "best_mk.yaml"
+    assert main(["export", str(run_dir), "--out", str(mk), "--format", "mergekit"]) == 0
+    text = mk.read_text()
+    assert text.startswith("# evomerge:") and yaml.safe_load(text)["merge_method"] == data["method"]
+
+
+@pytest.mark.slow
+def test_status_prints_baselines_and_top_trials(experiment, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = write_config(experiment, budget={"trials": 3})
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(run_dir), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 search trials" in out and "best baseline" in out
+    assert "source expert_a" in out and "ties (density 0.5)" in out
+    assert out.count("search (task_arithmetic)") == 2
