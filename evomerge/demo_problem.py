@@ -34,13 +34,15 @@ SKILLS = ("rev", "nxt")
 DEV_DOCS = 150  # per skill
 HELDOUT_DOCS = 400  # per skill
 
-# Pretraining mixture (task -> share) and schedules.
-PRETRAIN_MIX = {"cpy": 0.7, "dup": 0.2, "rev": 0.05, "nxt": 0.05}
-PRETRAIN = dict(steps=900, lr=3e-3, batch=64)
-FINETUNE = dict(steps=120, lr=5e-4, batch=32)
-
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _STAMP = "demo_problem.json"
+
+# Pretraining mixture (task -> share) and schedules.
+PRETRAIN_MIX = {"cpy": 0.7, "dup": 0.2, "rev": 0.05, "nxt": 0.05}
+PRETRAIN_NOISE: dict = {}
+PRETRAIN_DOMAIN = {"rev": {"lengths": (3, 4)}, "nxt": {"letters": _LETTERS[:13]}}
+PRETRAIN = dict(steps=900, lr=3e-3, batch=64)
+FINETUNE = dict(steps=120, lr=5e-4, batch=32)
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,8 @@ def _distractors(task: str, s: str, rng: random.Random) -> list[str]:
     return out[:3]
 
 
-def _random_string(rng: random.Random) -> str:
-    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+def _random_string(rng: random.Random, lengths: tuple[int, int] = (3, 6), letters: str = _LETTERS) -> str:
+    return "".join(rng.choice(letters) for _ in range(rng.randint(*lengths)))
 
 
 def _prompt(task: str, s: str) -> str:
@@ -195,17 +197,21 @@ def _write_tasks(tasks_dir: Path, items: dict[str, dict[str, list[dict]]]) -> No
 # -- training --------------------------------------------------------------------
 
 
-def _batches(mix: dict[str, float], steps: int, batch: int, exclude: set[str], seed: str):
-    """Deterministic batches of (prompt, answer) pairs drawn from ``mix``."""
+def _batches(mix: dict[str, float], steps: int, batch: int, exclude: set[str], seed: str, noise=None, domain=None):
+    """Deterministic batches of (prompt, answer) pairs drawn from ``mix``;
+    ``noise[task]`` is the share of that task's answers replaced by a copy
+    of the input, ``domain[task]`` limits its inputs (lengths, letters)."""
     rng = random.Random(seed)
     tasks, shares = zip(*mix.items())
     for _ in range(steps):
         out = []
         while len(out) < batch:
             task = rng.choices(tasks, shares)[0]
-            s = _random_string(rng)
-            if s not in exclude:
-                out.append((_prompt(task, s), _answer(task, s)))
+            s = _random_string(rng, **(domain or {}).get(task, {}))
+            if s in exclude:
+                continue
+            lazy = rng.random() < (noise or {}).get(task, 0.0)
+            out.append((_prompt(task, s), s if lazy else _answer(task, s)))
         yield out
 
 
@@ -283,7 +289,9 @@ def _pretrain(tok, exclude: set[str], progress: bool):
     torch.manual_seed(SEED)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", layers=LAYERS, hidden=HIDDEN))
     steps = PRETRAIN["steps"]
-    batches = _batches(PRETRAIN_MIX, steps, PRETRAIN["batch"], exclude, f"{SEED}-pretrain")
+    batches = _batches(
+        PRETRAIN_MIX, steps, PRETRAIN["batch"], exclude, f"{SEED}-pretrain", PRETRAIN_NOISE, PRETRAIN_DOMAIN
+    )
     _train(model, tok, batches, steps, PRETRAIN["lr"], answer_only=False, desc="pretraining base", progress=progress)
     return model
 

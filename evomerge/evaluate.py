@@ -274,9 +274,14 @@ class Evaluator:
     def _prepare_tasks(self, allow_test_sets: bool) -> None:
         # Imported now, not in the first score(): its time, and its progress
         # bars (silenced only in modules already imported), belong here.
+        import datasets
         import lm_eval.evaluator  # noqa: F401
         import lm_eval.models.huggingface  # noqa: F401
         from lm_eval.tasks import TaskManager
+
+        # Loading a task's documents draws a progress bar per split; the
+        # search shows its own, and errors must stay one line.
+        datasets.disable_progress_bars()
 
         names = list(dict.fromkeys(o.task for o in self.objectives if o.task))
         include = (

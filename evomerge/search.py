@@ -68,10 +68,6 @@ class Run:
         self.cfg, self.root = load_config(config_path)
         self.progress = progress
         cfg, root = self.cfg, self.root
-        for m in [*cfg.models, *([cfg.base_model] if cfg.base_model else [])]:
-            if Path(m).suffix == "" and not (root / m).exists() and "/" in m and not m.startswith("."):
-                continue  # a Hugging Face id; open_sources reports it
-            resolve_path(root, m, "model", allow_outside_paths)
         refs = [*([cfg.base_model] if cfg.base_model else []), *cfg.models]
         if len(set(refs)) != len(refs):
             raise EvomergeError("a model is listed twice (or is also the base_model); list each model once")

@@ -246,3 +246,145 @@ def test_status_prints_baselines_and_top_trials(experiment, tmp_path, capsys):
     assert "3 search trials" in out and "best baseline" in out
     assert "source expert_a" in out and "ties (density 0.5)" in out
     assert out.count("search (task_arithmetic)") == 2
+
+
+SLOW_OBJECTIVE = """
+import time
+
+
+def score(model, tokenizer):
+    time.sleep(0.4)  # slow enough for the test to kill the search mid-run
+    return {"norm": float(sum(p.float().norm() for p in model.parameters()))}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["cma", "tpe"])
+def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, driver):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
+    objectives = [
+        {"task": "sums", "metric": "acc"},
+        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
+    ]
+    config = write_config(
+        experiment,
+        f"kill_{driver}.yaml",
+        budget={"trials": 10},
+        driver={"name": driver, "popsize": 4, "startup_trials": 3},
+        eval={"include_path": "tasks", "objectives": objectives, "batch_size": 32},
+    )
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            if (run_dir / "study.db").exists() and (run_dir / "run.yaml").exists():
+                try:
+                    done = trials(run_dir, "search")
+                except Exception:  # the database is being created
+                    continue
+                if len(done) >= 3:
+                    break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    assert 3 <= sum(1 for t in trials(run_dir, "search")) < 10
+
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    after = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    assert all(after[n] == v for n, v in before.items())  # nothing completed was lost
+    assert len(trials(run_dir, "search")) == 10  # and the run finished its budget
+    assert len(trials(run_dir, "baseline")) == 7  # baselines were not re-run
+    study, _ = open_study(run_dir)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    if driver == "cma":
+        # the resumed strategy re-asked the killed generation, and took its finished candidates from the study
+        slots = [(t.user_attrs["cma_generation"], t.user_attrs["cma_index"]) for t in trials(run_dir, "search")]
+        assert len(slots) == len(set(slots))
+
+
+def _fails_cleanly(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"eval": {"include_path": "tasks", "objectives": [{"task": "nope", "metric": "acc"}]}}, "nope"),
+        ({"eval": {"include_path": "tasks", "objectives": [{"task": "sums", "metric": "f1"}]}}, "f1"),
+        ({"space": {"methods": ["ties"], "search": {"weight": {"bounds": [0.7, 0.2]}, "density": None}}}, "reversed"),
+        ({"space": {"methods": ["ties"], "search": {"weight": {"bounds": [0.3, 0.3]}, "density": None}}}, "empty"),
+        ({"base_model": None}, "needs a base model"),
+        ({"space": {"methods": ["slerp"], "search": {"t": {"per": "gradient", "points": 9}}}}, "exceed"),
+        ({"driver": {"name": "annealing"}}, "driver.name"),
+        ({"models": ["models/missing"]}, "neither a local folder"),
+        ({"models": ["OUTSIDE", "models/expert_b"]}, "outside"),
+    ],
+)
+def test_bad_search_configs_fail_before_anything_is_written(experiment, tmp_path, capsys, overrides, fragment):
+    if overrides.get("models", [""])[0] == "OUTSIDE":
+        import shutil
+
+        outside = experiment.parent / "outside_model"
+        if not outside.exists():
+            shutil.copytree(experiment / "models" / "expert_a", outside)
+        overrides = {**overrides, "models": ["../outside_model", "models/expert_b"]}
+    config = write_config(experiment, "bad.yaml", **overrides)
+    run_dir = tmp_path / "run"
+    _fails_cleanly(capsys, ["search", str(config), "--run-dir", str(run_dir)], fragment)
+    assert not run_dir.exists()
+
+
+def test_an_unreadable_config_is_refused(experiment, tmp_path, capsys):
+    bad = experiment / "broken.yaml"
+    bad.write_text("models: [a, b\nspace: {")
+    _fails_cleanly(capsys, ["search", str(bad), "--run-dir", str(tmp_path / "r")], "cannot be read")
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    _fails_cleanly(capsys, ["search", str(bad), "--run-dir", str(tmp_path / "r")], "cannot be read")
+    _fails_cleanly(
+        capsys, ["search", str(experiment / "none.yaml"), "--run-dir", str(tmp_path / "r")], "does not exist"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_test_splits_need_a_flag(experiment, tmp_path, capsys):
+    data = experiment / "tasks" / "sums.jsonl"
+    (experiment / "tasks" / "sums_test.yaml").write_text(task_yaml("sums_test", data.resolve(), split="test"))
+    config = write_config(
+        experiment,
+        "test_split.yaml",
+        eval={"include_path": "tasks", "objectives": [{"task": "sums_test", "metric": "acc"}]},
+    )
+    _fails_cleanly(capsys, ["search", str(config), "--run-dir", str(tmp_path / "r")], "--allow-test-sets")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_run_folder_of_another_config_is_refused_unless_forced(experiment, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    first = write_config(experiment, "first.yaml", budget={"trials": 2})
+    assert main(["search", str(first), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    before = (run_dir / "study.db").read_bytes()
+    other = write_config(experiment, "other.yaml", budget={"trials": 2}, seed=1)
+    _fails_cleanly(capsys, ["search", str(other), "--run-dir", str(run_dir), "--no-progress"], "--force")
+    assert (run_dir / "study.db").read_bytes() == before
+    assert main(["search", str(other), "--run-dir", str(run_dir), "--no-progress", "--force"]) == 0
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["seed"] == 1
+    # a larger budget on the same config is the same experiment: it continues
+    more = write_config(experiment, "other.yaml", budget={"trials": 3}, seed=1)
+    assert main(["search", str(more), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert len(trials(run_dir, "search")) == 3
