@@ -27,7 +27,7 @@ class DriverSettings(_Strict):
     """Which optimizer proposes candidates, and its knobs."""
 
     name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
-    sigma0: float = 0.2  # cma, cmaes: initial step, as a fraction of each range
+    sigma0: float = 0.2  # cma: initial step, as a fraction of each range
     popsize: int | None = None  # cma, cmaes, nsga2 (None: the optimizer's default)
     restarts: int = 0  # cma: IPOP restarts, each doubling the population
     startup_trials: int = 10  # tpe, gp: random trials before modelling

@@ -38,10 +38,10 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _STAMP = "demo_problem.json"
 
 # Pretraining mixture (task -> share) and schedules.
-PRETRAIN_MIX = {"cpy": 0.7, "dup": 0.2, "rev": 0.05, "nxt": 0.05}
+PRETRAIN_MIX = {"cpy": 0.6, "dup": 0.2, "rev": 0.1, "nxt": 0.1}
 PRETRAIN_NOISE: dict = {}
-PRETRAIN_DOMAIN = {"rev": {"lengths": (3, 4)}, "nxt": {"letters": _LETTERS[:13]}}
-PRETRAIN = dict(steps=900, lr=3e-3, batch=64)
+PRETRAIN_DOMAIN = {"rev": {"lengths": (3, 4)}, "nxt": {"letters": _LETTERS[:17]}}
+PRETRAIN = dict(steps=600, lr=3e-3, batch=64)
 FINETUNE = dict(steps=120, lr=5e-4, batch=32)
 
 

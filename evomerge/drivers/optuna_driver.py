@@ -15,7 +15,8 @@ def make_sampler(settings, seed: int):
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, sigma0=settings.sigma0, popsize=settings.popsize)
+        # Optuna's own start (the centre) and step: its sigma0 and x0 arguments are deprecated.
+        return optuna.samplers.CmaEsSampler(seed=seed, popsize=settings.popsize, warn_independent_sampling=False)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
@@ -36,7 +37,9 @@ class OptunaDriver(Driver):
         self.study = study
         self.name = settings.name
         self.multi_objective = settings.name == "nsga2"
-        study.sampler = make_sampler(settings, seed + len(study.trials))
+        self.settings = settings
+        self.seed = seed + len(study.trials)
+        study.sampler = make_sampler(settings, self.seed)
 
     def ask(self) -> list[Candidate]:
         trial = self.study.ask()
