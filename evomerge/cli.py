@@ -57,7 +57,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.demo import run_demo
 
-    return run_demo(Path(args.workdir))
+    return run_demo(Path(args.workdir), progress=not args.no_progress)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -152,8 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="build tiny demo models and merge them (no downloads)")
+    d = sub.add_parser(
+        "demo", help="build tiny demo models and experts (once), search for their best merge, report on held-out data"
+    )
     d.add_argument("--workdir", default="runs/demo", help="where demo models and outputs go")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     d.set_defaults(func=cmd_demo)
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")

@@ -98,48 +98,87 @@ def make_finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path
     return save_model(model, out)
 
 
-def run_demo(workdir: Path) -> int:
-    """Build (once) a tiny base and two fine-tunes, merge them with a layer-wise
-    TIES recipe to disk and in place, and show that both agree."""
-    import time
+# The demo's search: what the README's first command runs.
+DEMO_SPACE = "task_arithmetic_layerwise"
+DEMO_DRIVER = {"name": "cma", "popsize": 8, "sigma0": 0.2}
+DEMO_TRIALS = 120
 
-    import torch
-    from safetensors.torch import load_file
 
-    from evomerge.merge import InPlaceMerger, merge_to_disk
-    from evomerge.recipe import Recipe
+def demo_config(workdir: Path) -> Path:
+    """Write the demo's search config (models and tasks from ``build_demo``)."""
+    import yaml
+
+    from evomerge.demo_problem import build_demo
 
     workdir = Path(workdir)
-    models = workdir / "models"
-    if not (models / "expert_b" / "config.json").is_file():
-        print(f"building demo models in {models} ...")
-        base = make_tiny_model(models / "base", arch="llama", seed=0, layers=4)
-        make_finetune(base, models / "expert_a", seed=1)
-        make_finetune(base, models / "expert_b", seed=2)
-    recipe = Recipe.from_dict(
-        {
-            "method": "ties",
-            "base_model": "models/base",
-            "sources": [
-                {"model": "models/expert_a", "parameters": {"weight": [0.8, 0.4], "density": 0.6}},
-                {"model": "models/expert_b", "parameters": {"weight": [0.3, 0.9], "density": 0.6}},
-            ],
-            "dtype": "float32",
-            "seed": 0,
-        }
+    assets = build_demo(workdir)
+    rel = lambda p: str(Path(p).relative_to(workdir))  # noqa: E731
+    config = {
+        "base_model": rel(assets.base),
+        "models": [rel(p) for p in assets.experts],
+        "space": DEMO_SPACE,
+        "dtype": "float32",
+        "seed": 0,
+        "eval": {
+            "include_path": rel(assets.tasks_dir),
+            "batch_size": 64,
+            "objectives": [{"task": t, "metric": "acc"} for t in assets.dev_tasks],
+        },
+        "heldout": {
+            "include_path": rel(assets.tasks_dir),
+            "batch_size": 64,
+            "objectives": [{"task": t, "metric": "acc"} for t in assets.heldout_tasks],
+        },
+        "budget": {"trials": DEMO_TRIALS},
+        "driver": DEMO_DRIVER,
+    }
+    path = workdir / "search.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_demo(workdir: Path, progress: bool = True) -> int:
+    """Build (once) a tiny base and two experts on different synthetic skills,
+    search for the best merge, and compare it with the sources and the
+    default merges on the held-out split."""
+    from evomerge.export import export_best, status_table
+    from evomerge.search import Run, open_study
+
+    workdir = Path(workdir)
+    config = demo_config(workdir)
+    run_dir = workdir / "run"
+    run = Run(config, run_dir, progress=progress, force=True)
+    try:
+        run.search()
+    finally:
+        run.close()
+    print(status_table(run_dir, top=5))
+    out, recipe = export_best(run_dir, out=workdir / "best_recipe.yaml")
+
+    study, _ = open_study(run_dir)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if "heldout_fitness" in a and a.get("status") == "ok":
+            what = a["name"] if a.get("kind") == "baseline" else f"evolved (trial {t.number})"
+            rows.append((what, a.get("kind"), a["fitness"], a["heldout_fitness"], a["heldout"]))
+    n = len(rows[0][4]) if rows else 1
+    print(f"\nheld-out accuracy (mean over {n} skills; the search never saw these documents):")
+    for what, _, dev, held, per in rows:
+        skills = "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in per.items())
+        print(f"  {what:<28} held-out {held / n:.3f}   dev {dev / n:.3f}   {skills}")
+    sources = [r for r in rows if r[0].startswith("source")]
+    defaults = [r for r in rows if r[1] == "baseline" and not r[0].startswith("source")]
+    evolved = [r for r in rows if r[1] == "search"]
+    print(f"\nbest recipe: {out}")
+    if not (sources and defaults and evolved):
+        print("the best recipe is a baseline: the search did not beat it on the dev set")
+        return 1
+    best_source = max(sources, key=lambda r: r[3])
+    best_default = max(defaults, key=lambda r: r[3])
+    held = evolved[0][3]
+    print(
+        f"evolved {held / n:.3f} vs best source {best_source[3] / n:.3f} ({best_source[0]}) "
+        f"and best default merge {best_default[3] / n:.3f} ({best_default[0]}) on held-out"
     )
-    (workdir / "recipe.yaml").write_text(recipe.to_yaml())
-    t0 = time.perf_counter()
-    out = merge_to_disk(recipe, workdir / "merged", root=workdir, overwrite=True)
-    disk_s = time.perf_counter() - t0
-    merger = InPlaceMerger(recipe, root=workdir)
-    t0 = time.perf_counter()
-    model = merger.apply(recipe)
-    inplace_s = time.perf_counter() - t0
-    on_disk = load_file(out / "model.safetensors")
-    live = model.state_dict()
-    same = all(torch.equal(live[k], v) for k, v in on_disk.items())
-    print(f"recipe     {workdir / 'recipe.yaml'} (fingerprint {recipe.fingerprint()[:12]})")
-    print(f"to disk    {out}  {disk_s:.2f}s, {len(on_disk)} tensors")
-    print(f"in place   {inplace_s * 1000:.1f} ms per candidate; identical to disk: {same}")
-    return 0 if same else 1
+    return 0 if held > best_source[3] and held > best_default[3] else 1

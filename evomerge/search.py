@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,12 +457,6 @@ def open_study(run_dir: str | Path):
     except KeyError:
         raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first") from None
     return study, record
-
-
-def remove_run(run_dir: Path) -> None:
-    """Delete a run folder evomerge created (tests and the demo use it)."""
-    if (run_dir / RUN_FILE).is_file():
-        shutil.rmtree(run_dir)
 
 
 __all__ = ["Run", "SearchConfig", "best_trial", "open_study"]

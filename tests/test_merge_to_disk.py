@@ -103,13 +103,6 @@ def test_relative_paths_resolve_against_the_recipe_folder(llama, tmp_path, monke
     assert "merged task_arithmetic" in capsys.readouterr().out
 
 
-def test_demo_command(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "identical to disk: True" in out
-    assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
-
-
 @pytest.mark.parametrize("module", ["ray", "lm_eval", "optuna", "cma", "torch"])
 def test_import_is_light(module):
     code = f"import sys, evomerge, evomerge.recipe; sys.exit({module!r} in sys.modules)"
