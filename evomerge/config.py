@@ -29,7 +29,7 @@ class DriverSettings(_Strict):
     name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
     sigma0: float = 0.2  # cma: initial step, as a fraction of each range
     popsize: int | None = None  # cma, cmaes, nsga2 (None: the optimizer's default)
-    restarts: int = 0  # cma: IPOP restarts, each doubling the population
+    restarts: int = 9  # cma: IPOP restarts when it converges, each doubling the population
     startup_trials: int = 10  # tpe, gp: random trials before modelling
 
     @field_validator("sigma0")

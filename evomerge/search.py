@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,12 +348,13 @@ class Run:
         def elapsed() -> float:
             return elapsed0 + time.monotonic() - t_start
 
-        def search_trials() -> int:
-            return sum(1 for t in self._trials() if t.user_attrs.get("kind") == "search")
+        # Counted once, then kept: re-reading the study per candidate costs
+        # more than a tiny model's whole evaluation.
+        done = sum(1 for t in self._trials() if t.user_attrs.get("kind") == "search")
 
         bar = tqdm(
             total=budget.trials,
-            initial=search_trials(),
+            initial=done,
             desc="search",
             unit="trial",
             disable=not self.progress,
@@ -368,7 +370,7 @@ class Run:
         driver.start_from(starts)
 
         def spent() -> bool:
-            if budget.trials is not None and search_trials() >= budget.trials:
+            if budget.trials is not None and done >= budget.trials:
                 return True
             return budget.minutes is not None and elapsed() >= budget.minutes * 60
 
@@ -386,6 +388,7 @@ class Run:
                 if outcome is None:
                     outcome = self.evaluate(c.recipe, "search")
                     driver.record(c, outcome.values, outcome.attrs)
+                    done += 1
                     bar.update(1)
                 told.append(c)
                 values.append(outcome.values)
@@ -401,6 +404,12 @@ class Run:
                 driver.tell(told, values)
         bar.close()
         self.study.set_user_attr("elapsed_s", elapsed())
+        if budget.trials is not None and done < budget.trials and not spent():
+            print(
+                f"the {self.cfg.driver.name} driver converged after {done} of {budget.trials} trials; "
+                "raise driver.restarts (cma) to keep searching",
+                file=sys.stderr,
+            )
         return self.finish()
 
     def best_fitness(self) -> float | None:

@@ -388,3 +388,29 @@ def test_a_run_folder_of_another_config_is_refused_unless_forced(experiment, tmp
     more = write_config(experiment, "other.yaml", budget={"trials": 3}, seed=1)
     assert main(["search", str(more), "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert len(trials(run_dir, "search")) == 3
+
+
+@pytest.mark.slow
+def test_cma_restarts_with_a_larger_population_when_it_converges(experiment, tmp_path, capsys):
+    # Every point of this space is one of four recipes, so CMA-ES sees flat
+    # fitness and converges at once; IPOP restarts keep it searching.
+    space = {"methods": ["task_arithmetic"], "search": {"weight": {"bounds": [0.5, 0.500001]}}}
+    config = write_config(
+        experiment, "ipop.yaml", space=space, budget={"trials": 14}, driver={"name": "cma", "popsize": 4}
+    )
+    assert main(["search", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    search = trials(tmp_path / "run", "search")
+    assert len(search) == 14
+    restarts = {int(t.user_attrs["cma_generation"].split(":")[0]) for t in search}
+    assert max(restarts) >= 1 and "converged" not in capsys.readouterr().err
+    # with no restarts allowed, it stops early and says so
+    config = write_config(
+        experiment,
+        "no_ipop.yaml",
+        space=space,
+        budget={"trials": 14},
+        driver={"name": "cma", "popsize": 4, "restarts": 0},
+    )
+    assert main(["search", str(config), "--run-dir", str(tmp_path / "run0"), "--no-progress"]) == 0
+    assert len(trials(tmp_path / "run0", "search")) < 14
+    assert "converged" in capsys.readouterr().err

@@ -38,6 +38,12 @@ class CmaDriver(Driver):
             self.restarts = 0
             self.popsize = settings.popsize
         self._x0 = space.x0()
+        # Trials this driver recorded before a crash, by (generation, index).
+        self._seen = {
+            (t.user_attrs["cma_generation"], t.user_attrs["cma_index"]): t
+            for t in study.get_trials(deepcopy=False)
+            if "cma_generation" in t.user_attrs
+        }
         self._inject: list[list[float]] = []
 
     def _new_strategy(self, x0: list[float]):
@@ -107,15 +113,10 @@ class CmaDriver(Driver):
     def recorded(self, candidate):
         # A resumed strategy asks the generation the killed one asked; the
         # candidates it finished are in the study already.
-        for t in self.study.get_trials(deepcopy=False):
-            a = t.user_attrs
-            if (
-                a.get("cma_generation") == candidate.extra["cma_generation"]
-                and a.get("cma_index") == candidate.extra["cma_index"]
-                and a.get("fingerprint") == candidate.recipe.fingerprint()
-            ):
-                return list(t.values), dict(a)
-        return None
+        t = self._seen.get((candidate.extra["cma_generation"], candidate.extra["cma_index"]))
+        if t is None or t.user_attrs.get("fingerprint") != candidate.recipe.fingerprint():
+            return None
+        return list(t.values), dict(t.user_attrs)
 
     def tell(self, candidates, values) -> None:
         # pycma minimises; fitness is higher-is-better.

@@ -1,0 +1,445 @@
+"""Search throughput: evomerge's candidates per hour against the loop a user
+writes without it (mergekit-yaml, then lm_eval, per candidate).
+
+In one run on one machine, for each model size (a tiny Llama, and a randomly
+initialised Llama shaped like SmolLM2-135M), with a base and two stand-in
+fine-tunes and one local multiple-choice lm-eval task of --docs documents,
+this measures:
+
+  1. evomerge: `Run(config).search()` with the `task_arithmetic_layerwise`
+     space, no baselines, a budget of --trials candidates (driver: random, or
+     cma with IPOP restarts), in a fresh process per size. Time per candidate is the wall time of `search()` divided by
+     the candidates; process start and `Run` construction are reported apart
+     (startup s). The median of the trials' own `seconds` (merge plus score)
+     and the first trial's (which builds the resident caches, and for the
+     large model compiles the fused merge kernel) are shown too.
+  2. the loop without evomerge: per candidate, write a mergekit
+     task_arithmetic config with random per-layer weights, run
+     `mergekit-yaml` to a folder, then `lm_eval` on it, each as a subprocess;
+     --baseline-candidates of them, end to end, wall clock.
+  3. where evomerge's candidate time goes: time inside the live model's
+     forward calls (pre/post forward hooks on the top-level module) and inside
+     `InPlaceMerger.apply`, per candidate; overhead share is
+     (candidate time - forward time) / candidate time. The steady state
+     starts at the second candidate's merge and runs to the end of the search
+     (so it leaves out the first candidate's one-off costs, but keeps the
+     driver's and the study's time between trials).
+
+Torch keeps its default threads (one per core) unless --threads sets
+OMP_NUM_THREADS for every timed process. On a shared machine, threads that
+wait for a busy core can make small models' forward passes many times slower;
+the header line shows the load average before the run.
+
+Targets: at least 20x the candidates per hour of the plain loop on the tiny
+models, and at most 10% overhead on the ~135M model.
+
+Usage:
+    .venv/bin/python benchmarks/search_throughput.py [--sizes tiny,135m] [--trials 40] [--large-trials 5]
+        [--baseline-candidates 3] [--docs 100] [--driver random] [--threads N] [--json runs/bench/throughput.json]
+
+Results go to stdout as a markdown table (copy it into docs/benchmarks.md)
+and to --json if given. Model folders are cached under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from evomerge.demo import make_finetune, make_tiny_model  # noqa: E402
+
+SIZES = {
+    # name: config overrides for evomerge.demo.tiny_config
+    "tiny": dict(layers=4, hidden=64),
+    # SmolLM2-135M's shape; the byte-level demo tokenizer uses only 260 of the
+    # 49152 embedding rows, which changes nothing for timing.
+    "135m": dict(
+        layers=30,
+        hidden=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie=True,
+    ),
+}
+LARGE = {"135m"}  # sizes that use --large-trials and --large-docs
+TASK = "sums"
+BATCH_SIZE = 32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # for both evomerge and the loop
+TARGET_SPEEDUP = 20.0  # tiny: evomerge candidates/hour over the plain loop's
+TARGET_OVERHEAD = 0.10  # 135m: share of candidate time outside forward passes
+
+
+def task_yaml(name: str, data: Path) -> str:
+    return textwrap.dedent(
+        f"""\
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            validation: {data}
+        validation_split: validation
+        doc_to_text: "{{{{q}}}}"
+        output_type: multiple_choice
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """
+    )
+
+
+def build_experiment(workdir: Path, size: str, docs: int, trials: int, driver: str) -> Path:
+    """Models (cached), the task (docs documents) and the search config; returns the config folder."""
+    root = workdir / f"throughput-{size}"
+    models = root / "models"
+    if not (models / "expert_b" / "config.json").is_file():
+        print(f"building {size} models in {models} ...", file=sys.stderr)
+        shutil.rmtree(models, ignore_errors=True)
+        base = make_tiny_model(models / "base", arch="llama", seed=0, **SIZES[size])
+        make_finetune(base, models / "expert_a", seed=1)
+        make_finetune(base, models / "expert_b", seed=2)
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    data = tasks / f"{TASK}.jsonl"
+    with data.open("w") as f:
+        written = 0
+        while written < docs:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            choices = [f" {a + b}", f" {a + b + 1}", f" {a * b + 3}", f" {abs(a - b) + 2}"]
+            if len(set(choices)) < len(choices):
+                continue  # e.g. 0+3 = 0*3+3: keep the answer unique
+            written += 1
+            rng.shuffle(choices)
+            f.write(json.dumps({"q": f"{a}+{b}=", "choices": choices, "label": choices.index(f" {a + b}")}) + "\n")
+    (tasks / f"{TASK}.yaml").write_text(task_yaml(TASK, data.resolve()))
+    config = {
+        "base_model": "models/base",
+        "models": ["models/expert_a", "models/expert_b"],
+        "space": "task_arithmetic_layerwise",
+        "eval": {"include_path": "tasks", "objectives": [{"task": TASK, "metric": "acc"}], "batch_size": BATCH_SIZE},
+        "budget": {"trials": trials},
+        # pycma stops once a generation's fitness is flat (tolfun), which these
+        # near-identical models give; restarts keep it going to the budget.
+        "driver": {"name": driver, **({"restarts": 9} if driver == "cma" else {})},
+        "baselines": False,
+        "dtype": "float32",
+        "device": DEVICE,
+        "seed": 0,
+    }
+    (root / "search.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def bench_search(root: Path, launched: float) -> dict:
+    """Run the search with timing hooks (in its own process); ``launched`` is
+    the parent's time.time() when it started this process."""
+    from evomerge.search import Run, open_study
+
+    run_dir = root / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t = time.perf_counter()
+    run = Run(root / "search.yaml", run_dir, progress=False)
+    construct_s = time.perf_counter() - t
+    startup_s = time.time() - launched
+    starts: list[float] = []  # when each candidate's merge began
+    merges: list[float] = []  # seconds in InPlaceMerger.apply, per candidate
+    forwards: list[float] = []  # seconds in the live model's forward calls, per candidate
+    calls = [0]
+    started = [0.0]
+    apply = run.merger.apply
+
+    def timed_apply(recipe):
+        t0 = time.perf_counter()
+        starts.append(t0)
+        out = apply(recipe)
+        merges.append(time.perf_counter() - t0)
+        forwards.append(0.0)
+        return out
+
+    def pre(module, args, kwargs):
+        started[0] = time.perf_counter()
+
+    def post(module, args, kwargs, output):
+        forwards[-1] += time.perf_counter() - started[0]
+        calls[0] += 1
+
+    run.merger.apply = timed_apply
+    model = run.merger.model
+    hooks = [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.register_forward_hook(post, with_kwargs=True),
+    ]
+    try:
+        t = time.perf_counter()
+        run.search()
+        end = time.perf_counter()
+        search_s = end - t
+    finally:
+        for h in hooks:
+            h.remove()
+        run.close()
+    params = sum(p.numel() for p in model.parameters())  # tied weights count once
+    study, _ = open_study(run_dir)
+    trials = sorted(
+        (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"),
+        key=lambda t: t.number,
+    )
+    failed = [t.user_attrs.get("reason") for t in trials if t.user_attrs.get("status") != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(trials)} candidates failed, first: {failed[0]}")
+    seconds = [t.user_attrs["seconds"] for t in trials]
+    if len(merges) != len(trials):
+        raise RuntimeError(f"{len(merges)} merges for {len(trials)} trials; expected one per candidate")
+    n = len(trials)
+    cand_s = search_s / n
+    fwd_s = sum(forwards) / n
+    # Steady state: from the second candidate's merge to the end of the
+    # search, so the driver's and the study's time between trials counts too.
+    steady_s = (end - starts[1]) / (n - 1) if n > 1 else float("nan")
+    steady_fwd = sum(forwards[1:]) / (n - 1) if n > 1 else float("nan")
+    return {
+        "params": params,
+        "candidates": n,
+        "startup_s": startup_s,
+        "construct_s": construct_s,
+        "search_s": search_s,
+        "candidate_s": cand_s,
+        "trial_median_s": statistics.median(seconds),
+        "trial_first_s": seconds[0],
+        "merge_s": sum(merges) / n,
+        "forward_s": fwd_s,
+        "forward_calls": calls[0],
+        "overhead_share": (cand_s - fwd_s) / cand_s,
+        "steady_candidate_s": steady_s,
+        "steady_overhead_share": (steady_s - steady_fwd) / steady_s,
+        "fused": run.merger.fuse,
+        "threads": torch.get_num_threads(),
+        "best_acc": max(t.user_attrs["fitness"] for t in trials),
+    }
+
+
+def _run(cmd: list[str], what: str) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        tail = (r.stdout + r.stderr)[-3000:]
+        raise RuntimeError(f"{what} failed with exit code {r.returncode}:\n{tail}")
+    return wall
+
+
+def bench_loop(root: Path, candidates: int, docs: int) -> dict:
+    """The loop without evomerge: mergekit-yaml then lm_eval per candidate."""
+    bindir = Path(sys.executable).parent
+    num_layers = json.loads((root / "models" / "base" / "config.json").read_text())["num_hidden_layers"]
+    scratch = root / "loop"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    rng = random.Random(1)
+    walls, merge_walls, eval_walls, accs = [], [], [], []
+    for i in range(candidates):
+        t = time.perf_counter()
+        config = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(root / "models" / "base"),
+            "dtype": "float32",
+            "models": [
+                {
+                    "model": str(root / "models" / name),
+                    # a list is a mergekit gradient; one value per layer is a per-layer weight
+                    "parameters": {"weight": [round(rng.uniform(0.0, 1.0), 4) for _ in range(num_layers)]},
+                }
+                for name in ("expert_a", "expert_b")
+            ],
+        }
+        cfg = scratch / f"candidate{i}.yml"
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        out = scratch / f"merged{i}"
+        results = scratch / f"results{i}"
+        merge_walls.append(
+            _run([str(bindir / "mergekit-yaml"), str(cfg), str(out), "--copy-tokenizer", "--quiet"], "mergekit-yaml")
+        )
+        eval_walls.append(
+            _run(
+                [
+                    str(bindir / "lm_eval"),
+                    "--model",
+                    "hf",
+                    "--model_args",
+                    f"pretrained={out},dtype=float32",
+                    "--tasks",
+                    TASK,
+                    "--include_path",
+                    str(root / "tasks"),
+                    "--device",
+                    DEVICE,
+                    "--batch_size",
+                    str(BATCH_SIZE),
+                    "--output_path",
+                    str(results),
+                ],
+                "lm_eval",
+            )
+        )
+        walls.append(time.perf_counter() - t)
+        found = sorted(results.rglob("results_*.json"))
+        if not found:
+            raise RuntimeError(f"lm_eval wrote no results under {results}")
+        data = json.loads(found[-1].read_text())
+        effective = data["n-samples"][TASK]["effective"]
+        if effective != docs:
+            raise RuntimeError(f"lm_eval scored {effective} documents, expected {docs}")
+        accs.append(data["results"][TASK]["acc,none"])
+        shutil.rmtree(out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "loop_candidates": candidates,
+        "loop_candidate_s": sum(walls) / candidates,
+        "loop_mergekit_s": sum(merge_walls) / candidates,
+        "loop_lm_eval_s": sum(eval_walls) / candidates,
+        "loop_accs": accs,
+    }
+
+
+def bench_size(size: str, workdir: Path, args: argparse.Namespace) -> dict:
+    large = size in LARGE
+    trials = args.large_trials if large else args.trials
+    docs = (args.large_docs or args.docs) if large else args.docs
+    root = build_experiment(workdir, size, docs, trials, args.driver)
+    # The search runs in a fresh process, timed from its launch; the loop's
+    # candidates are processes anyway.
+    cmd = [sys.executable, __file__, "--search", str(root), "--launched", repr(time.time())]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"search for {size} failed:\n{r.stderr[-3000:]}")
+    search = json.loads(r.stdout.splitlines()[-1])
+    if search["candidates"] < trials:
+        print(
+            f"warning: {size}: the driver stopped after {search['candidates']} of {trials} candidates", file=sys.stderr
+        )
+    loop = bench_loop(root, args.baseline_candidates, docs)
+    per_hour = 3600 / search["candidate_s"]
+    loop_per_hour = 3600 / loop["loop_candidate_s"]
+    return {
+        "size": size,
+        "docs": docs,
+        "driver": args.driver,
+        **search,
+        **loop,
+        "candidates_per_hour": per_hour,
+        "loop_candidates_per_hour": loop_per_hour,
+        "speedup": per_hour / loop_per_hour,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = (
+        "| model | params | docs | candidates | startup s | evomerge s/candidate | median trial s | first trial s | "
+        "steady s/candidate | "
+        "merge s/candidate | forward s/candidate | overhead share | steady-state overhead | evomerge candidates/h | "
+        "loop s/candidate (mergekit + lm_eval) | loop candidates/h | speed-up |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['docs']} | {r['candidates']} | {r['startup_s']:.1f} | "
+            f"{r['candidate_s']:.3f} | {r['trial_median_s']:.3f} | {r['trial_first_s']:.2f} | "
+            f"{r['steady_candidate_s']:.3f} | {r['merge_s']:.3f} | "
+            f"{r['forward_s']:.3f} | {100 * r['overhead_share']:.1f}% | {100 * r['steady_overhead_share']:.1f}% | "
+            f"{r['candidates_per_hour']:.0f} | {r['loop_candidate_s']:.1f} ({r['loop_mergekit_s']:.1f} + "
+            f"{r['loop_lm_eval_s']:.1f}) | {r['loop_candidates_per_hour']:.0f} | {r['speedup']:.0f}x |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> str:
+    by = {r["size"]: r for r in rows}
+    parts = []
+    if "tiny" in by:
+        s = by["tiny"]["speedup"]
+        verdict = "PASS" if s >= TARGET_SPEEDUP else "FAIL"
+        parts.append(f"tiny speed-up >= {TARGET_SPEEDUP:.0f}x: {verdict} ({s:.0f}x)")
+    else:
+        parts.append("tiny speed-up: not measured")
+    if "135m" in by:
+        o, st = by["135m"]["overhead_share"], by["135m"]["steady_overhead_share"]
+        verdict = "PASS" if o <= TARGET_OVERHEAD else "FAIL"
+        parts.append(
+            f"135m overhead share <= {100 * TARGET_OVERHEAD:.0f}%: {verdict} "
+            f"({100 * o:.1f}%; steady state {100 * st:.1f}%)"
+        )
+    else:
+        parts.append("135m overhead share: not measured")
+    return "targets: " + "; ".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,135m")
+    ap.add_argument("--workdir", default="runs/bench")
+    ap.add_argument("--trials", type=int, default=40, help="evomerge candidates (search budget) per small model")
+    ap.add_argument("--large-trials", type=int, default=5, help="evomerge candidates for the 135m model")
+    ap.add_argument("--baseline-candidates", type=int, default=3, help="candidates of the mergekit + lm_eval loop")
+    ap.add_argument("--docs", type=int, default=100, help="documents in the task")
+    ap.add_argument("--large-docs", type=int, help="documents in the task for the 135m model (default: --docs)")
+    ap.add_argument("--driver", choices=("random", "cma"), default="random")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for every process timed (default: leave torch's default, one per core)",
+    )
+    ap.add_argument("--json", help="also write results here")
+    ap.add_argument("--search", help=argparse.SUPPRESS)  # internal: run one search in this process
+    ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.search:
+        print(json.dumps(bench_search(Path(args.search), args.launched)))
+        return
+    sizes = args.sizes.split(",")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        ap.error(f"unknown size {unknown[0]!r}; use {', '.join(SIZES)}")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in each child process
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]  # other work on the machine competes for the cores
+    t0 = time.perf_counter()
+    rows = [bench_size(s, workdir, args) for s in sizes]
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {time.strftime('%Y-%m-%d')}; driver {args.driver}, "
+        f"torch threads {rows[0]['threads'] if rows else '?'}, load average {load:.1f} before the run"
+    )
+    print(markdown(rows))
+    print(targets(rows))
+    print(f"total wall time: {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
