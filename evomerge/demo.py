@@ -99,9 +99,9 @@ def make_finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path
 
 
 # The demo's search: what the README's first command runs.
-DEMO_SPACE = "task_arithmetic_layerwise"
+DEMO_SPACE = "ties_layerwise"
 DEMO_DRIVER = {"name": "cma", "popsize": 8, "sigma0": 0.2}
-DEMO_TRIALS = 120
+DEMO_TRIALS = 200
 
 
 def demo_config(workdir: Path) -> Path:
@@ -110,7 +110,7 @@ def demo_config(workdir: Path) -> Path:
 
     from evomerge.demo_problem import build_demo
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     assets = build_demo(workdir)
     rel = lambda p: str(Path(p).relative_to(workdir))  # noqa: E731
     config = {
@@ -142,7 +142,7 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     search for the best merge, and compare it with the sources and the
     default merges on the held-out split."""
     from evomerge.export import export_best, status_table
-    from evomerge.search import Run, open_study
+    from evomerge.search import Run, open_study, trial_attrs
 
     workdir = Path(workdir)
     config = demo_config(workdir)
@@ -158,7 +158,7 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     study, _ = open_study(run_dir)
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
+        a = trial_attrs(study, t)
         if "heldout_fitness" in a and a.get("status") == "ok":
             what = a["name"] if a.get("kind") == "baseline" else f"evolved (trial {t.number})"
             rows.append((what, a.get("kind"), a["fitness"], a["heldout_fitness"], a["heldout"]))

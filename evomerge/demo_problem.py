@@ -3,19 +3,22 @@
 Everything is made here, seeded, on the CPU, in about a minute:
 
 - a 4-layer character-level Llama pretrained on general string tasks
-  (mostly copying) that has seen a little of each of two skills;
-- two experts fine-tuned gently from it, each on one skill:
-  ``rev`` reverses a string (an attention skill: where to read from) and
-  ``nxt`` replaces each letter by the next one in the alphabet (a lookup
-  skill: what to write);
+  (mostly copying) that has a little of each of two skills, because it saw
+  each only on part of its inputs: ``rev`` (reverse a string, a skill of
+  where to read) only on 3-4 letter strings, and ``nxt`` (each letter to the
+  next one in the alphabet, a skill of what to write) only on letters a-q;
+- two experts fine-tuned gently from it, each on one skill over all inputs
+  (3-6 letters from a-z): ``expert_a`` on ``rev``, ``expert_b`` on ``nxt``;
 - lm-eval multiple-choice tasks (local YAML and jsonl, scored by
-  loglikelihood) for each skill: a dev split the search may use and a
-  held-out split only for the final report.
+  loglikelihood, metric ``acc``) for each skill: a dev split the search may
+  use and a disjoint held-out split only for the final report. No training
+  string appears in either.
 
-Gentle fine-tunes from a base that already knows a little of each skill are
+Gentle fine-tunes from a base that already has a little of each skill are
 the regime real fine-tunes live in: their task vectors are small, and merges
-of them can keep both skills. Experts fine-tuned hard from a base that never
-saw their skill lose both in every merge.
+of them can keep both skills. (Experts fine-tuned hard from a base that
+never saw their skill lose both in every merge.) Each expert also forgets
+some of the other skill, as fine-tunes do, so merging involves a trade-off.
 """
 
 from __future__ import annotations
@@ -31,15 +34,17 @@ SEED = 0
 LAYERS = 4
 HIDDEN = 64
 SKILLS = ("rev", "nxt")
-DEV_DOCS = 150  # per skill
-HELDOUT_DOCS = 400  # per skill
+# Per skill. The dev split is what the search selects on; the held-out split
+# is larger, since it is scored only once per reported model.
+DEV_DOCS = 150
+HELDOUT_DOCS = 400
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _STAMP = "demo_problem.json"
 
-# Pretraining mixture (task -> share) and schedules.
+# Pretraining mixture (task -> share), the inputs the base sees each skill
+# on, and the schedules (AdamW, warmup then cosine).
 PRETRAIN_MIX = {"cpy": 0.6, "dup": 0.2, "rev": 0.1, "nxt": 0.1}
-PRETRAIN_NOISE: dict = {}
 PRETRAIN_DOMAIN = {"rev": {"lengths": (3, 4)}, "nxt": {"letters": _LETTERS[:17]}}
 PRETRAIN = dict(steps=600, lr=3e-3, batch=64)
 FINETUNE = dict(steps=120, lr=5e-4, batch=32)
@@ -72,9 +77,10 @@ def build_demo(workdir: Path, progress: bool = True) -> DemoAssets:
     if models_ok and built.get("root") == str(workdir) and (assets.tasks_dir / _task_file(SKILLS[0], "dev")).is_file():
         return assets
     items = {s: _eval_items(s) for s in SKILLS}
-    _write_tasks(assets.tasks_dir, items)
     if not models_ok:
+        stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
         _build_models(workdir, items, progress)
+    _write_tasks(assets.tasks_dir, items)
     stamp.write_text(json.dumps({"version": VERSION, "root": str(workdir)}) + "\n")
     return assets
 
@@ -105,7 +111,7 @@ def _shift(s: str, k: int) -> str:
 
 
 def _answer(task: str, s: str) -> str:
-    if task in ("cpy",):
+    if task == "cpy":
         return s
     if task == "dup":
         return "".join(c + c for c in s)
@@ -197,10 +203,9 @@ def _write_tasks(tasks_dir: Path, items: dict[str, dict[str, list[dict]]]) -> No
 # -- training --------------------------------------------------------------------
 
 
-def _batches(mix: dict[str, float], steps: int, batch: int, exclude: set[str], seed: str, noise=None, domain=None):
+def _batches(mix: dict[str, float], steps: int, batch: int, exclude: set[str], seed: str, domain=None):
     """Deterministic batches of (prompt, answer) pairs drawn from ``mix``;
-    ``noise[task]`` is the share of that task's answers replaced by a copy
-    of the input, ``domain[task]`` limits its inputs (lengths, letters)."""
+    ``domain[task]`` limits that task's inputs (lengths, letters)."""
     rng = random.Random(seed)
     tasks, shares = zip(*mix.items())
     for _ in range(steps):
@@ -210,8 +215,7 @@ def _batches(mix: dict[str, float], steps: int, batch: int, exclude: set[str], s
             s = _random_string(rng, **(domain or {}).get(task, {}))
             if s in exclude:
                 continue
-            lazy = rng.random() < (noise or {}).get(task, 0.0)
-            out.append((_prompt(task, s), s if lazy else _answer(task, s)))
+            out.append((_prompt(task, s), _answer(task, s)))
         yield out
 
 
@@ -289,9 +293,7 @@ def _pretrain(tok, exclude: set[str], progress: bool):
     torch.manual_seed(SEED)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", layers=LAYERS, hidden=HIDDEN))
     steps = PRETRAIN["steps"]
-    batches = _batches(
-        PRETRAIN_MIX, steps, PRETRAIN["batch"], exclude, f"{SEED}-pretrain", PRETRAIN_NOISE, PRETRAIN_DOMAIN
-    )
+    batches = _batches(PRETRAIN_MIX, steps, PRETRAIN["batch"], exclude, f"{SEED}-pretrain", PRETRAIN_DOMAIN)
     _train(model, tok, batches, steps, PRETRAIN["lr"], answer_only=False, desc="pretraining base", progress=progress)
     return model
 

@@ -32,7 +32,7 @@ def _complete(study):
 
 def status_table(run_dir: str | Path, top: int = 10) -> str:
     """The baselines and the top search trials of a run, as a text table."""
-    from evomerge.search import best_trial, open_study
+    from evomerge.search import best_trial, open_study, trial_attrs
 
     study, record = open_study(run_dir)
     trials = _complete(study)
@@ -47,7 +47,7 @@ def status_table(run_dir: str | Path, top: int = 10) -> str:
     header = ["trial", "what", "fitness", *objectives, "held-out"]
     rows = []
     for t in [*baselines, *ranked[:top]]:
-        a = t.user_attrs
+        a = trial_attrs(study, t)
         what = a.get("name") if a.get("kind") == "baseline" else f"search ({a['recipe']['method']})"
         if a.get("status") != "ok":
             rows.append([str(t.number), what, "failed", a.get("reason", "")[:60]])
@@ -96,7 +96,7 @@ def export_best(
     when they lie inside it, absolute otherwise.
     """
     from evomerge.merge import _pinned, merge_to_disk, open_sources
-    from evomerge.search import best_trial, open_study
+    from evomerge.search import best_trial, open_study, trial_attrs
 
     if fmt not in ("evomerge", "mergekit"):
         raise EvomergeError(f"unknown export format {fmt!r}; use evomerge or mergekit")
@@ -111,7 +111,7 @@ def export_best(
         if not matches or matches[0].user_attrs.get("status") != "ok":
             raise EvomergeError(f"trial {trial} is not a successful trial of {run_dir}; see `evomerge status`")
         chosen = matches[0]
-    a = chosen.user_attrs
+    a = trial_attrs(study, chosen)
     recipe = Recipe.model_validate(a["recipe"])
     root = Path(record["config_path"]).parent
     sources = open_sources(recipe, root, allow_outside=True)

@@ -422,14 +422,20 @@ class Run:
     def finish(self) -> dict[str, Any]:
         """Score the best recipe on the held-out set (once) and return a summary."""
         best = self.best_trial()
-        if best is not None and self.heldout is not None and "heldout" not in best.user_attrs:
+        if best is not None and self.heldout is not None and "heldout" not in trial_attrs(self.study, best):
+            # A finished Optuna trial cannot be updated: its held-out score
+            # goes into the study's attributes (read through trial_attrs).
             recipe = Recipe.model_validate(best.user_attrs["recipe"])
-            for key, value in self.score_heldout(recipe).items():
-                self.study._storage.set_trial_user_attr(best._trial_id, key, value)
+            self.study.set_user_attr(f"heldout_{best.number}", self.score_heldout(recipe))
         return {"best": best_trial(self.study), "study": self.study}
 
     def close(self) -> None:
         self._lock.close()
+
+
+def trial_attrs(study, trial) -> dict[str, Any]:
+    """A trial's user attributes, with a held-out score added after it finished."""
+    return {**trial.user_attrs, **study.user_attrs.get(f"heldout_{trial.number}", {})}
 
 
 def best_trial(study):
@@ -468,4 +474,4 @@ def open_study(run_dir: str | Path):
     return study, record
 
 
-__all__ = ["Run", "SearchConfig", "best_trial", "open_study"]
+__all__ = ["Run", "SearchConfig", "best_trial", "open_study", "trial_attrs"]
