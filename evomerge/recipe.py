@@ -65,16 +65,42 @@ class Slice(_Frozen):
     parameters: Settings | None = None
 
 
+class RouteStep(_Frozen):
+    """One layer of a route: ``layer`` of ``model``, its input times ``scale``.
+    ``model`` is a source, or ``merge`` for the recipe's own merge (a hybrid)."""
+
+    model: str
+    layer: int = Field(ge=0)
+    scale: float = 1.0
+
+
+class Route(_Frozen):
+    """A data-flow path through the layers of several models.
+
+    The embeddings come from ``embed`` (default: the first step's model), the
+    final norm and LM head from ``head`` (default: the last step's model), as
+    in a mergekit passthrough merge. Models with tied embeddings take the head
+    from ``embed``.
+    """
+
+    layers: list[RouteStep]
+    embed: str | None = None
+    head: str | None = None
+
+
 class Recipe(_Frozen):
     """A merge: method, sources, parameters, dtype and seed.
 
     Either ``sources`` lists the models merged over all their layers
     (mergekit's ``models:``), or ``slices`` builds the output layer by layer
     (then ``sources`` may still list models to pin their sha256).
+    ``route`` makes it a data-flow recipe: the merge (if ``method`` is set)
+    happens first and is the routing source ``merge``; with no ``method``,
+    ``sources`` lists the routed models.
     ``metadata`` (scores, versions, provenance) is not part of the fingerprint.
     """
 
-    method: str
+    method: str | None = None
     sources: list[Source] = Field(default_factory=list)
     base_model: str | None = None
     slices: list[Slice] | None = None
@@ -83,12 +109,26 @@ class Recipe(_Frozen):
     out_dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
+    route: Route | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         from evomerge.methods import get_method
 
+        if self.route is not None:
+            self._check_route()
+        if self.method is None:
+            if self.route is None:
+                raise EvomergeError("the recipe has no merge method; set 'method' (or mergekit's 'merge_method')")
+            if self.slices or self.base_model or self.parameters or any(s.parameters for s in self.sources):
+                raise EvomergeError(
+                    "a route-only recipe (no method) takes no slices, base_model or parameters; "
+                    "set a method to merge first"
+                )
+            if not self.sources:
+                raise EvomergeError("the route's models must be listed under 'sources'; add them")
+            return self
         method = get_method(self.method)
         for field_name in ("dtype", "out_dtype"):
             value = getattr(self, field_name)
@@ -117,6 +157,37 @@ class Recipe(_Frozen):
                 for leaf in _leaves(setting):
                     method.param(name).validate(leaf, where)
         return self
+
+    def _check_route(self) -> None:
+        from evomerge.routing import MERGED
+
+        route = self.route
+        if not route.layers:
+            raise EvomergeError("the route is empty; a route needs at least one layer under 'route.layers'")
+        names = {s.model for s in self.sources}
+        if self.method is not None:
+            names.add(MERGED)
+        for i, step in enumerate(route.layers):
+            if step.model not in names:
+                hint = "" if self.method is not None else f" ('{MERGED}' needs a method)"
+                raise EvomergeError(
+                    f"route step {i} uses model {step.model!r}, which is not among the recipe's sources{hint}; "
+                    f"use one of {', '.join(sorted(names))}"
+                )
+            if not (step.scale > 0 and step.scale < float("inf")):
+                raise EvomergeError(f"route step {i} has scale {step.scale}; scales must be positive and finite")
+        for key in ("embed", "head"):
+            value = getattr(route, key)
+            if value is not None and value not in names:
+                raise EvomergeError(
+                    f"route {key} {value!r} is not among the recipe's sources; use one of {', '.join(sorted(names))}"
+                )
+
+    def merge_part(self) -> Recipe | None:
+        """The recipe's parameter-space merge without its route (None if it has none)."""
+        if self.method is None:
+            return None
+        return self.model_copy(update={"route": None})
 
     def _all_settings(self):
         yield "parameters", self.parameters
@@ -158,6 +229,8 @@ class Recipe(_Frozen):
 
     def to_mergekit_yaml(self) -> str:
         """The same merge as a mergekit config (sha256, seed and metadata dropped)."""
+        if self.route is not None:
+            raise EvomergeError("a routed recipe has no direct mergekit form; export it with --format mergekit")
         plain = self.model_dump(mode="json", exclude_none=True)
         data: dict[str, Any] = {"merge_method": self.method}
         if self.slices:
