@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, MergeMethod, get_method
-from evomerge.recipe import Conditional, Recipe, Source
+from evomerge.recipe import Conditional, Recipe, Route, RouteStep, Source
 
 DIGITS = 6
 PRESETS = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -64,12 +64,59 @@ class SearchedParam(_Strict):
         return v
 
 
+class PathSpec(_Strict):
+    """The constrained routing variant: a path of fixed ``depth`` whose
+    position k runs layer k (scaled to each model's depth) of a chosen model."""
+
+    depth: int
+
+    @field_validator("depth")
+    @classmethod
+    def _positive(cls, v):
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+
+class RoutingSpec(_Strict):
+    """Layer routing (the data-flow space of Akiba et al., 2024).
+
+    The layers of the ``sources`` (M models; default: the config's models,
+    after ``merge`` in a hybrid), repeated ``repeats`` times, are T slots in
+    order; each slot is included or skipped. ``scale`` multiplies each
+    included layer's input: one value per slot, one per transition between
+    models (the paper's M x M matrix; the first step is not scaled), or
+    none. ``first``/``last: forced`` always include the first and the last
+    slot, so that a route starts with the first source's first layer and ends
+    with the last source's last layer. ``path`` replaces the slots by the
+    constrained variant.
+    """
+
+    sources: list[str] | None = None
+    repeats: int = 3
+    scale: Literal["per_slot", "per_transition", "none"] = "per_transition"
+    scale_bounds: tuple[float, float] = (0.5, 1.5)
+    min_depth: int = 1
+    max_depth: int | None = None
+    first: Literal["forced", "free"] = "free"
+    last: Literal["forced", "free"] = "free"
+    path: PathSpec | None = None
+
+    @field_validator("repeats", "min_depth")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+
 class SpaceSpec(_Strict):
     """A search space as written in YAML."""
 
     name: str | None = None
     description: str | None = None
-    methods: list[str]
+    methods: list[str] = []
+    routing: RoutingSpec | None = None
     search: dict[str, SearchedParam | None] = {}
     fixed: dict[str, Any] = {}
     dtype: str | None = None
@@ -87,6 +134,8 @@ class Gene:
     model: str | None = None  # per-model parameters: the model's path
     group: str | None = None  # module-group filter, "" for the rest
     index: int = 0  # position along the depth
+    kind: str = "float"  # or "bool" (route slots) or "choice" (route path picks)
+    choices: tuple = ()
 
 
 def load_space_spec(value: str | dict, root: Path) -> tuple[SpaceSpec, str]:
@@ -134,6 +183,9 @@ class SearchSpace:
         seed: int = 0,
         dtype: str | None = None,
         where: str = "space",
+        depths: dict[str, int] | None = None,
+        fixed_merge: Recipe | None = None,
+        relaxed: bool = False,
     ):
         self.spec = spec
         self.models = list(models)
@@ -142,13 +194,25 @@ class SearchSpace:
         self.seed = seed
         self.dtype = dtype or spec.dtype
         self.where = where
-        if not spec.methods:
-            raise EvomergeError(f"{where} lists no methods; name at least one under 'methods'")
+        self.fixed_merge = fixed_merge
+        # Optuna's CMA-ES sampler cannot learn categoricals: route slots and
+        # picks become floats in [0, 1] for it (the continuous relaxation).
+        self.relaxed = relaxed
+        if not spec.methods and spec.routing is None:
+            raise EvomergeError(f"{where} lists no methods; name at least one under 'methods' (or add 'routing')")
+        if fixed_merge is not None and (spec.methods or spec.routing is None):
+            raise EvomergeError(
+                f"the config fixes a 'merge' recipe, so {where} may only search routing; remove its 'methods' "
+                "(or the config's 'merge')"
+            )
         self.methods: list[MergeMethod] = [get_method(m) for m in spec.methods]
         for m in self.methods:
             self._check_fit(m)
         self._check_params(tensor_names)
-        self.genes = self._build_genes()
+        self.genes = self._build_genes() if self.methods else []
+        if spec.routing is not None:
+            self._setup_routing(spec.routing, depths or {})
+            self.genes += self._route_genes()
         self._by_name = {g.name: g for g in self.genes}
 
     # -- construction ------------------------------------------------------
@@ -247,6 +311,204 @@ class SearchSpace:
                     for leaf in value if isinstance(value, list) else [value]:
                         m.param(name).validate(leaf, f"{self.where} fixed")
 
+    # -- routing -------------------------------------------------------------
+
+    @property
+    def hybrid(self) -> bool:
+        return bool(self.methods) or self.fixed_merge is not None
+
+    def _setup_routing(self, spec: RoutingSpec, depths: dict[str, int]) -> None:
+        from evomerge.routing import MERGED
+
+        known = ([MERGED] if self.hybrid else []) + self.models
+        routed = list(spec.sources or known)
+        for name in routed:
+            if name not in known:
+                hint = f" ('{MERGED}' is the merge, only in a hybrid space)" if name == MERGED else ""
+                raise EvomergeError(
+                    f"{self.where}: routing source {name!r} is not a model of the config{hint}; "
+                    f"use one of {', '.join(known)}"
+                )
+        if len(set(routed)) != len(routed) or not routed:
+            raise EvomergeError(f"{self.where}: routing sources must be distinct and not empty; fix the list")
+        depths = {**depths, MERGED: depths.get(MERGED, self.num_layers)}
+        missing = [n for n in routed if n not in depths]
+        if missing:
+            raise ValueError(f"no depth given for routing source {missing[0]}")
+        self.routed = routed
+        self.depths = {n: depths[n] for n in routed}
+        self._labels = _short_names(routed)
+        lo, hi = spec.scale_bounds
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi or lo <= 0:
+            raise EvomergeError(
+                f"{self.where}: routing scale_bounds {list(spec.scale_bounds)} are empty, reversed or not positive; "
+                "write [low, high] with 0 < low < high"
+            )
+        if spec.path is not None:
+            self.slots = []
+            self.max_depth = spec.path.depth
+            return
+        self.slots = [(q, m, layer) for q in range(spec.repeats) for m in routed for layer in range(self.depths[m])]
+        total = len(self.slots)
+        self.max_depth = spec.max_depth if spec.max_depth is not None else total
+        forced = (spec.first == "forced") + (spec.last == "forced" and total > 1)
+        if not (1 <= spec.min_depth <= self.max_depth) or self.max_depth > total or forced > self.max_depth:
+            raise EvomergeError(
+                f"{self.where}: routing depth bounds [{spec.min_depth}, {self.max_depth}] do not fit the {total} "
+                f"slots ({len(routed)} models x {spec.repeats} repeats); use 1 <= min_depth <= max_depth <= {total}"
+            )
+
+    def _forced(self, i: int) -> bool:
+        spec = self.spec.routing
+        return (i == 0 and spec.first == "forced") or (i == len(self.slots) - 1 and spec.last == "forced")
+
+    def _slot_label(self, i: int) -> str:
+        q, m, layer = self.slots[i]
+        return f"r{q}/{self._labels[m]}/L{layer}"
+
+    def _route_genes(self) -> list[Gene]:
+        spec = self.spec.routing
+        lo, hi = spec.scale_bounds
+        genes: list[Gene] = []
+        if spec.path is not None:
+            for k in range(spec.path.depth):
+                genes.append(Gene(f"pick/p{k}", 0.0, 1.0, "route", index=k, kind="choice", choices=tuple(self.routed)))
+            if spec.scale == "per_slot":
+                genes += [Gene(f"scale/p{k}", lo, hi, "route", index=k) for k in range(spec.path.depth)]
+        else:
+            for i in range(len(self.slots)):
+                if not self._forced(i):
+                    genes.append(Gene(f"in/{self._slot_label(i)}", 0.0, 1.0, "route", index=i, kind="bool"))
+            if spec.scale == "per_slot":
+                genes += [
+                    Gene(f"scale/{self._slot_label(i)}", lo, hi, "route", index=i) for i in range(len(self.slots))
+                ]
+        if spec.scale == "per_transition":
+            for a in self.routed:
+                for b in self.routed:
+                    genes.append(Gene(f"scale/{self._labels[a]}>{self._labels[b]}", lo, hi, "route"))
+        return genes
+
+    def _path_layer(self, model: str, k: int) -> int:
+        depth, n = self.spec.routing.path.depth, self.depths[model]
+        return min(n - 1, round(k * (n - 1) / (depth - 1))) if depth > 1 else 0
+
+    def _route_from(self, params: dict[str, Any], strength: dict[str, float] | None = None) -> Route:
+        """The route named by ``params``, repaired to the depth bounds: too
+        few layers adds the skipped slots with the highest values (pycma) or
+        the earliest ones; too many drops the lowest valued (or the last)."""
+        spec = self.spec.routing
+        if spec.path is not None:
+            picks = [self._choice(self._by_name[f"pick/p{k}"], params) for k in range(spec.path.depth)]
+            steps = [(m, self._path_layer(m, k), f"scale/p{k}") for k, m in enumerate(picks)]
+        else:
+            chosen = []
+            for i in range(len(self.slots)):
+                chosen.append(self._forced(i) or self._flag(self._by_name[f"in/{self._slot_label(i)}"], params))
+            free = [i for i in range(len(self.slots)) if not self._forced(i)]
+
+            def rank(i: int) -> float:
+                name = f"in/{self._slot_label(i)}"
+                if strength and name in strength:
+                    return strength[name]
+                return float(params[name]) if self.relaxed else -i / len(self.slots)
+
+            count = sum(chosen)
+            for i in sorted((i for i in free if not chosen[i]), key=rank, reverse=True):
+                if count >= spec.min_depth:
+                    break
+                chosen[i], count = True, count + 1
+            for i in sorted((i for i in free if chosen[i]), key=rank):
+                if count <= self.max_depth:
+                    break
+                chosen[i], count = False, count - 1
+            steps = [
+                (self.slots[i][1], self.slots[i][2], f"scale/{self._slot_label(i)}")
+                for i in range(len(self.slots))
+                if chosen[i]
+            ]
+        layers = []
+        for k, (model, layer, scale_gene) in enumerate(steps):
+            scale = 1.0
+            if spec.scale == "per_slot":
+                scale = float(params[scale_gene])
+            elif spec.scale == "per_transition" and k:
+                prev = steps[k - 1][0]
+                scale = float(params[f"scale/{self._labels[prev]}>{self._labels[model]}"])
+            layers.append(RouteStep(model=model, layer=layer, scale=round(scale, DIGITS)))
+        return Route(layers=layers)
+
+    def _flag(self, g: Gene, params: dict[str, Any]) -> bool:
+        if g.name not in params:
+            raise EvomergeError(f"point lacks {g.name!r}; it does not belong to this space")
+        v = params[g.name]
+        return bool(v) if isinstance(v, bool) else float(v) > 0.5
+
+    def _choice(self, g: Gene, params: dict[str, Any]) -> str:
+        if g.name not in params:
+            raise EvomergeError(f"point lacks {g.name!r}; it does not belong to this space")
+        v = params[g.name]
+        if isinstance(v, str):
+            return v
+        return g.choices[min(len(g.choices) - 1, int(float(v) * len(g.choices)))]
+
+    def _encode_route(self, route: Route) -> dict[str, Any] | None:
+        spec = self.spec.routing
+        lo, hi = spec.scale_bounds
+        neutral = 1.0 if lo <= 1.0 <= hi else round((lo + hi) / 2, DIGITS)
+        params: dict[str, Any] = {}
+        steps = route.layers
+        if route.embed is not None or route.head is not None:
+            return None
+        if spec.path is not None:
+            if len(steps) != spec.path.depth:
+                return None
+            for k, st in enumerate(steps):
+                if st.model not in self.routed or self._path_layer(st.model, k) != st.layer:
+                    return None
+                params[f"pick/p{k}"] = self._encoded_choice(st.model)
+                if spec.scale == "per_slot":
+                    params[f"scale/p{k}"] = st.scale
+        else:
+            included, pos = [], 0
+            for st in steps:
+                while pos < len(self.slots) and self.slots[pos][1:] != (st.model, st.layer):
+                    pos += 1
+                if pos == len(self.slots):
+                    return None
+                included.append(pos)
+                pos += 1
+            last = len(self.slots) - 1
+            if included and self._forced(last) and self.slots[last][1:] == (steps[-1].model, steps[-1].layer):
+                included[-1] = last  # the same route, with the forced last slot as its end
+            for i in range(len(self.slots)):
+                if self._forced(i):
+                    if i not in included:
+                        return None
+                else:
+                    on = i in included
+                    params[f"in/{self._slot_label(i)}"] = (0.75 if on else 0.25) if self.relaxed else on
+            if spec.scale == "per_slot":
+                by_slot = dict(zip(included, (st.scale for st in steps)))
+                for i in range(len(self.slots)):
+                    params[f"scale/{self._slot_label(i)}"] = by_slot.get(i, neutral)
+        if spec.scale == "per_transition":
+            w: dict[str, float] = {}
+            for k in range(1, len(steps)):
+                key = f"scale/{self._labels[steps[k - 1].model]}>{self._labels[steps[k].model]}"
+                if w.setdefault(key, steps[k].scale) != steps[k].scale:
+                    return None
+            for a in self.routed:
+                for b in self.routed:
+                    key = f"scale/{self._labels[a]}>{self._labels[b]}"
+                    params[key] = w.get(key, neutral)
+        return params
+
+    def _encoded_choice(self, model: str) -> Any:
+        if not self.relaxed:
+            return model
+        return (self.routed.index(model) + 0.5) / len(self.routed)
+
     def _depth_slots(self, how: SearchedParam) -> list[str]:
         if how.per == "global":
             return [""]
@@ -311,6 +573,11 @@ class SearchSpace:
             "seed": self.seed,
             "dtype": self.dtype,
         }
+        if self.spec.routing is not None:
+            data["routed"] = [[n, self.depths[n]] for n in self.routed]
+            data["relaxed"] = self.relaxed
+        if self.fixed_merge is not None:
+            data["fixed_merge"] = self.fixed_merge.fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def x0(self) -> list[float]:
@@ -325,18 +592,24 @@ class SearchSpace:
         for g in self.genes:
             if g.name == METHOD_GENE:
                 out[g.name] = optuna.distributions.CategoricalDistribution(self.spec.methods)
+            elif g.kind != "float" and not self.relaxed:
+                choices = [False, True] if g.kind == "bool" else list(g.choices)
+                out[g.name] = optuna.distributions.CategoricalDistribution(choices)
             else:
                 out[g.name] = optuna.distributions.FloatDistribution(g.low, g.high)
         return out
 
     # -- points <-> recipes ------------------------------------------------
 
-    def _method_of(self, params: dict[str, Any]) -> MergeMethod:
-        return get_method(params[METHOD_GENE]) if METHOD_GENE in params else self.methods[0]
+    def _method_of(self, params: dict[str, Any]) -> MergeMethod | None:
+        if METHOD_GENE in params:
+            return get_method(params[METHOD_GENE])
+        return self.methods[0] if self.methods else None
 
-    def active(self, method: str) -> list[Gene]:
-        """The genes a recipe of ``method`` uses (the method gene included)."""
-        return [g for g in self.genes if g.name == METHOD_GENE or g.method == method]
+    def active(self, method: str | None) -> list[Gene]:
+        """The genes a recipe of ``method`` uses (the method gene and the
+        route's genes included)."""
+        return [g for g in self.genes if g.name == METHOD_GENE or g.method == method or g.param == "route"]
 
     def suggest(self, trial) -> Recipe:
         """Ask an Optuna trial for a point (define-by-run) and decode it."""
@@ -344,9 +617,14 @@ class SearchSpace:
         if len(self.methods) > 1:
             params[METHOD_GENE] = trial.suggest_categorical(METHOD_GENE, self.spec.methods)
         method = self._method_of(params)
-        for g in self.active(method.name):
-            if g.name != METHOD_GENE:
+        for g in self.active(method.name if method else None):
+            if g.name == METHOD_GENE:
+                continue
+            if g.kind == "float" or self.relaxed:
                 params[g.name] = trial.suggest_float(g.name, g.low, g.high)
+            else:
+                choices = [False, True] if g.kind == "bool" else list(g.choices)
+                params[g.name] = trial.suggest_categorical(g.name, choices)
         return self.decode_params(params)
 
     def unit_to_params(self, x) -> dict[str, Any]:
@@ -354,14 +632,27 @@ class SearchSpace:
         if len(x) != self.dim:
             raise ValueError(f"point has {len(x)} coordinates, the space {self.dim}")
         params: dict[str, Any] = {}
+        strength: dict[str, float] = {}
         for g, v in zip(self.genes, x):
             v = min(1.0, max(0.0, float(v)))
             if g.name == METHOD_GENE:
                 params[g.name] = self.spec.methods[min(len(self.methods) - 1, int(v * len(self.methods)))]
+            elif g.kind != "float" and self.relaxed:
+                params[g.name] = round(v, DIGITS)
+            elif g.kind == "bool":
+                params[g.name], strength[g.name] = v > 0.5, v
+            elif g.kind == "choice":
+                params[g.name] = g.choices[min(len(g.choices) - 1, int(v * len(g.choices)))]
             else:
                 params[g.name] = round(g.low + v * (g.high - g.low), DIGITS)
+        if strength:
+            # Repair to the depth bounds here, by the values, so that the
+            # stored point is the route that was scored.
+            route = self._route_from(params, strength)
+            fixed = self._encode_route(route) or {}
+            params.update({k: v for k, v in fixed.items() if k.startswith("in/")})
         method = self._method_of(params)
-        keep = {g.name for g in self.active(method.name)}
+        keep = {g.name for g in self.active(method.name if method else None)}
         return {k: v for k, v in params.items() if k in keep}
 
     def params_to_unit(self, params: dict[str, Any]) -> list[float]:
@@ -371,6 +662,9 @@ class SearchSpace:
             if g.name == METHOD_GENE:
                 k = self.spec.methods.index(params[g.name])
                 x.append((k + 0.5) / len(self.methods))
+            elif g.kind != "float" and g.name in params and not self.relaxed:
+                v = params[g.name]
+                x.append((0.75 if v else 0.25) if g.kind == "bool" else (g.choices.index(v) + 0.5) / len(g.choices))
             elif g.name in params:
                 x.append((float(params[g.name]) - g.low) / (g.high - g.low))
             else:
@@ -382,6 +676,18 @@ class SearchSpace:
 
     def decode_params(self, params: dict[str, Any]) -> Recipe:
         """Named values (as Optuna stores them) -> the recipe they stand for."""
+        if self.spec.routing is None:
+            return self._decode_merge(params)
+        route = self._route_from(params)
+        common = {"dtype": self.dtype, "seed": self.seed, "route": route}
+        if self.methods:
+            merge = self._decode_merge(params)
+            return Recipe(**{**merge.model_dump(exclude={"route", "metadata"}), **common})
+        if self.fixed_merge is not None:
+            return Recipe(**{**self.fixed_merge.model_dump(exclude={"route", "metadata"}), "route": route})
+        return Recipe(sources=[Source(model=m) for m in self.routed], **common)
+
+    def _decode_merge(self, params: dict[str, Any]) -> Recipe:
         method = self._method_of(params)
         refs, base = self._inputs(method)
         per_model: dict[str, dict[str, Any]] = {r: {} for r in refs}
@@ -456,7 +762,25 @@ class SearchSpace:
         return params if same else None
 
     def _encode(self, recipe: Recipe) -> dict[str, Any] | None:
-        if recipe.method not in self.spec.methods or recipe.slices:
+        if self.spec.routing is None:
+            return self._encode_merge(recipe)
+        if recipe.route is None:
+            return None
+        params = self._encode_route(recipe.route)
+        if params is None:
+            return None
+        if self.methods:
+            merge = self._encode_merge(recipe.merge_part())
+            return None if merge is None else {**merge, **params}
+        if self.fixed_merge is not None:
+            same = (
+                recipe.merge_part() is not None and recipe.merge_part().fingerprint() == self.fixed_merge.fingerprint()
+            )
+            return params if same else None
+        return params if recipe.method is None else None
+
+    def _encode_merge(self, recipe: Recipe | None) -> dict[str, Any] | None:
+        if recipe is None or recipe.method not in self.spec.methods or recipe.slices:
             return None
         method = get_method(recipe.method)
         params: dict[str, Any] = {}
@@ -465,7 +789,7 @@ class SearchSpace:
         by_model = {s.model: s.parameters or {} for s in recipe.sources}
         shared = recipe.parameters or {}
         for g in self.active(method.name):
-            if g.name == METHOD_GENE:
+            if g.name == METHOD_GENE or g.param == "route":
                 continue
             setting = shared.get(g.param) if g.model is None else by_model[g.model].get(g.param)
             if setting is None:
@@ -511,4 +835,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
-__all__ = ["SearchSpace", "SpaceSpec", "SearchedParam", "Gene", "load_space_spec", "preset_names", "METHODS"]
+__all__ = [
+    "SearchSpace",
+    "SpaceSpec",
+    "SearchedParam",
+    "RoutingSpec",
+    "PathSpec",
+    "Gene",
+    "load_space_spec",
+    "preset_names",
+    "METHODS",
+]
