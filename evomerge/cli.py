@@ -38,7 +38,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         shard_bytes=args.shard_size,
         progress=not args.no_progress,
     )
-    print(f"merged {recipe.method} into {out} in {time.perf_counter() - t0:.1f}s")
+    what = " + ".join(
+        filter(None, [recipe.method, f"a route of {len(recipe.route.layers)} layers" if recipe.route else None])
+    )
+    print(f"merged {what} into {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

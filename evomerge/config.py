@@ -68,6 +68,9 @@ class SearchConfig(_Strict):
     device: str | None = None
     baselines: bool = True
     tokenizer: str | None = None
+    # A fixed merge recipe (e.g. a previous run's exported best) that is the
+    # routing source ``merge`` of a hybrid run; its paths are relative to it.
+    merge: str | None = None
 
     @field_validator("models")
     @classmethod
@@ -92,6 +95,31 @@ def resolve_path(root: Path, value: str, what: str, allow_outside: bool, must_ex
     if must_exist and not full.exists():
         raise EvomergeError(f"{what} {value} does not exist (looked for {full}); check the path")
     return full
+
+
+def load_fixed_merge(cfg: SearchConfig, root: Path, allow_outside: bool):
+    """The config's fixed ``merge`` recipe, its model paths made relative to ``root``."""
+    import os
+
+    from evomerge.recipe import load_recipe
+
+    if cfg.merge is None:
+        return None
+    path = resolve_path(root, cfg.merge, "merge recipe", allow_outside)
+    recipe = load_recipe(path)
+    if recipe.method is None or recipe.route is not None:
+        raise EvomergeError(
+            f"merge recipe {cfg.merge} must be a parameter-space merge (a method, no route); "
+            "export a parameter-space run's best"
+        )
+
+    def rebase(ref: str) -> str:
+        candidate = (path.parent / ref).resolve()
+        if Path(ref).is_absolute() or not candidate.exists():
+            return ref  # absolute, or a hub id
+        return os.path.relpath(candidate, root.resolve())
+
+    return recipe.with_refs(rebase).model_copy(update={"metadata": {}})
 
 
 def load_config(path: str | Path) -> tuple[SearchConfig, Path]:

@@ -30,6 +30,14 @@ def _complete(study):
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def _describe(recipe: dict) -> str:
+    """A short label: the method, and the route's depth."""
+    parts = [recipe["method"]] if recipe.get("method") else []
+    if recipe.get("route"):
+        parts.append(f"route of {len(recipe['route']['layers'])} layers")
+    return " + ".join(parts)
+
+
 def status_table(run_dir: str | Path, top: int = 10) -> str:
     """The baselines and the top search trials of a run, as a text table."""
     from evomerge.search import best_trial, open_study, trial_attrs
@@ -48,7 +56,7 @@ def status_table(run_dir: str | Path, top: int = 10) -> str:
     rows = []
     for t in [*baselines, *ranked[:top]]:
         a = trial_attrs(study, t)
-        what = a.get("name") if a.get("kind") == "baseline" else f"search ({a['recipe']['method']})"
+        what = a.get("name") if a.get("kind") == "baseline" else f"search ({_describe(a['recipe'])})"
         if a.get("status") != "ok":
             rows.append([str(t.number), what, "failed", a.get("reason", "")[:60]])
             continue
@@ -128,10 +136,8 @@ def export_best(
         path = sources[ref].path.resolve()
         return os.path.relpath(path, out_root) if path.is_relative_to(out_root) else str(path)
 
-    recipe = recipe.model_copy(
+    recipe = recipe.with_refs(where).model_copy(
         update={
-            "sources": [s.model_copy(update={"model": where(s.model)}) for s in recipe.sources],
-            "base_model": where(recipe.base_model),
             "metadata": {
                 "evomerge": {
                     "run": str(run_dir.resolve()),
@@ -151,11 +157,25 @@ def export_best(
             },
         }
     )
+    mergekit_form = recipe
+    if fmt == "mergekit" and recipe.route is not None:
+        from evomerge.routing import FOLDABLE, route_to_passthrough
+
+        config = next(iter(sources.values())).config
+        tied = bool(config.get("tie_word_embeddings", False))
+        projections = FOLDABLE.get(config.get("model_type"), ("o_proj", "down_proj"))
+        mergekit_form = route_to_passthrough(recipe, tied, projections)
+        if mergekit_form is None:
+            raise EvomergeError(
+                "this route runs layers of the recipe's own merge (or takes embeddings or head from another "
+                "model than its first and last step's), which a mergekit passthrough config cannot express; "
+                "export with --format evomerge"
+            )
     if fmt == "evomerge":
         text = recipe.to_yaml()
     else:
         note = yaml.safe_dump({"evomerge": recipe.metadata["evomerge"]}, sort_keys=False)
-        text = "".join(f"# {line}\n" for line in note.splitlines()) + recipe.to_mergekit_yaml()
+        text = "".join(f"# {line}\n" for line in note.splitlines()) + mergekit_form.to_mergekit_yaml()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)

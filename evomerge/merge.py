@@ -78,6 +78,7 @@ class MergePlan:
 def _referenced(recipe: Recipe) -> list[str]:
     """Every model reference in the recipe, in first-use order, once each."""
     refs = [s.model for s in recipe.sources]
+    refs += [s.model for s in recipe.route.models or []] if recipe.route else []
     refs += [s.model for sl in recipe.slices or [] for s in sl.sources]
     refs += [r for r in [recipe.base_model] + [sl.base_model for sl in recipe.slices or []] if r]
     return list(dict.fromkeys(refs))
@@ -86,7 +87,7 @@ def _referenced(recipe: Recipe) -> list[str]:
 def open_sources(recipe: Recipe, root: Path | str = ".", allow_outside: bool = False) -> dict[str, SourceModel]:
     """Open every model the recipe references, keyed by its reference string."""
     root = Path(root)
-    pins = {s.model: s.sha256 for s in recipe.sources}
+    pins = {s.model: s.sha256 for s in [*recipe.sources, *((recipe.route.models or []) if recipe.route else [])]}
     return {
         ref: SourceModel(resolve_model_path(ref, root, allow_outside), ref=ref, sha256=pins.get(ref))
         for ref in _referenced(recipe)
@@ -341,6 +342,8 @@ def merge_to_disk(
 ) -> Path:
     """Merge ``recipe`` into a Hugging Face model folder at ``out_dir``.
 
+    A recipe with a ``route`` goes through ``evomerge.routing.RouteMerger``.
+
     Tensors stream one at a time from memory-mapped sources into sharded
     safetensors, so peak memory is a few tensors. Everything is written into a
     hidden sibling folder that is renamed at the end: a failed merge leaves
@@ -348,6 +351,13 @@ def merge_to_disk(
     """
     if seed is not None:
         recipe = recipe.model_copy(update={"seed": seed})
+    if recipe.route is not None:
+        # A data-flow recipe is assembled in memory (merge, then route) and
+        # written as a plain model with its scales folded.
+        from evomerge.routing import RouteMerger
+
+        merger = RouteMerger(recipe, root=root, device=device, allow_outside=allow_outside)
+        return merger.export(recipe, out_dir, overwrite=overwrite, progress=progress)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise EvomergeError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
@@ -418,14 +428,21 @@ def _write_model(
 
 def _pinned(recipe: Recipe, sources: dict[str, SourceModel]) -> Recipe:
     """The recipe with every listed source pinned by the sha256 of its weight files."""
-    pinned = []
-    for s in recipe.sources:
-        if s.sha256:
-            pinned.append(s)
-            continue
-        files = sorted(sources[s.model].path.glob("*.safetensors"))
-        pinned.append(s.model_copy(update={"sha256": {f.name: sha256_file(f) for f in files}}))
-    return recipe.model_copy(update={"sources": pinned})
+
+    def pin(group):
+        out = []
+        for s in group:
+            if s.sha256:
+                out.append(s)
+                continue
+            files = sorted(sources[s.model].path.glob("*.safetensors"))
+            out.append(s.model_copy(update={"sha256": {f.name: sha256_file(f) for f in files}}))
+        return out
+
+    update = {"sources": pin(recipe.sources)}
+    if recipe.route is not None and recipe.route.models:
+        update["route"] = recipe.route.model_copy(update={"models": pin(recipe.route.models)})
+    return recipe.model_copy(update=update)
 
 
 def _shard(jobs: list[TensorJob], limit: int) -> list[list[TensorJob]]:

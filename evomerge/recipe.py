@@ -86,6 +86,9 @@ class Route(_Frozen):
     layers: list[RouteStep]
     embed: str | None = None
     head: str | None = None
+    # Models the route runs that are not inputs of the recipe's merge (a
+    # hybrid on a fixed merge), pinned like sources.
+    models: list[Source] | None = None
 
 
 class Recipe(_Frozen):
@@ -164,7 +167,7 @@ class Recipe(_Frozen):
         route = self.route
         if not route.layers:
             raise EvomergeError("the route is empty; a route needs at least one layer under 'route.layers'")
-        names = {s.model for s in self.sources}
+        names = {s.model for s in self.sources} | {s.model for s in route.models or []}
         if self.method is not None:
             names.add(MERGED)
         for i, step in enumerate(route.layers):
@@ -182,6 +185,34 @@ class Recipe(_Frozen):
                 raise EvomergeError(
                     f"route {key} {value!r} is not among the recipe's sources; use one of {', '.join(sorted(names))}"
                 )
+
+    def with_refs(self, fn) -> Recipe:
+        """The recipe with every model reference ``r`` replaced by ``fn(r)``
+        (the routing source ``merge`` kept)."""
+        from evomerge.routing import MERGED
+
+        def f(ref):
+            return ref if ref is None or ref == MERGED else fn(ref)
+
+        update: dict[str, Any] = {
+            "sources": [s.model_copy(update={"model": f(s.model)}) for s in self.sources],
+            "base_model": f(self.base_model),
+        }
+        if self.slices:
+            update["slices"] = [
+                sl.model_copy(
+                    update={
+                        "base_model": f(sl.base_model),
+                        "sources": [s.model_copy(update={"model": f(s.model)}) for s in sl.sources],
+                    }
+                )
+                for sl in self.slices
+            ]
+        if self.route is not None:
+            steps = [s.model_copy(update={"model": f(s.model)}) for s in self.route.layers]
+            extra = [s.model_copy(update={"model": f(s.model)}) for s in self.route.models or []] or None
+            update["route"] = Route(layers=steps, embed=f(self.route.embed), head=f(self.route.head), models=extra)
+        return Recipe.model_validate({**self.model_dump(), **{k: _dump(v) for k, v in update.items()}})
 
     def merge_part(self) -> Recipe | None:
         """The recipe's parameter-space merge without its route (None if it has none)."""
@@ -255,6 +286,14 @@ class Recipe(_Frozen):
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise EvomergeError(f"{where}: {loc}: {err['msg']}; fix that field") from None
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
 
 
 def _floats(value: Any) -> Any:

@@ -66,10 +66,18 @@ class RoutedLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         # The attention reads its layer_idx to pick its KV-cache entry; a
         # layer used at several steps must write each step's cache apart.
-        self.layer.self_attn.layer_idx = self.slot
-        if self.scale != 1.0:
-            hidden_states = hidden_states * self.scale
-        return self.layer(hidden_states, *args, **kwargs)
+        # The layer is the source model's own: its index is put back after
+        # the call, or the source (used alone, with a cache) would write two
+        # of its layers into one cache entry.
+        attn = self.layer.self_attn
+        own = attn.layer_idx
+        attn.layer_idx = self.slot
+        try:
+            if self.scale != 1.0:
+                hidden_states = hidden_states * self.scale
+            return self.layer(hidden_states, *args, **kwargs)
+        finally:
+            attn.layer_idx = own
 
 
 def _plain(config) -> dict[str, Any]:
@@ -323,16 +331,21 @@ class RouteMerger:
         self.root = Path(root)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.merger = None
+        self._merged: str | None = None  # fingerprint of the merge the live model holds
         pool: dict[str, nn.Module] = {}
-        if template.method is not None:
+        if template is not None and template.method is not None:
             self.merger = InPlaceMerger(
                 template.merge_part(), root=self.root, device=str(self.device), allow_outside=allow_outside
             )
             pool[MERGED] = self.merger.model
-        refs = [r for r in (routed or [s.model for s in template.sources]) if r != MERGED]
+        if routed is None:
+            extra = template.route.models or [] if template.route is not None else []
+            routed = [s.model for s in [*template.sources, *extra]]
+        refs = [r for r in routed if r != MERGED]
+        refs = list(dict.fromkeys(refs))
         probe = Recipe(sources=[Source(model=r) for r in refs], route=None, method="linear") if refs else None
         self.sources = open_sources(probe, self.root, allow_outside) if probe else {}
-        dtype = _dtype(template.dtype)
+        dtype = _dtype(template.dtype if template is not None else None)
         for ref in refs:
             pool[ref] = load_live(self.sources[ref].path, dtype, self.device)
         self.router = Router(pool, max_depth=max_depth)
@@ -345,7 +358,11 @@ class RouteMerger:
         if recipe.method is not None:
             if self.merger is None:
                 raise EvomergeError("this recipe merges before routing, but the merger was built without a merge")
-            self.merger.apply(recipe.merge_part())
+            merge = recipe.merge_part()
+            if merge.fingerprint() != self._merged:  # a fixed merge is merged once
+                self._merged = None
+                self.merger.apply(merge)
+                self._merged = merge.fingerprint()
         return self.router.assemble(recipe.route)
 
     def tokenizer_folder(self, recipe):

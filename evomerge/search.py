@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.config import SearchConfig, load_config, resolve_path
+from evomerge.config import SearchConfig, load_config, load_fixed_merge, resolve_path
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe, Source
 
@@ -61,7 +61,8 @@ class Run:
         progress: bool = True,
     ):
         from evomerge.evaluate import Evaluator
-        from evomerge.merge import InPlaceMerger, open_sources
+        from evomerge.merge import InPlaceMerger, open_sources, plan_merge
+        from evomerge.routing import MERGED
         from evomerge.space import SearchSpace, load_space_spec
 
         self.config_path = Path(config_path)
@@ -75,6 +76,11 @@ class Run:
         sources = open_sources(probe, root, allow_outside_paths)
         first = sources[refs[0]]
         spec, where = load_space_spec(cfg.space, root)
+        self.fixed_merge = load_fixed_merge(cfg, root, allow_outside_paths)
+        depths = {r: sources[r].num_layers for r in refs}
+        if self.fixed_merge is not None:
+            fixed_sources = open_sources(self.fixed_merge, root, allow_outside_paths)
+            depths[MERGED] = len(plan_merge(self.fixed_merge, fixed_sources).layer_origin)
         self.space = SearchSpace(
             spec,
             models=cfg.models,
@@ -84,7 +90,21 @@ class Run:
             seed=cfg.seed,
             dtype=cfg.dtype,
             where=where,
+            depths=depths,
+            fixed_merge=self.fixed_merge,
+            relaxed=cfg.driver.name == "cmaes",
         )
+        self.routing = spec.routing is not None
+        if self.routing:
+            sizes = {r: sources[r].config.get("hidden_size") for r in refs}
+            if len(set(sizes.values())) > 1:
+                a = refs[0]
+                b = next(r for r in refs if sizes[r] != sizes[a])
+                raise EvomergeError(
+                    f"models {a} and {b} have different hidden sizes ({sizes[a]} and {sizes[b]}); a route passes one hidden "
+                    "state between layers, so route models of one hidden size"
+                )
+        self.depths = {**depths, MERGED: depths.get(MERGED, first.num_layers)}
         self.objectives = list(cfg.eval.objectives)
         tokenizer = resolve_path(root, cfg.tokenizer or refs[0], "tokenizer", allow_outside_paths)
         import torch
@@ -118,7 +138,23 @@ class Run:
             sources=[Source(model=r, parameters={"weight": 1.0}) for r in refs],
             dtype=self.space.dtype,
         )
-        self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=allow_outside_paths)
+        if self.routing:
+            from evomerge.routing import RouteMerger
+
+            if self.fixed_merge is not None:
+                template = self.fixed_merge
+            elif len(set(depths.values())) > 1 and not self.space.methods:
+                template = None  # sources of different depths: routed, never merged
+            self.merger = RouteMerger(
+                template,
+                routed=refs,
+                root=root,
+                device=device,
+                allow_outside=allow_outside_paths,
+                max_depth=self.space.max_depth,
+            )
+        else:
+            self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=allow_outside_paths)
         # Only now, with everything validated, touch the run folder.
         self.run_dir = Path(run_dir)
         self._open_run_dir(force)
@@ -278,7 +314,30 @@ class Run:
     # -- baselines -----------------------------------------------------------
 
     def baseline_recipes(self) -> list[tuple[str, Recipe]]:
-        """Every source alone, then the default merges the sources allow."""
+        """Every source alone, then the default merges the sources allow (in a
+        routing run: as identity routes, and, for a fixed merge, that merge)."""
+        plain = self._plain_baselines()
+        if not self.routing:
+            return plain
+        from evomerge.recipe import Route, RouteStep
+        from evomerge.routing import MERGED
+
+        def identity(model: str) -> Route:
+            return Route(layers=[RouteStep(model=model, layer=i) for i in range(self.depths[model])])
+
+        merger = self.merger.merger
+        out = []
+        for name, recipe in plain:
+            if recipe.method == "passthrough":
+                ref = recipe.sources[0].model
+                out.append((name, Recipe(sources=recipe.sources, route=identity(ref), **self._common())))
+            elif merger is not None and self.fixed_merge is None:
+                out.append((name, recipe.model_copy(update={"route": identity(MERGED)})))
+        if self.fixed_merge is not None:
+            out.append(("the fixed merge", self.fixed_merge.model_copy(update={"route": identity(MERGED)})))
+        return out
+
+    def _plain_baselines(self) -> list[tuple[str, Recipe]]:
         cfg = self.cfg
         out: list[tuple[str, Recipe]] = []
         refs = [*([cfg.base_model] if cfg.base_model else []), *cfg.models]

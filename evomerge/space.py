@@ -41,6 +41,7 @@ from evomerge.methods import METHODS, MergeMethod, get_method
 from evomerge.recipe import Conditional, Recipe, Route, RouteStep, Source
 
 DIGITS = 6
+MERGED_NAME = "merge"  # evomerge.routing.MERGED, without importing torch here
 PRESETS = Path(__file__).resolve().parent.parent / "search_spaces"
 METHOD_GENE = "method"
 
@@ -68,12 +69,12 @@ class PathSpec(_Strict):
     """The constrained routing variant: a path of fixed ``depth`` whose
     position k runs layer k (scaled to each model's depth) of a chosen model."""
 
-    depth: int
+    depth: int | None = None  # default: the first routing source's depth
 
     @field_validator("depth")
     @classmethod
     def _positive(cls, v):
-        if v < 1:
+        if v is not None and v < 1:
             raise ValueError("must be at least 1")
         return v
 
@@ -346,7 +347,8 @@ class SearchSpace:
             )
         if spec.path is not None:
             self.slots = []
-            self.max_depth = spec.path.depth
+            self.path_depth = spec.path.depth or self.depths[routed[0]]
+            self.max_depth = self.path_depth
             return
         self.slots = [(q, m, layer) for q in range(spec.repeats) for m in routed for layer in range(self.depths[m])]
         total = len(self.slots)
@@ -371,10 +373,10 @@ class SearchSpace:
         lo, hi = spec.scale_bounds
         genes: list[Gene] = []
         if spec.path is not None:
-            for k in range(spec.path.depth):
+            for k in range(self.path_depth):
                 genes.append(Gene(f"pick/p{k}", 0.0, 1.0, "route", index=k, kind="choice", choices=tuple(self.routed)))
             if spec.scale == "per_slot":
-                genes += [Gene(f"scale/p{k}", lo, hi, "route", index=k) for k in range(spec.path.depth)]
+                genes += [Gene(f"scale/p{k}", lo, hi, "route", index=k) for k in range(self.path_depth)]
         else:
             for i in range(len(self.slots)):
                 if not self._forced(i):
@@ -390,7 +392,7 @@ class SearchSpace:
         return genes
 
     def _path_layer(self, model: str, k: int) -> int:
-        depth, n = self.spec.routing.path.depth, self.depths[model]
+        depth, n = self.path_depth, self.depths[model]
         return min(n - 1, round(k * (n - 1) / (depth - 1))) if depth > 1 else 0
 
     def _route_from(self, params: dict[str, Any], strength: dict[str, float] | None = None) -> Route:
@@ -399,7 +401,7 @@ class SearchSpace:
         the earliest ones; too many drops the lowest valued (or the last)."""
         spec = self.spec.routing
         if spec.path is not None:
-            picks = [self._choice(self._by_name[f"pick/p{k}"], params) for k in range(spec.path.depth)]
+            picks = [self._choice(self._by_name[f"pick/p{k}"], params) for k in range(self.path_depth)]
             steps = [(m, self._path_layer(m, k), f"scale/p{k}") for k, m in enumerate(picks)]
         else:
             chosen = []
@@ -461,7 +463,7 @@ class SearchSpace:
         if route.embed is not None or route.head is not None:
             return None
         if spec.path is not None:
-            if len(steps) != spec.path.depth:
+            if len(steps) != self.path_depth:
                 return None
             for k, st in enumerate(steps):
                 if st.model not in self.routed or self._path_layer(st.model, k) != st.layer:
@@ -684,6 +686,9 @@ class SearchSpace:
             merge = self._decode_merge(params)
             return Recipe(**{**merge.model_dump(exclude={"route", "metadata"}), **common})
         if self.fixed_merge is not None:
+            inputs = {s.model for s in self.fixed_merge.sources}
+            extra = [Source(model=m) for m in self.routed if m != MERGED_NAME and m not in inputs]
+            route = route.model_copy(update={"models": extra or None})
             return Recipe(**{**self.fixed_merge.model_dump(exclude={"route", "metadata"}), "route": route})
         return Recipe(sources=[Source(model=m) for m in self.routed], **common)
 
