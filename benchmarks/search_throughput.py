@@ -25,17 +25,30 @@ this measures:
      (so it leaves out the first candidate's one-off costs, but keeps the
      driver's and the study's time between trials).
 
+  4. routed candidates (layer routing, data-flow merges), with --routing (on
+     by default), in a fresh process per size: the three models loaded live
+     into a `Router`, then `Router.assemble` timed on --routing-routes random
+     routes (median; mixed models, depth between the sources' and twice it,
+     input scales in [0.7, 1.4], layers repeated), and `Evaluator.score` of
+     routed candidates on the same task (median over --routing-candidates,
+     after one warm-up candidate that builds lm-eval's wrapper). The share
+     reported is assemble time / evaluation time.
+     --routing-only measures this alone (no search, no loop).
+
 Torch keeps its default threads (one per core) unless --threads sets
 OMP_NUM_THREADS for every timed process. On a shared machine, threads that
 wait for a busy core can make small models' forward passes many times slower;
 the header line shows the load average before the run.
 
 Targets: at least 20x the candidates per hour of the plain loop on the tiny
-models, and at most 10% overhead on the ~135M model.
+models, at most 10% overhead on the ~135M model, and routed-candidate assembly
+under 1% of a routed candidate's evaluation time on every size.
 
 Usage:
     .venv/bin/python benchmarks/search_throughput.py [--sizes tiny,135m] [--trials 40] [--large-trials 5]
         [--baseline-candidates 3] [--docs 100] [--driver random] [--threads N] [--json runs/bench/throughput.json]
+        [--no-routing | --routing-only] [--routing-routes 200] [--routing-candidates 5]
+        [--large-routing-candidates 2]
 
 Results go to stdout as a markdown table (copy it into docs/benchmarks.md)
 and to --json if given. Model folders are cached under --workdir.
@@ -87,6 +100,8 @@ BATCH_SIZE = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # for both evomerge and the loop
 TARGET_SPEEDUP = 20.0  # tiny: evomerge candidates/hour over the plain loop's
 TARGET_OVERHEAD = 0.10  # 135m: share of candidate time outside forward passes
+TARGET_ROUTING = 0.01  # every size: Router.assemble time / routed candidate evaluation time
+EXPERTS = ("base", "expert_a", "expert_b")  # the models built per size, all routing sources
 
 
 def task_yaml(name: str, data: Path) -> str:
@@ -241,6 +256,73 @@ def bench_search(root: Path, launched: float) -> dict:
     }
 
 
+def random_route(rng: random.Random, depths: dict[str, int]):
+    """A routed candidate: steps from mixed models, depth between the sources'
+    and twice it, input scales in [0.7, 1.4], at least one layer twice."""
+    from evomerge.recipe import Route, RouteStep
+
+    names = sorted(depths)
+    depth = max(depths.values())
+    steps = []
+    for _ in range(rng.randint(depth, 2 * depth) - 1):
+        name = rng.choice(names)
+        steps.append(RouteStep(model=name, layer=rng.randrange(depths[name]), scale=round(rng.uniform(0.7, 1.4), 4)))
+    steps.append(steps[rng.randrange(len(steps))])  # a repeat
+    return Route(layers=steps)
+
+
+def bench_routing(root: Path, routes: int, candidates: int) -> dict:
+    """Routed candidates, in this process: Router.assemble per route and
+    Evaluator.score per routed candidate, on the search config's task."""
+    from evomerge.evaluate import EvalSpec, Evaluator
+    from evomerge.routing import Router, load_live
+
+    config = yaml.safe_load((root / "search.yaml").read_text())
+    folders = {name: root / "models" / name for name in EXPERTS}
+    t = time.perf_counter()
+    router = Router({name: load_live(path, torch.float32, DEVICE) for name, path in folders.items()})
+    load_s = time.perf_counter() - t
+    rng = random.Random(0)
+    t = time.perf_counter()
+    plans = [random_route(rng, router.depths) for _ in range(routes)]
+    route_build_s = (time.perf_counter() - t) / routes  # building and validating a Route object
+    router.assemble(plans[0])  # first call: imports, lazy attributes
+    assemble = []
+    for plan in plans:
+        t = time.perf_counter()
+        router.assemble(plan)
+        assemble.append(time.perf_counter() - t)
+    evaluator = Evaluator(EvalSpec.from_dict(config["eval"]), tokenizer=folders["base"], root=root, device=DEVICE)
+    scores, depths = [], []
+    for plan in [random_route(rng, router.depths) for _ in range(candidates + 1)]:
+        host = router.assemble(plan)
+        score = evaluator.score(host)
+        if score.status != "ok":
+            raise RuntimeError(f"a routed candidate failed: {score.reason}")
+        scores.append(score)
+        depths.append(len(plan.layers))
+    steady = scores[1:] or scores  # the first builds lm-eval's wrapper around the host
+    assemble_s = statistics.median(assemble)
+    eval_s = statistics.median(s.seconds for s in steady)
+    return {
+        "routing_load_s": load_s,
+        "routing_routes": routes,
+        "routing_route_build_s": route_build_s,
+        "routing_assemble_s": assemble_s,
+        "routing_assemble_p95_s": sorted(assemble)[int(0.95 * (len(assemble) - 1))],
+        "routing_assemble_max_s": max(assemble),
+        "routing_candidates": len(steady),
+        "routing_depth_mean": statistics.mean(depths[1:] or depths),
+        "routing_source_depth": max(router.depths.values()),
+        "routing_eval_s": eval_s,
+        "routing_forward_s": statistics.median(s.eval_seconds for s in steady),
+        "routing_first_eval_s": scores[0].seconds,
+        "routing_share": assemble_s / eval_s,
+        "routing_best_acc": max(s.values[next(iter(s.values))] for s in scores),
+        "routing_threads": torch.get_num_threads(),
+    }
+
+
 def _run(cmd: list[str], what: str) -> float:
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -329,6 +411,9 @@ def bench_size(size: str, workdir: Path, args: argparse.Namespace) -> dict:
     trials = args.large_trials if large else args.trials
     docs = (args.large_docs or args.docs) if large else args.docs
     root = build_experiment(workdir, size, docs, trials, args.driver)
+    routing = run_routing(root, args, large) if args.routing or args.routing_only else {}
+    if args.routing_only:
+        return {"size": size, "docs": docs, **routing}
     # The search runs in a fresh process, timed from its launch; the loop's
     # candidates are processes anyway.
     cmd = [sys.executable, __file__, "--search", str(root), "--launched", repr(time.time())]
@@ -352,7 +437,19 @@ def bench_size(size: str, workdir: Path, args: argparse.Namespace) -> dict:
         "candidates_per_hour": per_hour,
         "loop_candidates_per_hour": loop_per_hour,
         "speedup": per_hour / loop_per_hour,
+        **routing,
     }
+
+
+def run_routing(root: Path, args: argparse.Namespace, large: bool) -> dict:
+    """bench_routing in a fresh process (same threads as the search's)."""
+    candidates = args.large_routing_candidates if large else args.routing_candidates
+    cmd = [sys.executable, __file__, "--routing-bench", str(root)]
+    cmd += ["--routing-routes", str(args.routing_routes), "--routing-candidates", str(candidates)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"routing benchmark for {root.name} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 def markdown(rows: list[dict]) -> str:
@@ -373,6 +470,36 @@ def markdown(rows: list[dict]) -> str:
             f"{r['loop_lm_eval_s']:.1f}) | {r['loop_candidates_per_hour']:.0f} | {r['speedup']:.0f}x |"
         )
     return "\n".join(lines)
+
+
+def routing_markdown(rows: list[dict]) -> str:
+    head = (
+        "| model | routes | route depth (sources') | assemble ms (median) | assemble ms (p95) | "
+        "Route build ms | candidates | eval s/candidate (median) | forward s | assemble / eval |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "routing_share" not in r:
+            continue
+        lines.append(
+            f"| {r['size']} | {r['routing_routes']} | {r['routing_depth_mean']:.1f} ({r['routing_source_depth']}) | "
+            f"{1e3 * r['routing_assemble_s']:.3f} | {1e3 * r['routing_assemble_p95_s']:.3f} | "
+            f"{1e3 * r['routing_route_build_s']:.3f} | {r['routing_candidates']} | {r['routing_eval_s']:.3f} | "
+            f"{r['routing_forward_s']:.3f} | {100 * r['routing_share']:.3f}% |"
+        )
+    return "\n".join(lines)
+
+
+def routing_targets(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        if "routing_share" in r:
+            verdict = "PASS" if r["routing_share"] < TARGET_ROUTING else "FAIL"
+            parts.append(
+                f"{r['size']} routed assemble/eval < {100 * TARGET_ROUTING:.0f}%: {verdict} "
+                f"({100 * r['routing_share']:.3f}%)"
+            )
+    return "routing targets: " + ("; ".join(parts) or "not measured")
 
 
 def targets(rows: list[dict]) -> str:
@@ -412,11 +539,25 @@ def main() -> None:
         help="OMP_NUM_THREADS for every process timed (default: leave torch's default, one per core)",
     )
     ap.add_argument("--json", help="also write results here")
+    ap.add_argument(
+        "--routing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time routed candidates: Router.assemble and their evaluation (default: on)",
+    )
+    ap.add_argument("--routing-only", action="store_true", help="time routed candidates only: no search, no loop")
+    ap.add_argument("--routing-routes", type=int, default=200, help="random routes Router.assemble is timed on")
+    ap.add_argument("--routing-candidates", type=int, default=5, help="routed candidates evaluated per small model")
+    ap.add_argument("--large-routing-candidates", type=int, default=2, help="routed candidates evaluated for 135m")
     ap.add_argument("--search", help=argparse.SUPPRESS)  # internal: run one search in this process
     ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--routing-bench", help=argparse.SUPPRESS)  # internal: time routed candidates in this process
     args = ap.parse_args()
     if args.search:
         print(json.dumps(bench_search(Path(args.search), args.launched)))
+        return
+    if args.routing_bench:
+        print(json.dumps(bench_routing(Path(args.routing_bench), args.routing_routes, args.routing_candidates)))
         return
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in SIZES]
@@ -429,13 +570,19 @@ def main() -> None:
     load = os.getloadavg()[0]  # other work on the machine competes for the cores
     t0 = time.perf_counter()
     rows = [bench_size(s, workdir, args) for s in sizes]
+    threads = rows[0].get("threads", rows[0].get("routing_threads", "?")) if rows else "?"
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {time.strftime('%Y-%m-%d')}; driver {args.driver}, "
-        f"torch threads {rows[0]['threads'] if rows else '?'}, load average {load:.1f} before the run"
+        f"torch threads {threads}, load average {load:.1f} before the run"
     )
-    print(markdown(rows))
-    print(targets(rows))
+    if not args.routing_only:
+        print(markdown(rows))
+        print(targets(rows))
+    if args.routing or args.routing_only:
+        print("routed candidates:")
+        print(routing_markdown(rows))
+        print(routing_targets(rows))
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
