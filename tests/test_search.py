@@ -288,6 +288,8 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             time.sleep(0.3)
+            # a search that died before the kill fails the test with its error
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             if (run_dir / "study.db").exists() and (run_dir / "run.yaml").exists():
                 try:
                     done = trials(run_dir, "search")
@@ -295,7 +297,8 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
                     continue
                 if len(done) >= 3:
                     break
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        else:
+            pytest.fail(f"the search did not finish 3 trials in 240 s: {trials(run_dir)!r}"[:2000])
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
