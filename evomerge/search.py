@@ -519,6 +519,7 @@ def _fmt(attrs: dict) -> str:
 def open_study(run_dir: str | Path):
     """The study of an existing run folder, read-only use (status, export)."""
     import optuna
+    import sqlalchemy.exc
 
     run_dir = Path(run_dir)
     run_file = run_dir / RUN_FILE
@@ -527,8 +528,11 @@ def open_study(run_dir: str | Path):
     record = yaml.safe_load(run_file.read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=record["storage"])
-    except KeyError:
+        # Readers never create tables: a reader that did, while a new search
+        # was creating them, could make that search fail.
+        storage = optuna.storages.RDBStorage(record["storage"], skip_table_creation=True)
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    except (KeyError, sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
         raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first") from None
     return study, record
 
