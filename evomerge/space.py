@@ -332,10 +332,8 @@ class SearchSpace:
                 )
         if len(set(routed)) != len(routed) or not routed:
             raise EvomergeError(f"{self.where}: routing sources must be distinct and not empty; fix the list")
-        depths = {**depths, MERGED: depths.get(MERGED, self.num_layers)}
-        missing = [n for n in routed if n not in depths]
-        if missing:
-            raise ValueError(f"no depth given for routing source {missing[0]}")
+        # Depths default to ``num_layers`` (sources of one depth).
+        depths = {**{n: self.num_layers for n in known}, **depths}
         self.routed = routed
         self.depths = {n: depths[n] for n in routed}
         self._labels = _short_names(routed)
