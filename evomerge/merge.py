@@ -358,17 +358,28 @@ def merge_to_disk(
 
         merger = RouteMerger(recipe, root=root, device=device, allow_outside=allow_outside)
         return merger.export(recipe, out_dir, overwrite=overwrite, progress=progress)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise EvomergeError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
+    out_dir = check_output_folder(out_dir, overwrite)
     dev = _device(device)
     sources = open_sources(recipe, root, allow_outside)
     plan = plan_merge(recipe, sources)
+    return write_folder(out_dir, lambda tmp: _write_model(plan, sources, tmp, dev, shard_bytes, progress))
 
+
+def check_output_folder(out_dir: Path | str, overwrite: bool) -> Path:
+    """Refuse a non-empty output folder unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise EvomergeError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
+    return out_dir
+
+
+def write_folder(out_dir: Path, write) -> Path:
+    """Run ``write(tmp)`` into a hidden sibling folder and rename it to
+    ``out_dir`` at the end: a failed write leaves nothing behind."""
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir(parents=True, exist_ok=False)
-        _write_model(plan, sources, tmp, dev, shard_bytes, progress)
+        write(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)

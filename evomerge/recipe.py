@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from evomerge.errors import EvomergeError
 
 Scalar = bool | int | float | str
+# A route's name for the recipe's own merge, as a routing source (a hybrid).
+MERGED = "merge"
 
 
 class _Frozen(BaseModel):
@@ -162,8 +164,6 @@ class Recipe(_Frozen):
         return self
 
     def _check_route(self) -> None:
-        from evomerge.routing import MERGED
-
         route = self.route
         if not route.layers:
             raise EvomergeError("the route is empty; a route needs at least one layer under 'route.layers'")
@@ -189,7 +189,6 @@ class Recipe(_Frozen):
     def with_refs(self, fn) -> Recipe:
         """The recipe with every model reference ``r`` replaced by ``fn(r)``
         (the routing source ``merge`` kept)."""
-        from evomerge.routing import MERGED
 
         def f(ref):
             return ref if ref is None or ref == MERGED else fn(ref)

@@ -38,12 +38,11 @@ import torch
 from torch import nn
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe import MERGED
 
 if TYPE_CHECKING:
     from evomerge.recipe import Route
 
-# The recipe's own parameter-space merge, as a routing source in a hybrid.
-MERGED = "merge"
 # Architectures whose decoder layers are pre-norm with RMSNorm and whose
 # residual branches end in these projections: exact folding holds for them.
 FOLDABLE = {"llama": ("o_proj", "down_proj"), "mistral": ("o_proj", "down_proj"), "qwen2": ("o_proj", "down_proj")}
@@ -386,16 +385,13 @@ class RouteMerger:
         model that differs by more than ``FOLD_TOLERANCE`` is not written.
         """
         import json
-        import os
         import shutil
         from pathlib import Path
 
-        from evomerge.merge import build_model
+        from evomerge.merge import build_model, check_output_folder, write_folder
         from evomerge.models import TOKENIZER_FILES
 
-        out_dir = Path(out_dir)
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-            raise EvomergeError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
+        out_dir = check_output_folder(out_dir, overwrite)
         host = self.apply(recipe)
         config, tensors = self.router.folded_state(recipe.route)
         dtype = next(host.parameters()).dtype
@@ -411,30 +407,19 @@ class RouteMerger:
                 f"more than {FOLD_TOLERANCE:g}); the norms' epsilon matters at these scales. Keep the route "
                 "in evomerge's format, or search scales in narrower bounds"
             )
-        tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-        try:
-            tmp.mkdir(parents=True, exist_ok=False)
+        folder = self.tokenizer_folder(recipe)
+        meta = dict(recipe.metadata, fold_max_logit_difference=diff)
+
+        def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
-            folder = self.tokenizer_folder(recipe)
             for fname in TOKENIZER_FILES if folder else ():
                 if (Path(folder) / fname).is_file():
                     shutil.copyfile(Path(folder) / fname, tmp / fname)
-            meta = dict(recipe.metadata, fold_max_logit_difference=diff)
             (tmp / "recipe.yaml").write_text(recipe.model_copy(update={"metadata": meta}).to_yaml())
             (tmp / "README.md").write_text(route_card(recipe, config))
             json.loads((tmp / "config.json").read_text())  # written and readable
-            if out_dir.exists():
-                shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-            tmp.rename(out_dir)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise EvomergeError(
-                f"could not write {out_dir}: {e.strerror or e}; free disk space or choose a writable output folder"
-            ) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+
+        return write_folder(out_dir, write)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import yaml
 
 from evomerge.config import SearchConfig, load_config, load_fixed_merge, resolve_path
 from evomerge.errors import EvomergeError
-from evomerge.recipe import Recipe, Source
+from evomerge.recipe import MERGED, Recipe, Source
 
 STUDY_NAME = "evomerge"
 RUN_FILE = "run.yaml"
@@ -62,7 +62,6 @@ class Run:
     ):
         from evomerge.evaluate import Evaluator
         from evomerge.merge import InPlaceMerger, open_sources, plan_merge
-        from evomerge.routing import MERGED
         from evomerge.space import SearchSpace, load_space_spec
 
         self.config_path = Path(config_path)
@@ -320,7 +319,6 @@ class Run:
         if not self.routing:
             return plain
         from evomerge.recipe import Route, RouteStep
-        from evomerge.routing import MERGED
 
         def identity(model: str) -> Route:
             return Route(layers=[RouteStep(model=model, layer=i) for i in range(self.depths[model])])

@@ -38,10 +38,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, MergeMethod, get_method
-from evomerge.recipe import Conditional, Recipe, Route, RouteStep, Source
+from evomerge.recipe import MERGED, Conditional, Recipe, Route, RouteStep, Source
 
 DIGITS = 6
-MERGED_NAME = "merge"  # evomerge.routing.MERGED, without importing torch here
 PRESETS = Path(__file__).resolve().parent.parent / "search_spaces"
 METHOD_GENE = "method"
 
@@ -319,8 +318,6 @@ class SearchSpace:
         return bool(self.methods) or self.fixed_merge is not None
 
     def _setup_routing(self, spec: RoutingSpec, depths: dict[str, int]) -> None:
-        from evomerge.routing import MERGED
-
         known = ([MERGED] if self.hybrid else []) + self.models
         routed = list(spec.sources or known)
         for name in routed:
@@ -685,7 +682,7 @@ class SearchSpace:
             return Recipe(**{**merge.model_dump(exclude={"route", "metadata"}), **common})
         if self.fixed_merge is not None:
             inputs = {s.model for s in self.fixed_merge.sources}
-            extra = [Source(model=m) for m in self.routed if m != MERGED_NAME and m not in inputs]
+            extra = [Source(model=m) for m in self.routed if m != MERGED and m not in inputs]
             route = route.model_copy(update={"models": extra or None})
             return Recipe(**{**self.fixed_merge.model_dump(exclude={"route", "metadata"}), "route": route})
         return Recipe(sources=[Source(model=m) for m in self.routed], **common)
