@@ -52,6 +52,48 @@ class Budget(_Strict):
         return v
 
 
+class ExecutorSettings(_Strict):
+    """Where candidates are scored: ``local`` (in process) or ``ray``.
+
+    Ray: ``address`` is ``auto`` (the cluster this node belongs to),
+    ``host:port``, or None to start a Ray instance on this machine. Each
+    worker is a resident actor with ``num_cpus``, ``num_gpus`` (default: 1
+    when the cluster has GPUs; more than 1 reserves them together on one node
+    through a placement group) and ``memory`` (bytes). ``workers`` defaults
+    to as many as the cluster's GPUs (or CPUs) allow. A candidate whose worker
+    dies is retried ``retries`` times on another worker, then recorded as
+    failed; a dead worker is restarted up to ``max_restarts`` times (-1: no
+    limit).
+    """
+
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    memory: int | None = None
+    retries: int = 2
+    max_restarts: int = -1
+    start_timeout: float = 900.0  # seconds for every worker to load its sources
+    dashboard: bool = False
+    metrics: bool = False
+    log_to_driver: bool = False
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("give at least 1 worker")
+        return v
+
+    @field_validator("num_cpus", "retries", "start_timeout")
+    @classmethod
+    def _non_negative(cls, v):
+        if v < 0:
+            raise ValueError("must be 0 or more")
+        return v
+
+
 class SearchConfig(_Strict):
     """An experiment: sources, space, objectives, budget, driver, storage."""
 
@@ -63,6 +105,7 @@ class SearchConfig(_Strict):
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     driver: DriverSettings = Field(default_factory=DriverSettings)
     storage: str | None = None  # an Optuna RDB URL; default: SQLite in the run folder
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
@@ -80,7 +123,7 @@ class SearchConfig(_Strict):
         return v
 
     def fingerprint(self) -> str:
-        data = self.model_dump(mode="json", exclude={"budget", "storage", "device"})
+        data = self.model_dump(mode="json", exclude={"budget", "storage", "device", "executor"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

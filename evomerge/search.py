@@ -19,10 +19,13 @@ Conventions (one place):
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import itertools
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,10 @@ from typing import Any
 import yaml
 
 from evomerge.config import SearchConfig, load_config, load_fixed_merge, resolve_path
+from evomerge.drivers import Candidate
 from evomerge.errors import EvomergeError
+from evomerge.executors import Executor, make_executor
+from evomerge.executors.worker import Worker, WorkerSpec, build_evaluators, source_digests
 from evomerge.recipe import MERGED, Recipe, Source
 
 STUDY_NAME = "evomerge"
@@ -60,8 +66,7 @@ class Run:
         allow_test_sets: bool = False,
         progress: bool = True,
     ):
-        from evomerge.evaluate import Evaluator
-        from evomerge.merge import InPlaceMerger, open_sources, plan_merge
+        from evomerge.merge import _referenced, open_sources, plan_merge
         from evomerge.space import SearchSpace, load_space_spec
 
         self.config_path = Path(config_path)
@@ -106,30 +111,6 @@ class Run:
         self.depths = {**depths, MERGED: depths.get(MERGED, first.num_layers)}
         self.objectives = list(cfg.eval.objectives)
         tokenizer = resolve_path(root, cfg.tokenizer or refs[0], "tokenizer", allow_outside_paths)
-        import torch
-
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # Build evaluators (tasks, metrics, test-set checks) before touching the run folder.
-        self.dev = Evaluator(
-            cfg.eval,
-            tokenizer,
-            root=root,
-            device=device,
-            allow_test_sets=allow_test_sets,
-            allow_outside_paths=allow_outside_paths,
-        )
-        self.heldout = (
-            Evaluator(
-                cfg.heldout,
-                tokenizer,
-                root=root,
-                device=device,
-                allow_test_sets=allow_test_sets,
-                allow_outside_paths=allow_outside_paths,
-            )
-            if cfg.heldout
-            else None
-        )
         # The live model: a template over every source loads every tensor any
         # candidate or baseline can need.
         template = Recipe(
@@ -137,23 +118,33 @@ class Run:
             sources=[Source(model=r, parameters={"weight": 1.0}) for r in refs],
             dtype=self.space.dtype,
         )
-        if self.routing:
-            from evomerge.routing import RouteMerger
-
-            if self.fixed_merge is not None:
-                template = self.fixed_merge
-            elif len(set(depths.values())) > 1 and not self.space.methods:
-                template = None  # sources of different depths: routed, never merged
-            self.merger = RouteMerger(
-                template,
-                routed=refs,
-                root=root,
-                device=device,
-                allow_outside=allow_outside_paths,
-                max_depth=self.space.max_depth,
-            )
+        if self.routing and self.fixed_merge is not None:
+            template = self.fixed_merge
+        elif self.routing and len(set(depths.values())) > 1 and not self.space.methods:
+            template = None  # sources of different depths: routed, never merged
+        self.spec = WorkerSpec(
+            config=cfg.model_dump(mode="json"),
+            root=str(root),
+            tokenizer=str(tokenizer),
+            template=template.model_dump(mode="json", exclude_none=True) if template is not None else None,
+            routed=refs if self.routing else None,
+            max_depth=self.space.max_depth if self.routing else None,
+            device=cfg.device,
+            allow_outside=allow_outside_paths,
+            allow_test_sets=allow_test_sets,
+        )
+        # Build evaluators (tasks, metrics, test-set checks) before touching the
+        # run folder. The local executor's worker lives here; Ray workers build
+        # their own, and check their sources' sha256 against these.
+        self.worker: Worker | None = None
+        if cfg.executor.name == "local":
+            self.worker = Worker(self.spec)
         else:
-            self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=allow_outside_paths)
+            build_evaluators(self.spec, "cpu")
+            used = [*refs, *(_referenced(self.fixed_merge) if self.fixed_merge is not None else [])]
+            digests = source_digests(used, root, allow_outside_paths)
+            self.spec = dataclasses.replace(self.spec, sha256=digests)
+        self.executor: Executor | None = None
         # Only now, with everything validated, touch the run folder.
         self.run_dir = Path(run_dir)
         self._open_run_dir(force)
@@ -251,36 +242,42 @@ class Run:
             return [score.fitness(self.objectives)]
         return [score.values[o.name] for o in self.objectives]
 
-    def evaluate(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome:
-        """Merge ``recipe`` in place and score it (or serve it from the cache)."""
+    def _cached(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome | None:
+        """A finished score of the same recipe, as a new trial's outcome (or None)."""
         fp = recipe.fingerprint()
         hit = self.cache.get(fp)
-        attrs: dict[str, Any] = {"kind": kind, "fingerprint": fp}
-        if name:
-            attrs["name"] = name
-        if hit is not None:
-            keep = ("status", "reason", "values", "metrics", "fitness", "recipe", "heldout", "heldout_fitness")
-            attrs.update({k: hit.attrs[k] for k in keep if k in hit.attrs})
-            attrs.update(cached=True, seconds=0.0, eval_seconds=0.0)
-            return Outcome(list(hit.values), attrs)
-        attrs["recipe"] = recipe.model_dump(mode="json", exclude_none=True)
-        t0 = time.perf_counter()
-        try:
-            model = self.merger.apply(recipe)
-            score = self.dev.score(model)
-        except Exception as e:  # a failed candidate is data, not a crash
-            from evomerge.evaluate import Score
+        if hit is None:
+            return None
+        attrs: dict[str, Any] = {"kind": kind, "fingerprint": fp, **({"name": name} if name else {})}
+        keep = ("status", "reason", "values", "metrics", "fitness", "recipe", "heldout", "heldout_fitness")
+        attrs.update({k: hit.attrs[k] for k in keep if k in hit.attrs})
+        attrs.update(cached=True, seconds=0.0, eval_seconds=0.0)
+        return Outcome(list(hit.values), attrs)
 
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-            score = Score(values={}, metrics={}, status="failed", reason=reason)
-        seconds = time.perf_counter() - t0
+    def _outcome(self, recipe: Recipe, kind: str, name: str | None, result: dict[str, Any]) -> Outcome:
+        """Turn a worker's result into what the optimizer is told and the trial stores."""
+        from evomerge.evaluate import Score
+
+        fp = recipe.fingerprint()
+        attrs: dict[str, Any] = {"kind": kind, "fingerprint": fp, **({"name": name} if name else {})}
+        attrs["recipe"] = recipe.model_dump(mode="json", exclude_none=True)
+        score = Score(
+            values=result["values"],
+            metrics=result["metrics"],
+            status=result["status"],
+            reason=result["reason"],
+            seconds=result["seconds"],
+            eval_seconds=result["eval_seconds"],
+        )
         attrs.update(
             status=score.status,
             values=score.values,
             metrics=score.metrics,
-            seconds=seconds,
+            seconds=score.seconds,
             eval_seconds=score.eval_seconds,
         )
+        if result.get("attempts", 1) > 1:
+            attrs["attempts"] = result["attempts"]
         if score.status == "ok":
             values = self._values(score)
             attrs["fitness"] = score.fitness(self.objectives)
@@ -290,25 +287,32 @@ class Run:
             attrs.update(status="failed", reason=score.reason or "unknown")
             values = self._penalty()
             attrs.pop("fitness", None)
+        if "heldout" in result:
+            attrs.update(self._heldout_attrs(result["heldout"]))
         outcome = Outcome(values, attrs)
         if score.status == "ok" or (score.reason or "").startswith("non-finite"):
             self.cache[fp] = outcome
         return outcome
 
-    def score_heldout(self, recipe: Recipe) -> dict[str, Any]:
-        if self.heldout is None:
-            return {}
-        try:
-            score = self.heldout.score(self.merger.apply(recipe))
-        except Exception as e:
-            return {"heldout_status": f"failed: {type(e).__name__}: {e}"[:300]}
-        if score.status != "ok":
-            return {"heldout_status": f"failed: {score.reason}"}
+    def _heldout_attrs(self, result: dict[str, Any]) -> dict[str, Any]:
+        from evomerge.evaluate import Score
+
+        if result["status"] != "ok":
+            return {"heldout_status": f"failed: {result['reason']}"[:300]}
+        score = Score(values=result["values"], metrics=result["metrics"])
         return {
             "heldout": score.values,
             "heldout_fitness": score.fitness(list(self.cfg.heldout.objectives)),
             "heldout_metrics": score.metrics,
         }
+
+    def score_now(self, recipe: Recipe, which: str = "dev") -> dict[str, Any]:
+        """Score one recipe on the executor and wait for it (baselines, held-out)."""
+        self.executor.submit("now", recipe, which)
+        while True:
+            for key, result in self.executor.wait():
+                if key == "now":
+                    return result
 
     # -- baselines -----------------------------------------------------------
 
@@ -323,13 +327,13 @@ class Run:
         def identity(model: str) -> Route:
             return Route(layers=[RouteStep(model=model, layer=i) for i in range(self.depths[model])])
 
-        merger = self.merger.merger
+        can_merge = self.spec.template is not None and "method" in self.spec.template
         out = []
         for name, recipe in plain:
             if recipe.method == "passthrough":
                 ref = recipe.sources[0].model
                 out.append((name, Recipe(sources=recipe.sources, route=identity(ref), **self._common())))
-            elif merger is not None and self.fixed_merge is None:
+            elif can_merge and self.fixed_merge is None:
                 out.append((name, recipe.model_copy(update={"route": identity(MERGED)})))
         if self.fixed_merge is not None:
             out.append(("the fixed merge", self.fixed_merge.model_copy(update={"route": identity(MERGED)})))
@@ -365,18 +369,20 @@ class Run:
         return {"dtype": self.space.dtype, "seed": self.cfg.seed}
 
     def run_baselines(self, bar=None) -> list[tuple[str, Outcome, dict | None]]:
+        """Score the baselines not yet in the study, on every free worker at
+        once, recording each as it finishes."""
         import optuna
 
+        self.open_executor(log=bar.write if bar is not None else print)
         done = {t.user_attrs.get("name") for t in self._trials() if t.user_attrs.get("kind") == "baseline"}
+        todo = [(name, recipe) for name, recipe in self.baseline_recipes() if name not in done]
+        which = "both" if self.cfg.heldout is not None else "dev"
+        dists = self.space.distributions()
         results = []
-        for name, recipe in self.baseline_recipes():
-            if name in done:
-                continue
-            outcome = self.evaluate(recipe, "baseline", name)
-            if outcome.attrs["status"] == "ok" and "heldout" not in outcome.attrs:
-                outcome.attrs.update(self.score_heldout(recipe))
+
+        def record(i: int, outcome: Outcome) -> None:
+            name, recipe = todo[i]
             params = self.space.encode(recipe)
-            dists = self.space.distributions()
             self.study.add_trial(
                 optuna.trial.create_trial(
                     params=params or {},
@@ -388,6 +394,22 @@ class Run:
             if bar is not None:
                 bar.write(f"baseline {name}: {_fmt(outcome.attrs)}")
             results.append((name, outcome, params))
+
+        queue = list(range(len(todo)))
+        inflight = 0
+        while queue or inflight:
+            while queue and self.executor.free() > 0:
+                i = queue.pop(0)
+                hit = self._cached(todo[i][1], "baseline", todo[i][0])
+                if hit is not None:
+                    record(i, hit)
+                else:
+                    self.executor.submit(i, todo[i][1], which)
+                    inflight += 1
+            if inflight:
+                for i, result in self.executor.wait():
+                    inflight -= 1
+                    record(i, self._outcome(todo[i][1], "baseline", todo[i][0], result))
         return results
 
     # -- the loop ------------------------------------------------------------
@@ -396,6 +418,47 @@ class Run:
         """Run (or continue) the search until the budget is spent."""
         from tqdm.auto import tqdm
 
+        done = sum(1 for t in self._trials() if t.user_attrs.get("kind") == "search")
+        bar = tqdm(
+            total=self.cfg.budget.trials,
+            initial=done,
+            desc="search",
+            unit="trial",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        self.open_executor(log=bar.write)
+        self._inflight: dict[int, Candidate] = {}
+        try:
+            if self.executor.workers > 1:
+                bar.write(f"{self.executor.name} executor: {self.executor.workers} workers")
+            if self.cfg.baselines:
+                self.run_baselines(bar)
+            self._loop(bar, done)
+            bar.close()
+            return self.finish()
+        except KeyboardInterrupt:
+            bar.close()
+            self._interrupted()
+            raise
+        finally:
+            self.executor.close()
+            self.executor = None
+
+    def open_executor(self, log=print) -> Executor:
+        """The run's executor (local, or Ray workers started now)."""
+        if self.executor is None:
+            self.executor = make_executor(self.cfg.executor, self.spec, self.worker, log=log)
+        return self.executor
+
+    def _loop(self, bar, done: int) -> None:
+        """Keep every worker busy until the budget is spent.
+
+        Asynchronous drivers (Optuna) are asked for a new candidate as soon as
+        a worker frees up. Generation drivers (pycma) hand out a whole
+        population, which the workers share; the next generation is asked
+        once the last candidate of this one is scored.
+        """
         from evomerge.drivers import make_driver
 
         budget = self.cfg.budget
@@ -405,69 +468,112 @@ class Run:
         def elapsed() -> float:
             return elapsed0 + time.monotonic() - t_start
 
-        # Counted once, then kept: re-reading the study per candidate costs
-        # more than a tiny model's whole evaluation.
-        done = sum(1 for t in self._trials() if t.user_attrs.get("kind") == "search")
-
-        bar = tqdm(
-            total=budget.trials,
-            initial=done,
-            desc="search",
-            unit="trial",
-            disable=not self.progress,
-            dynamic_ncols=True,
+        driver = make_driver(
+            self.cfg.driver, self.space, self.study, self.run_dir, self.cfg.seed, self.executor.workers
         )
-        if self.cfg.baselines:
-            self.run_baselines(bar)
-        driver = make_driver(self.cfg.driver, self.space, self.study, self.run_dir, self.cfg.seed)
         starts = []
         for t in sorted(self._trials(), key=lambda t: -t.user_attrs.get("fitness", -math.inf)):
             if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("status") == "ok" and t.params:
                 starts.append(dict(t.params))
         driver.start_from(starts)
 
-        def spent() -> bool:
-            if budget.trials is not None and done >= budget.trials:
+        def spent(started: int) -> bool:
+            if budget.trials is not None and started >= budget.trials:
                 return True
             return budget.minutes is not None and elapsed() >= budget.minutes * 60
 
         best = self.best_fitness()
-        while not spent() and not driver.should_stop():
-            candidates = driver.ask()
-            if not candidates:
-                break
-            told, values, attrs = [], [], []
-            for c in candidates:
-                if spent():
-                    break
+        inflight = self._inflight
+        generation: list[Candidate] | None = None  # the population being scored (pycma)
+        scored: dict[int, Outcome] = {}  # its finished members, by index
+        queue: deque[int] = deque()  # its members not yet handed out
+        exhausted = False
+        keys = itertools.count()
+
+        def finished(c: Candidate, outcome: Outcome, fresh: bool) -> None:
+            nonlocal done, best
+            if fresh:
+                driver.record(c, outcome.values, outcome.attrs)
+                done += 1
+                bar.update(1)
+            if generation is not None:
+                scored[c.extra["index"]] = outcome
+            f = outcome.attrs.get("fitness")
+            if f is not None and (best is None or f > best):
+                best = f
+            last = _fmt(outcome.attrs)
+            bar.set_postfix_str(f"best {best:.4f}  last {last}" if best is not None else last)
+            self.study.set_user_attr("elapsed_s", elapsed())
+
+        while True:
+            while not exhausted and self.executor.free() > 0 and not spent(done + len(inflight)):
+                if driver.asynchronous:
+                    if driver.should_stop():
+                        exhausted = True
+                        break
+                    c = driver.ask()[0]
+                else:
+                    if not queue:
+                        if generation is not None:
+                            break  # the rest of this generation is being scored
+                        asked = driver.ask()
+                        if not asked:
+                            exhausted = True
+                            break
+                        for i, member in enumerate(asked):
+                            member.extra["index"] = i
+                        generation, scored, queue = asked, {}, deque(range(len(asked)))
+                    c = generation[queue.popleft()]
                 seen = driver.recorded(c)
-                outcome = Outcome(*seen) if seen else None
-                if outcome is None:
-                    outcome = self.evaluate(c.recipe, "search")
-                    driver.record(c, outcome.values, outcome.attrs)
-                    done += 1
-                    bar.update(1)
-                told.append(c)
-                values.append(outcome.values)
-                attrs.append(outcome.attrs)
-                f = outcome.attrs.get("fitness")
-                if f is not None and (best is None or f > best):
-                    best = f
-                bar.set_postfix_str(
-                    f"best {best:.4f}  last {_fmt(outcome.attrs)}" if best is not None else _fmt(outcome.attrs)
-                )
-                self.study.set_user_attr("elapsed_s", elapsed())
-            if len(told) == len(candidates):
-                driver.tell(told, values)
-        bar.close()
+                if seen is not None:
+                    finished(c, Outcome(*seen), fresh=False)
+                    continue
+                hit = self._cached(c.recipe, "search")
+                if hit is not None:
+                    finished(c, hit, fresh=True)
+                    continue
+                key = next(keys)
+                inflight[key] = c
+                self.executor.submit(key, c.recipe, "dev")
+            if generation is not None and len(scored) == len(generation):
+                driver.tell(generation, [scored[i].values for i in range(len(generation))])
+                generation = None
+                continue
+            if not inflight:
+                break
+            for key, result in self.executor.wait():
+                c = inflight.pop(key)
+                finished(c, self._outcome(c.recipe, "search", None, result), fresh=True)
         self.study.set_user_attr("elapsed_s", elapsed())
-        if budget.trials is not None and done < budget.trials and not spent():
+        if exhausted and budget.trials is not None and done < budget.trials and not spent(done):
             print(
                 f"the {self.cfg.driver.name} driver converged after {done} of {budget.trials} trials; "
                 "raise driver.restarts (cma) to keep searching",
                 file=sys.stderr,
             )
-        return self.finish()
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: mark the candidates being scored, so a resumed run is clean."""
+        import optuna
+
+        marked = 0
+        for c in self._inflight.values():
+            if c.trial is not None:  # an Optuna trial: fail it, with the reason
+                try:
+                    c.trial.set_user_attr("status", "interrupted")
+                    self.study.tell(c.trial, state=optuna.trial.TrialState.FAIL)
+                    marked += 1
+                except Exception:  # noqa: BLE001 - a second Ctrl-C mid-write; resume fails it as stale
+                    pass
+        # pycma candidates are not in the study until scored: a resumed run
+        # asks the same generation again and scores only those.
+        if self._inflight:
+            print(
+                f"evomerge: stopped with {len(self._inflight)} candidates being scored"
+                f"{f' ({marked} marked as interrupted)' if marked else ''}; run the same command to resume",
+                file=sys.stderr,
+            )
+        self._inflight = {}
 
     def best_fitness(self) -> float | None:
         scored = [t.user_attrs["fitness"] for t in self._trials() if "fitness" in t.user_attrs]
@@ -479,14 +585,17 @@ class Run:
     def finish(self) -> dict[str, Any]:
         """Score the best recipe on the held-out set (once) and return a summary."""
         best = self.best_trial()
-        if best is not None and self.heldout is not None and "heldout" not in trial_attrs(self.study, best):
+        if best is not None and self.cfg.heldout is not None and "heldout" not in trial_attrs(self.study, best):
             # A finished Optuna trial cannot be updated: its held-out score
             # goes into the study's attributes (read through trial_attrs).
             recipe = Recipe.model_validate(best.user_attrs["recipe"])
-            self.study.set_user_attr(f"heldout_{best.number}", self.score_heldout(recipe))
+            self.study.set_user_attr(f"heldout_{best.number}", self._heldout_attrs(self.score_now(recipe, "heldout")))
         return {"best": best_trial(self.study), "study": self.study}
 
     def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
         self._lock.close()
 
 

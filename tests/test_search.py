@@ -131,7 +131,7 @@ def test_scores_are_real_and_the_best_gets_a_heldout_score(experiment, tmp_path)
         from evomerge.recipe import Recipe
 
         t = trials(run_dir, "search")[-1]
-        again = run.dev.score(run.merger.apply(Recipe.model_validate(t.user_attrs["recipe"])))
+        again = run.worker.dev.score(run.worker.merger.apply(Recipe.model_validate(t.user_attrs["recipe"])))
         assert again.fitness(run.objectives) == t.user_attrs["fitness"]
         # baselines were scored on the held-out set; search trials were not (except the best)
         assert all("heldout" in b.user_attrs for b in trials(run_dir, "baseline"))
@@ -144,7 +144,7 @@ def test_scores_are_real_and_the_best_gets_a_heldout_score(experiment, tmp_path)
 @pytest.mark.slow
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(experiment, tmp_path, monkeypatch):
     run = Run(write_config(experiment), tmp_path / "run", progress=False)
-    real = run.merger.apply
+    real = run.worker.merger.apply
     calls = []
 
     def flaky(recipe):
@@ -158,7 +158,7 @@ def test_a_failing_candidate_is_recorded_and_the_search_goes_on(experiment, tmp_
 
     try:
         run.run_baselines()
-        monkeypatch.setattr(run.merger, "apply", flaky)  # the first three search candidates fail
+        monkeypatch.setattr(run.worker.merger, "apply", flaky)  # the first three search candidates fail
         run.search()
     finally:
         run.close()
@@ -180,8 +180,8 @@ def test_duplicate_candidates_are_served_from_the_cache(experiment, tmp_path, mo
     config = write_config(experiment, space=space, budget={"trials": 8}, driver={"name": "random"})
     run = Run(config, tmp_path / "run", progress=False)
     scored = []
-    real = run.dev.score
-    monkeypatch.setattr(run.dev, "score", lambda model: scored.append(1) or real(model))
+    real = run.worker.dev.score
+    monkeypatch.setattr(run.worker.dev, "score", lambda model: scored.append(1) or real(model))
     try:
         run.search()
     finally:

@@ -41,6 +41,10 @@ class Driver:
 
     name = "driver"
     multi_objective = False
+    # True: ``ask`` may be called while earlier candidates are still being
+    # scored (one candidate per call). False: ``ask`` returns a generation,
+    # and the next ``ask`` comes after ``tell`` of that whole generation.
+    asynchronous = False
 
     def ask(self) -> list[Candidate]:
         """The next candidates; an empty list when there is nothing to ask."""
@@ -64,15 +68,15 @@ class Driver:
         """Hint: named points (the baselines the space can express), best first."""
 
 
-def make_driver(settings, space, study, run_dir: Path, seed: int) -> Driver:
-    """Build the driver a config names."""
+def make_driver(settings, space, study, run_dir: Path, seed: int, workers: int = 1) -> Driver:
+    """Build the driver a config names, for ``workers`` parallel evaluations."""
     name = settings.name
     if name == "cma":
         from evomerge.drivers.cma_driver import CmaDriver
 
-        return CmaDriver(space, study, run_dir / "cma_state.pkl", settings, seed)
+        return CmaDriver(space, study, run_dir / "cma_state.pkl", settings, seed, workers)
     if name in OPTUNA_SAMPLERS:
         from evomerge.drivers.optuna_driver import OptunaDriver
 
-        return OptunaDriver(space, study, settings, seed)
+        return OptunaDriver(space, study, settings, seed, workers)
     raise EvomergeError(f"unknown driver {name!r}; use one of {', '.join(DRIVERS)}")

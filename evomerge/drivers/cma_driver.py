@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
@@ -19,11 +20,15 @@ class CmaDriver(Driver):
     generation (pycma has no other serialisation; the file is the run's own),
     and a resumed strategy asks exactly the generation the killed one asked,
     so its finished candidates come back from the cache.
+
+    With several workers the population is shared among them; its default
+    size (pycma's 4 + 3 ln n) is rounded up to a multiple of the worker
+    count, so no worker idles in a generation of equally slow candidates.
     """
 
     name = "cma"
 
-    def __init__(self, space, study, state_path: Path, settings, seed: int):
+    def __init__(self, space, study, state_path: Path, settings, seed: int, workers: int = 1):
         self.space = space
         self.study = study
         self.state_path = Path(state_path)
@@ -37,6 +42,9 @@ class CmaDriver(Driver):
             self.es = None
             self.restarts = 0
             self.popsize = settings.popsize
+            if self.popsize is None and workers > 1:
+                default = 4 + int(3 * math.log(max(space.dim, 1)))
+                self.popsize = -(-default // workers) * workers
         self._x0 = space.x0()
         # Trials this driver recorded before a crash, by (generation, index).
         self._seen = {

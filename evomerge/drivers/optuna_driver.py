@@ -5,13 +5,17 @@ from __future__ import annotations
 from evomerge.drivers import Candidate, Driver
 
 
-def make_sampler(settings, seed: int):
-    """The Optuna sampler a driver name stands for, seeded."""
+def make_sampler(settings, seed: int, workers: int = 1):
+    """The Optuna sampler a driver name stands for, seeded. With several
+    workers, TPE treats running trials as bad ones (constant liar), so
+    parallel asks spread out instead of piling onto one point."""
     import optuna
 
     name = settings.name
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=settings.startup_trials)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=settings.startup_trials, constant_liar=workers > 1
+        )
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
     if name == "cmaes":
@@ -29,17 +33,20 @@ class OptunaDriver(Driver):
 
     The sampler learns from every complete trial in the study, baselines
     included; on resume it is reseeded with the trial count, so a resumed run
-    does not replay the proposals it already made.
+    does not replay the proposals it already made. Asynchronous: a trial is
+    asked whenever a worker frees up, while others are still running.
     """
 
-    def __init__(self, space, study, settings, seed: int):
+    asynchronous = True
+
+    def __init__(self, space, study, settings, seed: int, workers: int = 1):
         self.space = space
         self.study = study
         self.name = settings.name
         self.multi_objective = settings.name == "nsga2"
         self.settings = settings
         self.seed = seed + len(study.trials)
-        study.sampler = make_sampler(settings, self.seed)
+        study.sampler = make_sampler(settings, self.seed, workers)
 
     def ask(self) -> list[Candidate]:
         trial = self.study.ask()

@@ -1,0 +1,87 @@
+"""Executors: where candidates are merged and scored.
+
+The search loop hands an executor recipes (``submit``) and collects scores
+(``wait``); it never sees weights. Contract:
+
+- ``free()``: how many more candidates can start now without waiting. The
+  search asks its driver for that many and submits them, so no worker sits
+  idle while the driver could give it work.
+- ``submit(key, recipe, which)``: start scoring ``recipe`` (``which`` is
+  ``dev``, ``heldout`` or ``both``, as in :meth:`Worker.score`).
+- ``wait()``: block until at least one submitted candidate finishes; return
+  ``[(key, result)]``. A result is the worker's dict; a candidate that cannot
+  be scored at all (its worker kept dying) comes back as a failed result with
+  the reason, never as an exception.
+- ``close()``: stop the workers (and whatever the executor started).
+
+``local`` (default) scores in the search's own process; ``ray`` scores on
+resident Ray actors (see :mod:`evomerge.executors.ray_executor`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from evomerge.executors.worker import Worker, WorkerSpec
+from evomerge.recipe import Recipe
+
+
+class Executor:
+    """Base class; see the module docstring for the contract."""
+
+    name = "executor"
+    workers = 1
+
+    def free(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, key: Any, recipe: Recipe, which: str = "dev") -> None:
+        raise NotImplementedError
+
+    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        """Candidates submitted and not yet returned by ``wait``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the workers; safe to call twice."""
+
+
+class LocalExecutor(Executor):
+    """One worker in this process: ``wait`` scores the next submitted candidate."""
+
+    name = "local"
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._queue: deque = deque()
+
+    def free(self) -> int:
+        return 0 if self._queue else 1
+
+    def submit(self, key, recipe, which="dev") -> None:
+        self._queue.append((key, recipe, which))
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def wait(self):
+        key, recipe, which = self._queue[0]
+        result = self.worker.score(recipe, which)
+        self._queue.popleft()  # only once scored: an interrupted candidate stays pending
+        return [(key, result)]
+
+
+def make_executor(settings, spec: WorkerSpec, local_worker: Worker | None = None, log=print) -> Executor:
+    """The executor a config's ``executor`` section names."""
+    if settings.name == "ray":
+        from evomerge.executors.ray_executor import RayExecutor
+
+        return RayExecutor(settings, spec, log=log)
+    return LocalExecutor(local_worker if local_worker is not None else Worker(spec))
+
+
+__all__ = ["Executor", "LocalExecutor", "Worker", "WorkerSpec", "make_executor"]

@@ -1,0 +1,299 @@
+"""Ray executor: resident worker actors, no generation barrier, survives worker loss.
+
+Each worker is a long-lived Ray actor holding a :class:`Worker` (the sources
+with their task vectors, one live model, the prebuilt lm-eval tasks). A
+candidate travels to it as a recipe (a few KB) and comes back as a score
+dict; weights never cross the network, and only the driver writes to the
+storage.
+
+Fault tolerance: actors are created with ``max_restarts`` so Ray restarts a
+worker whose process dies (killed, out of memory, node lost). The candidate
+it was scoring goes back to the front of the queue and runs on the next free
+worker (another one when there is one), up to ``retries`` times; after that
+it is returned as failed with the reason. A worker whose restart is refused
+(its restarts used up, or no node can take it) leaves the pool; when none is
+left the run stops with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.executors import Executor
+from evomerge.executors.worker import Worker, WorkerSpec, _failed
+
+
+class _Actor:
+    """The body of a worker actor. A worker that cannot be built (sources
+    differ from the driver's, a missing file on this node) reports why from
+    ``ready`` instead of crash-looping."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.worker = None
+        self.error = None
+        try:
+            self.worker = Worker(spec)
+        except EvomergeError as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which stops the run
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def ready(self) -> dict[str, Any]:
+        import socket
+
+        import ray
+
+        return {
+            "error": self.error,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def score(self, recipe: dict, which: str) -> dict[str, Any]:
+        if self.worker is None:
+            return _failed(f"worker could not start: {self.error}", 0.0)
+        return self.worker.score(recipe, which)
+
+
+@dataclass
+class _Job:
+    key: Any
+    recipe: dict
+    which: str
+    attempts: int = 0
+    last_worker: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class RayExecutor(Executor):
+    """Scores candidates on ``settings.workers`` resident Ray actors."""
+
+    name = "ray"
+
+    def __init__(self, settings, spec: WorkerSpec, log=print):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        self.ray = ray
+        self.settings = settings
+        self.log = log
+        self._owns_ray = False
+        self._groups: list = []
+        self._actors: list = []
+        self._connect()
+        try:
+            self._start_workers(spec)
+        except BaseException:
+            self.close()
+            raise
+        self._busy: dict[int, Any] = {}  # worker index -> its in-flight ref
+        self._jobs: dict[Any, tuple[_Job, int]] = {}  # ref -> (job, worker index)
+        self._probes: dict[Any, int] = {}  # ref of a ready() call -> worker index
+        self._queue: deque[_Job] = deque()
+        self._dead: set[int] = set()
+        self.restarts = 0  # workers lost and back again
+
+    # -- start and stop ------------------------------------------------------
+
+    def _connect(self) -> None:
+        ray, s = self.ray, self.settings
+        if ray.is_initialized():
+            return  # this process already joined a Ray instance (a notebook, a test): use it, leave it running
+        common = dict(log_to_driver=s.log_to_driver, logging_level=logging.WARNING)
+        try:
+            if s.address is None:
+                ray.init(
+                    include_dashboard=s.dashboard,
+                    _system_config={"enable_metrics_collection": s.metrics},
+                    **common,
+                )
+            else:
+                ray.init(address=s.address, **common)
+        except ConnectionError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EvomergeError(
+                f"cannot reach a Ray cluster at {s.address!r} ({first}); start one with 'ray start --head' "
+                "or fix executor.address"
+            ) from None
+        self._owns_ray = True
+
+    def _start_workers(self, spec: WorkerSpec) -> None:
+        ray, s = self.ray, self.settings
+        resources = ray.cluster_resources()
+        gpus = s.num_gpus if s.num_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+        if s.workers is not None:
+            count = s.workers
+        elif gpus:
+            count = int(resources.get("GPU", 0) // gpus)
+        else:
+            count = int(resources.get("CPU", 1) // s.num_cpus)
+        if count < 1:
+            raise EvomergeError(
+                f"the Ray cluster has {resources.get('GPU', 0):g} GPUs and {resources.get('CPU', 0):g} CPUs, "
+                f"too few for one worker ({gpus:g} GPUs, {s.num_cpus:g} CPUs); lower executor.num_gpus or add nodes"
+            )
+        self.workers = count
+        self._options = {
+            "num_cpus": s.num_cpus,
+            "num_gpus": gpus,
+            "max_restarts": s.max_restarts,
+            "max_task_retries": 0,  # the executor retries, on another worker when it can
+        }
+        if s.memory is not None:
+            self._options["memory"] = s.memory
+        self._spec = spec
+        self._actors = [self._new_actor(i) for i in range(count)]
+        refs = [a.ready.remote() for a in self._actors]
+        try:
+            infos = ray.get(refs, timeout=s.start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise EvomergeError(
+                f"{count} Ray workers ({gpus:g} GPUs, {s.num_cpus:g} CPUs each) did not all start within "
+                f"{s.start_timeout:g} s; the cluster may lack the resources: lower executor.workers or add nodes"
+            ) from None
+        except ray.exceptions.RayActorError as e:
+            raise EvomergeError(f"a Ray worker died while starting ({_reason(e)}); check the worker logs") from None
+        for info in infos:
+            if info["error"]:
+                raise EvomergeError(f"worker on {info['host']}: {info['error']}")
+        self.info = infos
+
+    def _new_actor(self, index: int):
+        ray = self.ray
+        options = dict(self._options)
+        if options["num_gpus"] > 1:
+            # A model larger than one GPU: reserve the worker's GPUs together on one node.
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            bundle = {"GPU": options.pop("num_gpus"), "CPU": options.pop("num_cpus")}
+            group = placement_group([bundle], strategy="STRICT_PACK", name=f"evomerge-worker-{index}")
+            self._groups.append(group)
+            options["num_gpus"], options["num_cpus"] = bundle["GPU"], bundle["CPU"]
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=group)
+        return ray.remote(_Actor).options(name=None, **options).remote(self._spec)
+
+    def close(self) -> None:
+        ray = self.ray
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._actors = []
+        if self._groups:
+            from ray.util.placement_group import remove_placement_group
+
+            for group in self._groups:
+                try:
+                    remove_placement_group(group)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._groups = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def pids(self) -> list[int]:
+        """The workers' current process ids (for tests and diagnostics)."""
+        return [info["pid"] for info in self.ray.get([a.ready.remote() for a in self._actors])]
+
+    # -- scheduling ------------------------------------------------------------
+
+    def _idle(self) -> list[int]:
+        busy = set(self._busy) | set(self._probes.values()) | self._dead
+        return [i for i in range(len(self._actors)) if i not in busy]
+
+    def free(self) -> int:
+        return max(0, len(self._idle()) - len(self._queue))
+
+    def pending(self) -> int:
+        return len(self._queue) + len(self._jobs)
+
+    def submit(self, key, recipe, which="dev") -> None:
+        self._queue.append(_Job(key, recipe.model_dump(mode="json", exclude_none=True), which))
+        self._pump()
+
+    def _pump(self) -> None:
+        idle = self._idle()
+        while self._queue and idle:
+            job = self._queue.popleft()
+            # A retried candidate goes to another worker when one is free.
+            index = next((i for i in idle if i != job.last_worker), idle[0])
+            idle.remove(index)
+            ref = self._actors[index].score.remote(job.recipe, job.which)
+            job.last_worker = index
+            self._busy[index] = ref
+            self._jobs[ref] = (job, index)
+
+    def wait(self):
+        ray = self.ray
+        out = []
+        while not out:
+            self._pump()
+            refs = [*self._jobs, *self._probes]
+            if not refs:
+                if self._queue:
+                    raise EvomergeError("every Ray worker is gone; check the worker logs and the cluster")
+                return out
+            ready, rest = ray.wait(refs, num_returns=1)
+            if rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            for ref in ready:
+                if ref in self._probes:
+                    self._probe_done(ref)
+                    continue
+                job, index = self._jobs.pop(ref)
+                del self._busy[index]
+                try:
+                    out.append((job.key, ray.get(ref)))
+                except ray.exceptions.RayActorError as e:
+                    self._lost(index, job, _reason(e), out)
+                except ray.exceptions.RayError as e:  # the call itself failed (e.g. a result too large)
+                    out.append((job.key, _failed(f"worker error: {_reason(e)}", 0.0)))
+        return out
+
+    def _lost(self, index: int, job: _Job, reason: str, out: list) -> None:
+        job.attempts += 1
+        job.errors.append(reason)
+        limit = self.settings.retries
+        if job.attempts > limit:
+            self.log(f"worker {index} died scoring a candidate ({reason}); {job.attempts} tries, recorded as failed")
+            result = _failed(f"worker died {job.attempts} times scoring this candidate (last: {reason})", 0.0)
+            result["attempts"] = job.attempts
+            out.append((job.key, result))
+        else:
+            self.log(f"worker {index} died ({reason}); retrying its candidate (try {job.attempts + 1} of {limit + 1})")
+            self._queue.appendleft(job)
+        # Ray restarts the actor; ask it to report once it is back.
+        self._probes[self._actors[index].ready.remote()] = index
+
+    def _probe_done(self, ref) -> None:
+        index = self._probes.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as e:
+            self._dead.add(index)
+            self.log(f"worker {index} is gone for good ({_reason(e)}); {len(self._actors) - len(self._dead)} left")
+            return
+        self.restarts += 1
+        if info["error"]:
+            self._dead.add(index)
+            self.log(f"worker {index} restarted on {info['host']} but cannot score: {info['error']}")
+        else:
+            self.log(f"worker {index} restarted on {info['host']} (pid {info['pid']})")
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+__all__ = ["RayExecutor"]

@@ -1,0 +1,174 @@
+"""The worker: sources, one live model and the evaluators, scoring recipes.
+
+A worker is built once from a :class:`WorkerSpec` (plain data, a few KB, the
+same for every worker) and then scores recipes one at a time: merge in place
+(and route), evaluate, return a plain dict. The local executor runs one in
+the search's own process; the Ray executor runs one per actor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe
+
+WHICH = ("dev", "heldout", "both")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself, as plain data.
+
+    ``template`` is the recipe whose sources the live model is built from
+    (None for a routing run over sources of different depths); ``routed``
+    lists the models a route may use (None: not a routing run). ``sha256``
+    maps each model reference to ``{file: digest}`` as the driver read them;
+    a worker whose files differ refuses to score.
+    """
+
+    config: dict[str, Any]
+    root: str
+    tokenizer: str
+    template: dict[str, Any] | None
+    routed: list[str] | None = None
+    max_depth: int | None = None
+    device: str | None = None
+    allow_outside: bool = False
+    allow_test_sets: bool = False
+    sha256: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def source_digests(refs: list[str], root: Path, allow_outside: bool) -> dict[str, dict[str, str]]:
+    """``{ref: {weight file: sha256}}`` for each model reference."""
+    from evomerge.models import resolve_model_path, sha256_file
+
+    out = {}
+    for ref in dict.fromkeys(refs):
+        folder = resolve_model_path(ref, root, allow_outside)
+        out[ref] = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    return out
+
+
+def check_digests(spec: WorkerSpec) -> None:
+    """Refuse (EvomergeError) when this node's sources differ from the driver's."""
+    if not spec.sha256:
+        return
+    mine = source_digests(list(spec.sha256), Path(spec.root), spec.allow_outside)
+    host = socket.gethostname()
+    for ref, files in spec.sha256.items():
+        if set(mine[ref]) != set(files):
+            raise EvomergeError(
+                f"on {host}, model {ref} has weight files {sorted(mine[ref])}, the driver has {sorted(files)}; "
+                "put the same model on every node"
+            )
+        for name, digest in files.items():
+            if mine[ref][name] != digest:
+                raise EvomergeError(
+                    f"on {host}, sha256 of {ref}/{name} is {mine[ref][name][:12]}..., the driver's is {digest[:12]}...; "
+                    "put the same model on every node"
+                )
+
+
+def build_evaluators(spec: WorkerSpec, device: str):
+    """The dev evaluator and the held-out one (or None)."""
+    from evomerge.config import SearchConfig
+    from evomerge.evaluate import Evaluator
+
+    cfg = SearchConfig.model_validate(spec.config)
+    common = dict(
+        root=Path(spec.root),
+        device=device,
+        allow_test_sets=spec.allow_test_sets,
+        allow_outside_paths=spec.allow_outside,
+    )
+    dev = Evaluator(cfg.eval, spec.tokenizer, **common)
+    heldout = Evaluator(cfg.heldout, spec.tokenizer, **common) if cfg.heldout else None
+    return cfg, dev, heldout
+
+
+class Worker:
+    """Holds the sources (task vectors cached), one live model and the
+    prebuilt evaluators; ``score`` never raises for a bad candidate."""
+
+    def __init__(self, spec: WorkerSpec):
+        import torch
+
+        check_digests(spec)
+        self.spec = spec
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg, self.dev, self.heldout = build_evaluators(spec, device)
+        template = Recipe.model_validate(spec.template) if spec.template is not None else None
+        root = Path(spec.root)
+        if spec.routed is not None:
+            from evomerge.routing import RouteMerger
+
+            self.merger = RouteMerger(
+                template,
+                routed=spec.routed,
+                root=root,
+                device=device,
+                allow_outside=spec.allow_outside,
+                max_depth=spec.max_depth,
+            )
+        else:
+            from evomerge.merge import InPlaceMerger
+
+            self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside)
+
+    def info(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def score(self, recipe: Recipe | dict, which: str = "dev") -> dict[str, Any]:
+        """Merge ``recipe`` into the live model and score it.
+
+        ``which``: ``dev`` (the search's objectives), ``heldout``, or ``both``
+        (held-out only when the dev score succeeded). Returns
+        ``{status, reason, values, metrics, seconds, eval_seconds}``, plus
+        ``heldout`` (the same keys) for ``both``.
+        """
+        if which not in WHICH:
+            raise ValueError(which)
+        if isinstance(recipe, dict):
+            recipe = Recipe.model_validate(recipe)
+        t0 = time.perf_counter()
+        try:
+            model = self.merger.apply(recipe)
+        except Exception as e:  # noqa: BLE001 - a failed candidate is data, not a crash
+            failed = _failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+            return {**failed, "heldout": failed} if which == "both" else failed
+        merge_seconds = time.perf_counter() - t0
+        evaluator = self.heldout if which == "heldout" else self.dev
+        if evaluator is None:
+            return _failed("the config has no heldout section", 0.0)
+        out = _as_dict(evaluator.score(model), merge_seconds)
+        if which == "both" and self.heldout is not None and out["status"] == "ok":
+            out["heldout"] = _as_dict(self.heldout.score(model), 0.0)
+        return out
+
+
+def _as_dict(score, merge_seconds: float) -> dict[str, Any]:
+    return {
+        "status": score.status,
+        "reason": score.reason,
+        "values": score.values,
+        "metrics": score.metrics,
+        "seconds": merge_seconds + score.seconds,
+        "eval_seconds": score.eval_seconds,
+    }
+
+
+def _failed(reason: str, seconds: float) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "reason": reason.splitlines()[0][:500] if reason else "unknown",
+        "values": {},
+        "metrics": {},
+        "seconds": seconds,
+        "eval_seconds": 0.0,
+    }
