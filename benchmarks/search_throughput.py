@@ -65,7 +65,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -77,6 +76,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from evomerge.demo import make_finetune, make_tiny_model  # noqa: E402
+from evomerge.evaluate import write_choice_task  # noqa: E402
 
 SIZES = {
     # name: config overrides for evomerge.demo.tiny_config
@@ -104,27 +104,6 @@ TARGET_ROUTING = 0.01  # every size: Router.assemble time / routed candidate eva
 EXPERTS = ("base", "expert_a", "expert_b")  # the models built per size, all routing sources
 
 
-def task_yaml(name: str, data: Path) -> str:
-    return textwrap.dedent(
-        f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            validation: {data}
-        validation_split: validation
-        doc_to_text: "{{{{q}}}}"
-        output_type: multiple_choice
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
-        """
-    )
-
-
 def build_experiment(workdir: Path, size: str, docs: int, trials: int, driver: str) -> Path:
     """Models (cached), the task (docs documents) and the search config; returns the config folder."""
     root = workdir / f"throughput-{size}"
@@ -135,21 +114,16 @@ def build_experiment(workdir: Path, size: str, docs: int, trials: int, driver: s
         base = make_tiny_model(models / "base", arch="llama", seed=0, **SIZES[size])
         make_finetune(base, models / "expert_a", seed=1)
         make_finetune(base, models / "expert_b", seed=2)
-    tasks = root / "tasks"
-    tasks.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    data = tasks / f"{TASK}.jsonl"
-    with data.open("w") as f:
-        written = 0
-        while written < docs:
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            choices = [f" {a + b}", f" {a + b + 1}", f" {a * b + 3}", f" {abs(a - b) + 2}"]
-            if len(set(choices)) < len(choices):
-                continue  # e.g. 0+3 = 0*3+3: keep the answer unique
-            written += 1
-            rng.shuffle(choices)
-            f.write(json.dumps({"q": f"{a}+{b}=", "choices": choices, "label": choices.index(f" {a + b}")}) + "\n")
-    (tasks / f"{TASK}.yaml").write_text(task_yaml(TASK, data.resolve()))
+    items = []
+    while len(items) < docs:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        choices = [f" {a + b}", f" {a + b + 1}", f" {a * b + 3}", f" {abs(a - b) + 2}"]
+        if len(set(choices)) < len(choices):
+            continue  # e.g. 0+3 = 0*3+3: keep the answer unique
+        rng.shuffle(choices)
+        items.append({"q": f"{a}+{b}=", "choices": choices, "label": choices.index(f" {a + b}")})
+    write_choice_task(root / "tasks", TASK, items)
     config = {
         "base_model": "models/base",
         "models": ["models/expert_a", "models/expert_b"],
@@ -184,7 +158,7 @@ def bench_search(root: Path, launched: float) -> dict:
     forwards: list[float] = []  # seconds in the live model's forward calls, per candidate
     calls = [0]
     started = [0.0]
-    apply = run.merger.apply
+    apply = run.worker.merger.apply
 
     def timed_apply(recipe):
         t0 = time.perf_counter()
@@ -201,8 +175,8 @@ def bench_search(root: Path, launched: float) -> dict:
         forwards[-1] += time.perf_counter() - started[0]
         calls[0] += 1
 
-    run.merger.apply = timed_apply
-    model = run.merger.model
+    run.worker.merger.apply = timed_apply
+    model = run.worker.merger.model
     hooks = [
         model.register_forward_pre_hook(pre, with_kwargs=True),
         model.register_forward_hook(post, with_kwargs=True),
@@ -250,7 +224,7 @@ def bench_search(root: Path, launched: float) -> dict:
         "overhead_share": (cand_s - fwd_s) / cand_s,
         "steady_candidate_s": steady_s,
         "steady_overhead_share": (steady_s - steady_fwd) / steady_s,
-        "fused": run.merger.fuse,
+        "fused": run.worker.merger.fuse,
         "threads": torch.get_num_threads(),
         "best_acc": max(t.user_attrs["fitness"] for t in trials),
     }

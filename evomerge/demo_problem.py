@@ -176,28 +176,12 @@ def _task_file(skill: str, split: str) -> str:
 
 
 def _write_tasks(tasks_dir: Path, items: dict[str, dict[str, list[dict]]]) -> None:
-    import yaml
+    from evomerge.evaluate import write_choice_task
 
-    tasks_dir.mkdir(parents=True, exist_ok=True)
     for skill, splits in items.items():
         for split, docs in splits.items():
-            data = tasks_dir / f"{skill}_{split}.jsonl"
-            data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-            config = {
-                "task": f"demo_{skill}" + ("" if split == "dev" else "_heldout"),
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"validation": str(data)}},
-                "validation_split": "validation",
-                "output_type": "multiple_choice",
-                # Plain field names, not Jinja templates: lm-eval compiles a
-                # template on every call, which would double the cost of a candidate.
-                "doc_to_text": "prompt",
-                "doc_to_choice": "choices",
-                "doc_to_target": "label",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-                "metadata": {"version": VERSION},
-            }
-            (tasks_dir / _task_file(skill, split)).write_text(yaml.safe_dump(config, sort_keys=False))
+            name = _task_file(skill, split).removesuffix(".yaml")
+            write_choice_task(tasks_dir, name, docs, text="prompt", metadata={"version": VERSION})
 
 
 # -- training --------------------------------------------------------------------

@@ -475,6 +475,50 @@ class Evaluator:
 # -- helpers ---------------------------------------------------------------------
 
 
+def write_choice_task(
+    folder: str | Path,
+    name: str,
+    docs: Sequence[dict[str, Any]],
+    *,
+    text: str = "q",
+    choices: str = "choices",
+    label: str = "label",
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a local lm-eval multiple-choice task: ``NAME.jsonl`` (the docs)
+    and ``NAME.yaml`` (scored by ``acc`` on its validation split) in
+    ``folder``; point an objective's ``include_path`` at the folder.
+
+    Each doc holds a prompt (field ``text``), a list of choices and the index
+    of the right one. The YAML names the data file by absolute path (lm-eval
+    resolves ``data_files`` against the current directory) and uses plain
+    field names, not Jinja templates, which lm-eval would compile per call.
+    """
+    import json
+
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = (folder / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"validation": str(data)}},
+        "validation_split": "validation",
+        "output_type": "multiple_choice",
+        "doc_to_text": text,
+        "doc_to_choice": choices,
+        "doc_to_target": label,
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        **({"metadata": metadata} if metadata else {}),
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def _load_tokenizer(ref: str | Path):
     import transformers
 

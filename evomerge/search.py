@@ -149,6 +149,7 @@ class Run:
         self.run_dir = Path(run_dir)
         self._open_run_dir(force)
         self.study = self._open_study()
+        self._mark_study_ready()
         self.cache: dict[str, Outcome] = {}
         for t in self._trials():
             a = t.user_attrs
@@ -185,14 +186,28 @@ class Run:
                     )
                 for name in OWN_FILES:
                     (d / name).unlink(missing_ok=True)
-            elif old.get("storage") != record["storage"]:
-                record["storage"] = old["storage"]
+            else:
+                record["storage"] = old.get("storage", record["storage"])
+                if old.get("study_ready"):
+                    record["study_ready"] = True
         elif any(p.name != ".lock" for p in d.iterdir()) and not force:
             raise EvomergeError(f"run folder {d} is not empty and holds no evomerge run; use an empty --run-dir")
         self.storage_url = record["storage"]
         tmp = run_file.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(record, sort_keys=False))
         tmp.replace(run_file)
+
+    def _mark_study_ready(self) -> None:
+        # Readers (status, export) wait for this mark: opening an Optuna
+        # storage stamps its schema version, which would race the search's
+        # own stamping of a new database.
+        run_file = self.run_dir / RUN_FILE
+        record = yaml.safe_load(run_file.read_text())
+        if not record.get("study_ready"):
+            record["study_ready"] = True
+            tmp = run_file.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(record, sort_keys=False))
+            tmp.replace(run_file)
 
     def _open_study(self):
         import optuna
@@ -633,6 +648,8 @@ def open_study(run_dir: str | Path):
     if not run_file.is_file():
         raise EvomergeError(f"{run_dir} holds no evomerge run (no {RUN_FILE}); pass the --run-dir of a search")
     record = yaml.safe_load(run_file.read_text())
+    if not record.get("study_ready"):
+        raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         # Readers never create tables: a reader that did, while a new search

@@ -46,3 +46,19 @@ def _family(arch, tmp_path_factory):
     if arch not in _FAMILIES:
         _FAMILIES[arch] = TinyFamily(tmp_path_factory.mktemp(arch), arch)
     return _FAMILIES[arch]
+
+
+N_DOCS = 24  # documents per task of the ``experiment`` fixture
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A config folder: a tiny base, two fine-tunes, local dev and held-out tasks."""
+    from helpers import write_sum_tasks
+
+    root = tmp_path_factory.mktemp("search")
+    base = make_tiny_model(root / "models" / "base", arch="llama", layers=2, hidden=32, seed=0)
+    for i, name in enumerate(["expert_a", "expert_b"]):
+        make_finetune(base, root / "models" / name, seed=i + 1, scale=0.5)
+    write_sum_tasks(root / "tasks", N_DOCS)
+    return root

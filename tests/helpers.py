@@ -1,8 +1,10 @@
 """Small helpers shared by the tests."""
 
+import random
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 
@@ -14,3 +16,50 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         out.update(load_file(f))
     return out
+
+
+def write_sum_tasks(tasks: Path, n_docs: int) -> None:
+    """Two local multiple-choice tasks of sums (a dev one and a held-out one)."""
+    from evomerge.evaluate import write_choice_task
+
+    rng = random.Random(0)
+    for name in ("sums", "sums_heldout"):
+        docs = []
+        for _ in range(n_docs):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            choices = [f" {a + b}", f" {a + b + 1}", f" {a * b + 3}", f" {abs(a - b)}"]
+            rng.shuffle(choices)
+            docs.append({"q": f"{a}+{b}=", "choices": choices, "label": choices.index(f" {a + b}")})
+        write_choice_task(tasks, name, docs)
+
+
+def write_config(root: Path, name: str = "config.yaml", **overrides) -> Path:
+    """A search config over the ``experiment`` fixture's models and tasks."""
+    config = {
+        "base_model": "models/base",
+        "models": ["models/expert_a", "models/expert_b"],
+        "space": "task_arithmetic_layerwise",
+        "eval": {"include_path": "tasks", "objectives": [{"task": "sums", "metric": "acc"}], "batch_size": 32},
+        "heldout": {"include_path": "tasks", "objectives": [{"task": "sums_heldout", "metric": "acc"}]},
+        "budget": {"trials": 6},
+        "driver": {"name": "cma", "popsize": 4},
+        "seed": 0,
+    }
+    config.update(overrides)
+    path = root / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def trials(run_dir: Path, kind: str | None = None) -> list:
+    """The complete trials of a run folder (of one kind: baseline, search)."""
+    import optuna
+
+    from evomerge.search import open_study
+
+    study, _ = open_study(run_dir)
+    return [
+        t
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if kind is None or t.user_attrs.get("kind") == kind
+    ]

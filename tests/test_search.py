@@ -2,89 +2,16 @@
 
 import hashlib
 import json
-import random
-import textwrap
 
 import optuna
 import pytest
 import torch
 import yaml
+from helpers import trials, write_config
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.demo import make_finetune, make_tiny_model
 from evomerge.search import Run, open_study
-
-N_DOCS = 24
-
-
-def task_yaml(name: str, data, split: str = "validation") -> str:
-    return textwrap.dedent(
-        f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            {split}: {data}
-        {split}_split: {split}
-        doc_to_text: "{{{{q}}}}"
-        output_type: multiple_choice
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
-        """
-    )
-
-
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    """A config folder: a tiny base, two fine-tunes, a local task, a config."""
-    root = tmp_path_factory.mktemp("search")
-    base = make_tiny_model(root / "models" / "base", arch="llama", layers=2, hidden=32, seed=0)
-    for i, name in enumerate(["expert_a", "expert_b"]):
-        make_finetune(base, root / "models" / name, seed=i + 1, scale=0.5)
-    rng = random.Random(0)
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for name in ("sums", "sums_heldout"):
-        data = tasks / f"{name}.jsonl"
-        with data.open("w") as f:
-            for _ in range(N_DOCS):
-                a, b = rng.randint(0, 9), rng.randint(0, 9)
-                choices = [f" {a + b}", f" {a + b + 1}", f" {a * b + 3}", f" {abs(a - b)}"]
-                rng.shuffle(choices)
-                f.write(json.dumps({"q": f"{a}+{b}=", "choices": choices, "label": choices.index(f" {a + b}")}) + "\n")
-        (tasks / f"{name}.yaml").write_text(task_yaml(name, data.resolve()))
-    return root
-
-
-def write_config(root, name="config.yaml", **overrides):
-    config = {
-        "base_model": "models/base",
-        "models": ["models/expert_a", "models/expert_b"],
-        "space": "task_arithmetic_layerwise",
-        "eval": {"include_path": "tasks", "objectives": [{"task": "sums", "metric": "acc"}], "batch_size": 32},
-        "heldout": {"include_path": "tasks", "objectives": [{"task": "sums_heldout", "metric": "acc"}]},
-        "budget": {"trials": 6},
-        "driver": {"name": "cma", "popsize": 4},
-        "seed": 0,
-    }
-    config.update(overrides)
-    path = root / name
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def trials(run_dir, kind=None):
-    study, _ = open_study(run_dir)
-    return [
-        t
-        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        if kind is None or t.user_attrs.get("kind") == kind
-    ]
 
 
 @pytest.mark.slow
@@ -367,8 +294,10 @@ def test_an_unreadable_config_is_refused(experiment, tmp_path, capsys):
 
 
 def test_test_splits_need_a_flag(experiment, tmp_path, capsys):
-    data = experiment / "tasks" / "sums.jsonl"
-    (experiment / "tasks" / "sums_test.yaml").write_text(task_yaml("sums_test", data.resolve(), split="test"))
+    task = yaml.safe_load((experiment / "tasks" / "sums.yaml").read_text())
+    data = task.pop("validation_split") and task["dataset_kwargs"]["data_files"].pop("validation")
+    task.update(task="sums_test", test_split="test", dataset_kwargs={"data_files": {"test": data}})
+    (experiment / "tasks" / "sums_test.yaml").write_text(yaml.safe_dump(task))
     config = write_config(
         experiment,
         "test_split.yaml",

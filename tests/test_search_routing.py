@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from test_search import experiment, trials, write_config  # noqa: F401  (fixture)
+from helpers import trials, write_config
 
 from evomerge.cli import main
 from evomerge.demo import make_finetune, make_tiny_model
@@ -15,7 +15,7 @@ from evomerge.routing import RouteMerger, max_logit_difference
 
 
 @pytest.fixture(scope="module")
-def realistic(experiment):  # noqa: F811
+def realistic(experiment):
     """Models whose hidden states have a realistic size (RMS ~0.2, not the
     0.02 of a default random init): exported routes are exact up to the
     norms' epsilon, which only a stream that small makes visible."""
@@ -33,7 +33,7 @@ def _sha(folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["cma", "tpe", "cmaes"])
-def test_routing_search_end_to_end(experiment, tmp_path, driver):  # noqa: F811
+def test_routing_search_end_to_end(experiment, tmp_path, driver):
     config = write_config(
         experiment,
         f"dfs_{driver}.yaml",
@@ -59,7 +59,7 @@ def test_routing_search_end_to_end(experiment, tmp_path, driver):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_routing_export_rebuilds_the_scored_model(experiment, realistic, tmp_path):  # noqa: F811
+def test_routing_export_rebuilds_the_scored_model(experiment, realistic, tmp_path):
     config = write_config(experiment, "dfs_export.yaml", space="dfs_paper", budget={"trials": 6}, **realistic)
     run_dir = tmp_path / "run"
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
@@ -96,7 +96,7 @@ def test_routing_export_rebuilds_the_scored_model(experiment, realistic, tmp_pat
 
 
 @pytest.mark.slow
-def test_hybrid_search_joint_and_on_a_fixed_merge(experiment, realistic, tmp_path):  # noqa: F811
+def test_hybrid_search_joint_and_on_a_fixed_merge(experiment, realistic, tmp_path):
     # joint: TIES parameters and the route in one space
     config = write_config(experiment, "hybrid.yaml", space="hybrid_ties_dfs", budget={"trials": 6})
     run_dir = tmp_path / "joint"
@@ -142,7 +142,7 @@ def test_hybrid_search_joint_and_on_a_fixed_merge(experiment, realistic, tmp_pat
     assert max_logit_difference(routed, plain, plain.config.vocab_size) <= 1e-4
 
 
-def test_routing_refuses_sources_of_another_hidden_size(experiment, tmp_path, capsys):  # noqa: F811
+def test_routing_refuses_sources_of_another_hidden_size(experiment, tmp_path, capsys):
     make_tiny_model(experiment / "models" / "narrow", arch="llama", layers=2, hidden=16, seed=5)
     config = write_config(
         experiment, "narrow.yaml", space="dfs_paper", models=["models/expert_a", "models/narrow"], base_model=None
@@ -155,7 +155,7 @@ def test_routing_refuses_sources_of_another_hidden_size(experiment, tmp_path, ca
     assert not run_dir.exists()
 
 
-def test_routing_accepts_sources_of_different_depth(experiment, tmp_path):  # noqa: F811
+def test_routing_accepts_sources_of_different_depth(experiment, tmp_path):
     make_tiny_model(experiment / "models" / "deep", arch="llama", layers=3, hidden=32, seed=6)
     config = write_config(
         experiment,
@@ -171,13 +171,13 @@ def test_routing_accepts_sources_of_different_depth(experiment, tmp_path):  # no
     assert ("models/deep", 2) in used  # the deeper model's third layer is routable
 
 
-def test_merge_source_only_in_a_hybrid(experiment, tmp_path, capsys):  # noqa: F811
+def test_merge_source_only_in_a_hybrid(experiment, tmp_path, capsys):
     config = write_config(experiment, "bad_merge.yaml", space={"routing": {"sources": ["merge", "models/expert_a"]}})
     assert main(["search", str(config), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
     assert "merge" in capsys.readouterr().err
 
 
-def test_route_depth_bounds_are_checked(experiment, tmp_path, capsys):  # noqa: F811
+def test_route_depth_bounds_are_checked(experiment, tmp_path, capsys):
     config = write_config(experiment, "deep_bounds.yaml", space={"routing": {"repeats": 1, "max_depth": 40}})
     assert main(["search", str(config), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
     assert "max_depth" in capsys.readouterr().err
