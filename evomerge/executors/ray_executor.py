@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.executors import Executor
 from evomerge.executors.worker import Worker, WorkerSpec, _failed
+
+REPROBE_S = 0.5  # how often to ask a restarting worker whether it is back
 
 
 class _Actor:
@@ -97,6 +100,8 @@ class RayExecutor(Executor):
         self._probes: dict[Any, int] = {}  # ref of a ready() call -> worker index
         self._queue: deque[_Job] = deque()
         self._dead: set[int] = set()
+        self._lost_at: dict[int, float] = {}  # worker index -> when it died
+        self._reprobe: dict[int, float] = {}  # worker index -> when to ask a restarting worker again
         self.restarts = 0  # workers lost and back again
 
     # -- start and stop ------------------------------------------------------
@@ -207,7 +212,7 @@ class RayExecutor(Executor):
     # -- scheduling ------------------------------------------------------------
 
     def _idle(self) -> list[int]:
-        busy = set(self._busy) | set(self._probes.values()) | self._dead
+        busy = set(self._busy) | set(self._probes.values()) | set(self._reprobe) | self._dead
         return [i for i in range(len(self._actors)) if i not in busy]
 
     def free(self) -> int:
@@ -237,12 +242,20 @@ class RayExecutor(Executor):
         out = []
         while not out:
             self._pump()
+            now = time.monotonic()
+            for index, when in list(self._reprobe.items()):
+                if when <= now:
+                    del self._reprobe[index]
+                    self._probes[self._actors[index].ready.remote()] = index
             refs = [*self._jobs, *self._probes]
-            if not refs:
+            if not refs and not self._reprobe:
                 if self._queue:
                     raise EvomergeError("every Ray worker is gone; check the worker logs and the cluster")
                 return out
-            ready, rest = ray.wait(refs, num_returns=1)
+            timeout = max(0.0, min(self._reprobe.values()) - now) if self._reprobe else None
+            ready, rest = ray.wait(refs, num_returns=1, timeout=timeout) if refs else ([], [])
+            if not refs:
+                time.sleep(timeout)
             if rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
@@ -252,7 +265,10 @@ class RayExecutor(Executor):
                 job, index = self._jobs.pop(ref)
                 del self._busy[index]
                 try:
-                    out.append((job.key, ray.get(ref)))
+                    result = ray.get(ref)
+                    if job.attempts:
+                        result["attempts"] = job.attempts + 1
+                    out.append((job.key, result))
                 except ray.exceptions.RayActorError as e:
                     self._lost(index, job, _reason(e), out)
                 except ray.exceptions.RayError as e:  # the call itself failed (e.g. a result too large)
@@ -272,12 +288,16 @@ class RayExecutor(Executor):
             self.log(f"worker {index} died ({reason}); retrying its candidate (try {job.attempts + 1} of {limit + 1})")
             self._queue.appendleft(job)
         # Ray restarts the actor; ask it to report once it is back.
+        self._lost_at[index] = time.monotonic()
         self._probes[self._actors[index].ready.remote()] = index
 
     def _probe_done(self, ref) -> None:
         index = self._probes.pop(ref)
         try:
             info = self.ray.get(ref)
+        except self.ray.exceptions.ActorUnavailableError:
+            self._reprobe[index] = time.monotonic() + REPROBE_S  # still restarting: ask again shortly
+            return
         except self.ray.exceptions.RayActorError as e:
             self._dead.add(index)
             self.log(f"worker {index} is gone for good ({_reason(e)}); {len(self._actors) - len(self._dead)} left")
@@ -287,7 +307,8 @@ class RayExecutor(Executor):
             self._dead.add(index)
             self.log(f"worker {index} restarted on {info['host']} but cannot score: {info['error']}")
         else:
-            self.log(f"worker {index} restarted on {info['host']} (pid {info['pid']})")
+            took = time.monotonic() - self._lost_at.pop(index, time.monotonic())
+            self.log(f"worker {index} restarted on {info['host']} (pid {info['pid']}) in {took:.1f} s")
 
 
 def _reason(e: BaseException) -> str:

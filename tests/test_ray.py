@@ -1,0 +1,206 @@
+"""The Ray executor on a local Ray instance with two CPU workers.
+
+One Ray instance serves the whole module (it starts in seconds and takes
+over a GB) and is shut down at the end; each executor starts its own actors
+and kills them when it closes.
+"""
+
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+from helpers import trials, write_config
+
+from evomerge.errors import EvomergeError
+from evomerge.executors.worker import Worker
+from evomerge.search import Run
+
+ray = pytest.importorskip("ray")
+
+# Marks the worker process busy while it scores, so the test kills a worker
+# mid-candidate, not between two.
+BUSY_OBJECTIVE = """
+import os
+import time
+from pathlib import Path
+
+BUSY = Path(__file__).parent / "busy"
+
+
+def score(model, tokenizer):
+    BUSY.mkdir(exist_ok=True)
+    mark = BUSY / str(os.getpid())
+    mark.touch()
+    try:
+        time.sleep(0.3)
+    finally:
+        mark.unlink(missing_ok=True)
+    return {"norm": float(sum(p.float().norm() for p in model.parameters()))}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"enable_metrics_collection": False},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def ray_config(experiment, name, **overrides):
+    (experiment / "busy_objective.py").write_text(BUSY_OBJECTIVE)
+    objectives = [
+        {"task": "sums", "metric": "acc"},
+        {"custom": "busy_objective:score", "metric": "norm", "weight": 0.001},
+    ]
+    settings = {
+        "eval": {"include_path": "tasks", "objectives": objectives, "batch_size": 32},
+        "executor": {"name": "ray", "workers": 2, "num_cpus": 1, "retries": 2},
+        **overrides,
+    }
+    return write_config(experiment, name, **settings)
+
+
+@pytest.mark.slow
+def test_search_completes_its_budget_when_a_worker_is_killed(experiment, tmp_path, local_ray):
+    config = ray_config(experiment, "ray_kill.yaml", budget={"trials": 16}, driver={"name": "tpe", "startup_trials": 3})
+    run_dir = tmp_path / "run"
+    run = Run(config, run_dir, progress=False)
+    assert run.worker is None  # the driver holds no model: the workers do
+    seen: dict = {}
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "killed" not in seen:
+            time.sleep(0.05)
+            executor = run.executor
+            if executor is None or not hasattr(executor, "info"):
+                continue
+            seen["executor"] = executor
+            try:
+                done = trials(run_dir, "search")
+            except Exception:  # the study is being written
+                continue
+            pid = executor.info[0]["pid"]
+            if len(done) >= 3 and (experiment / "busy" / str(pid)).exists():
+                seen["before"] = {t.number: (t.user_attrs["fingerprint"], t.values) for t in done}
+                os.kill(pid, signal.SIGKILL)
+                seen["killed"] = pid
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        run.search()
+    finally:
+        run.close()
+        thread.join(timeout=5)
+    assert "killed" in seen, "the test never found a worker mid-candidate to kill"
+    search = trials(run_dir, "search")
+    assert len(search) == 16  # the budget was completed
+    after = {t.number: (t.user_attrs["fingerprint"], t.values) for t in search}
+    assert all(after[n] == v for n, v in seen["before"].items())  # no completed trial was lost
+    assert all(t.user_attrs["status"] == "ok" for t in search)
+    # the killed worker's candidate ran again, on the other worker
+    assert any(t.user_attrs.get("attempts") == 2 for t in search)
+    assert len(trials(run_dir, "baseline")) == 7
+
+
+@pytest.mark.slow
+def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, tmp_path, local_ray):
+    from evomerge.executors.ray_executor import RayExecutor
+
+    config = write_config(
+        experiment,
+        "ray_parity.yaml",
+        eval={
+            "include_path": "tasks",
+            "objectives": [
+                {"task": "sums", "metric": "acc"},
+                {"perplexity": "tasks/sums.jsonl", "weight": 0.01},
+            ],
+            "batch_size": 32,
+        },
+    )
+    run = Run(config, tmp_path / "run", progress=False)
+    try:
+        recipes = [recipe for _, recipe in run.baseline_recipes()]
+        rng = __import__("random").Random(0)
+        recipes += [run.space.decode([rng.random() for _ in range(run.space.dim)]) for _ in range(4)]
+        local = [run.worker.score(r, "both") for r in recipes]
+    finally:
+        run.close()
+    settings = run.cfg.executor.model_copy(update={"name": "ray", "workers": 2})
+    executor = RayExecutor(settings, run.spec, log=lambda _: None)
+    try:
+        pids = [info["pid"] for info in executor.info]
+        assert len(set(pids)) == 2  # two worker processes
+        results = {}
+        queue = list(enumerate(recipes))
+        while queue or executor.pending():
+            while queue and executor.free():
+                executor.submit(*queue.pop(0), "both")
+            for key, result in executor.wait():
+                results[key] = result
+
+        # A killed worker is restarted and takes candidates again.
+        executor.submit("a", recipes[0], "dev")
+        executor.submit("b", recipes[1], "dev")
+        os.kill(pids[0], signal.SIGKILL)
+        again = {}
+        deadline = time.monotonic() + 180
+        while executor.restarts < 1 or executor.pending():
+            assert time.monotonic() < deadline, "the killed worker did not come back in 180 s"
+            while executor.free():
+                executor.submit(f"more{len(again)}", recipes[2], "dev")
+            for key, result in executor.wait():
+                again[key] = result
+        assert {"a", "b"} <= set(again) and all(r["status"] == "ok" for r in again.values())
+        new = executor.pids()
+        assert new[0] != pids[0] and new[1] == pids[1]
+        assert executor.free() == 2  # both back in the pool
+    finally:
+        executor.close()
+    assert sorted(results) == list(range(len(recipes)))
+    for i, mine in enumerate(local):
+        theirs = results[i]
+        assert theirs["status"] == mine["status"] == "ok"
+        for part in ("values", "heldout"):
+            a = mine[part] if part == "values" else mine[part]["values"]
+            b = theirs[part] if part == "values" else theirs[part]["values"]
+            assert a.keys() == b.keys()
+            for name in a:  # accuracies equal; perplexities up to the float sums' thread count
+                assert math.isclose(a[name], b[name], rel_tol=1e-5), (i, name, a[name], b[name])
+    # the candidates really differ, so equal scores are not a coincidence
+    assert len({round(r["values"]["perplexity:tasks/sums.jsonl"], 6) for r in local}) > len(local) // 2
+
+
+@pytest.mark.slow
+def test_a_worker_with_different_sources_refuses_to_score(experiment, tmp_path, local_ray):
+    import dataclasses
+
+    from evomerge.executors.ray_executor import RayExecutor
+
+    run = Run(write_config(experiment, "ray_sha.yaml"), tmp_path / "run", progress=False)
+    run.close()
+    wrong = {ref: {name: "0" * 64 for name in files} for ref, files in run.spec.sha256.items()} or None
+    assert wrong is None  # a local run does not hash its sources
+    from evomerge.executors.worker import source_digests
+
+    digests = source_digests(["models/base", "models/expert_a", "models/expert_b"], experiment, False)
+    digests["models/expert_b"] = {name: "0" * 64 for name in digests["models/expert_b"]}
+    spec = dataclasses.replace(run.spec, sha256=digests)
+    with pytest.raises(EvomergeError, match=r"sha256 of models/expert_b/.*put the same model on every node"):
+        Worker(spec)  # the same check a Ray worker makes at start
+    settings = run.cfg.executor.model_copy(update={"name": "ray", "workers": 1})
+    with pytest.raises(EvomergeError, match=r"^worker on .*sha256 of models/expert_b"):
+        RayExecutor(settings, spec, log=lambda _: None)
