@@ -67,9 +67,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from evomerge.export import status_table
     from evomerge.search import Run
 
+    executor = {"name": args.executor, "address": args.address, "workers": args.workers}
+    if (args.address or args.workers) and args.executor is None:
+        executor["name"] = "ray"  # a Ray address or worker count means Ray
     run = Run(
         args.config,
         args.run_dir,
+        executor={k: v for k, v in executor.items() if v is not None},
         force=args.force,
         allow_outside_paths=args.allow_outside_paths,
         allow_test_sets=args.allow_test_sets,
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-test-sets", action="store_true", help="allow objectives scored on a test split")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.add_argument("--top", type=int, default=10, help="search trials shown in the final table")
+    s.add_argument("--executor", choices=["local", "ray"], help="where candidates are scored (overrides the config)")
+    s.add_argument("--address", help="Ray cluster: auto or host:port (default: start Ray on this machine)")
+    s.add_argument("--workers", type=int, help="Ray workers (default: as many as the cluster's GPUs, or CPUs)")
     s.set_defaults(func=cmd_search)
 
     st = sub.add_parser("status", help="top trials of a run against its baselines")
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evomerge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evomerge: interrupted", file=sys.stderr)
+        print("evomerge: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 

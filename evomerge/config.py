@@ -165,8 +165,9 @@ def load_fixed_merge(cfg: SearchConfig, root: Path, allow_outside: bool):
     return recipe.with_refs(rebase).model_copy(update={"metadata": {}})
 
 
-def load_config(path: str | Path) -> tuple[SearchConfig, Path]:
-    """Read and validate a search config; returns it and its folder."""
+def load_config(path: str | Path, executor: dict[str, Any] | None = None) -> tuple[SearchConfig, Path]:
+    """Read and validate a search config (``executor``: settings that
+    override its executor section); returns it and its folder."""
     path = Path(path)
     if not path.is_file():
         raise EvomergeError(f"search config {path} does not exist; check the path")
@@ -177,6 +178,9 @@ def load_config(path: str | Path) -> tuple[SearchConfig, Path]:
         raise EvomergeError(f"search config {path} cannot be read ({first}); fix the file") from None
     if not isinstance(data, dict):
         raise EvomergeError(f"search config {path} is not a YAML mapping; write it as 'key: value' lines")
+    if executor:
+        section = data.get("executor") or {}
+        data["executor"] = {**(section if isinstance(section, dict) else {}), **executor}
     try:
         return SearchConfig.model_validate(data), path.resolve().parent
     except ValidationError as e:

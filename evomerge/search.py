@@ -61,6 +61,7 @@ class Run:
         config_path: str | Path,
         run_dir: str | Path,
         *,
+        executor: dict[str, Any] | None = None,
         force: bool = False,
         allow_outside_paths: bool = False,
         allow_test_sets: bool = False,
@@ -70,7 +71,7 @@ class Run:
         from evomerge.space import SearchSpace, load_space_spec
 
         self.config_path = Path(config_path)
-        self.cfg, self.root = load_config(config_path)
+        self.cfg, self.root = load_config(config_path, executor)
         self.progress = progress
         cfg, root = self.cfg, self.root
         refs = [*([cfg.base_model] if cfg.base_model else []), *cfg.models]

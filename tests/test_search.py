@@ -348,3 +348,35 @@ def test_cma_restarts_with_a_larger_population_when_it_converges(experiment, tmp
     assert main(["search", str(config), "--run-dir", str(tmp_path / "run0"), "--no-progress"]) == 0
     assert len(trials(tmp_path / "run0", "search")) < 14
     assert "converged" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_candidate_being_scored_and_the_run_resumes(experiment, tmp_path, monkeypatch):
+    config = write_config(experiment, "ctrl_c.yaml", driver={"name": "tpe", "startup_trials": 2})
+    run_dir = tmp_path / "run"
+    run = Run(config, run_dir, progress=False)
+    real = run.worker.score
+    calls = []
+
+    def interrupted_third(recipe, which="dev"):
+        calls.append(which)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the third search candidate is scored
+        return real(recipe, which)
+
+    try:
+        run.run_baselines()
+        monkeypatch.setattr(run.worker, "score", interrupted_third)
+        with pytest.raises(KeyboardInterrupt):
+            run.search()
+    finally:
+        run.close()
+    study, _ = open_study(run_dir)
+    states = [t.state for t in study.get_trials() if t.user_attrs.get("kind") != "baseline"]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    marked = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
+    assert len(marked) == 1 and marked[0].user_attrs["status"] == "interrupted"
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    monkeypatch.undo()
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert len(trials(run_dir, "search")) == 6  # the resumed run finished the budget
