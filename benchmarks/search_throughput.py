@@ -35,20 +35,36 @@ this measures:
      reported is assemble time / evaluation time.
      --routing-only measures this alone (no search, no loop).
 
+  5. executors, with --executors (alone: no search or loop above): the Ray
+     executor on a local Ray instance, 1 worker against 2, on the tiny
+     models, with a custom objective that sleeps --sleep seconds, so that
+     scheduling is all that differs. For each driver of --executor-drivers
+     (tpe: asynchronous asks; cma: a population shared by the workers),
+     --executor-trials candidates. Times come from the workers' own clocks:
+     the span is from the first candidate's start to the last one's end
+     (worker start-up excluded); a worker's gaps between two of its
+     candidates are its idle time while candidates were pending, and their
+     mean is the scheduling overhead per candidate. Speed-up is the 1-worker
+     span over the 2-worker span.
+
 Torch keeps its default threads (one per core) unless --threads sets
 OMP_NUM_THREADS for every timed process. On a shared machine, threads that
 wait for a busy core can make small models' forward passes many times slower;
 the header line shows the load average before the run.
 
 Targets: at least 20x the candidates per hour of the plain loop on the tiny
-models, at most 10% overhead on the ~135M model, and routed-candidate assembly
-under 1% of a routed candidate's evaluation time on every size.
+models, at most 10% overhead on the ~135M model, routed-candidate assembly
+under 1% of a routed candidate's evaluation time on every size, and for the
+executors a speed-up of at least 1.8x from 1 to 2 workers with at most 20 ms
+of scheduling overhead per candidate.
 
 Usage:
     .venv/bin/python benchmarks/search_throughput.py [--sizes tiny,135m] [--trials 40] [--large-trials 5]
         [--baseline-candidates 3] [--docs 100] [--driver random] [--threads N] [--json runs/bench/throughput.json]
         [--no-routing | --routing-only] [--routing-routes 200] [--routing-candidates 5]
         [--large-routing-candidates 2]
+    .venv/bin/python benchmarks/search_throughput.py --executors [--sleep 0.5] [--executor-trials 40]
+        [--executor-drivers tpe,cma]
 
 Results go to stdout as a markdown table (copy it into docs/benchmarks.md)
 and to --json if given. Model folders are cached under --workdir.
@@ -497,6 +513,110 @@ def targets(rows: list[dict]) -> str:
     return "targets: " + "; ".join(parts)
 
 
+SLEEP_OBJECTIVE = """
+import time
+
+
+def score(model, tokenizer):
+    time.sleep({sleep})
+    return {{"mean": float(next(model.parameters()).float().mean())}}
+"""
+
+
+def bench_executors(workdir: Path, args: argparse.Namespace) -> list[dict]:
+    """1 against 2 Ray workers with a sleeping objective (see the docstring, 5)."""
+    import ray
+
+    import evomerge.search
+    from evomerge.search import Run
+
+    root = build_experiment(workdir, "tiny", 10, args.executor_trials, "random")
+    (root / "sleep_objective.py").write_text(SLEEP_OBJECTIVE.format(sleep=args.sleep))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config={"enable_metrics_collection": False}
+    )
+    made = []
+    real = evomerge.search.make_executor
+
+    def keep(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    evomerge.search.make_executor = keep
+    rows = []
+    try:
+        for driver in args.executor_drivers.split(","):
+            config = {
+                "base_model": "models/base",
+                "models": ["models/expert_a", "models/expert_b"],
+                "space": "task_arithmetic_layerwise",
+                "eval": {"objectives": [{"custom": "sleep_objective:score", "metric": "mean"}]},
+                "budget": {"trials": args.executor_trials},
+                "driver": {"name": driver, "startup_trials": 5, **({"restarts": 9} if driver == "cma" else {})},
+                "baselines": False,
+                "dtype": "float32",
+                "device": "cpu",
+                "executor": {"name": "ray", "num_cpus": 1},
+                "seed": 0,
+            }
+            (root / f"executors_{driver}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            row = {"driver": driver, "sleep_s": args.sleep, "candidates": args.executor_trials}
+            for workers in (1, 2):
+                run_dir = root / f"run-executors-{driver}-{workers}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run = Run(root / f"executors_{driver}.yaml", run_dir, executor={"workers": workers}, progress=False)
+                try:
+                    run.search()
+                finally:
+                    run.close()
+                timeline = made[-1].timeline
+                start = min(t[1] for t in timeline)
+                span = max(t[2] for t in timeline) - start
+                busy = sum(t[2] - t[1] for t in timeline)
+                gaps = []
+                for w in range(workers):
+                    mine = sorted((s, e) for i, s, e in timeline if i == w)
+                    gaps += [b[0] - a[1] for a, b in zip(mine, mine[1:])]
+                row[f"span_{workers}"] = span
+                row[f"scored_{workers}"] = len(timeline)
+                row[f"busy_per_candidate_{workers}"] = busy / len(timeline)
+                row[f"gap_mean_{workers}"] = statistics.mean(gaps) if gaps else 0.0
+                row[f"gap_max_{workers}"] = max(gaps) if gaps else 0.0
+                row[f"gap_p95_{workers}"] = sorted(gaps)[int(0.95 * (len(gaps) - 1))] if gaps else 0.0
+                # what the driver adds per candidate, from the span: span x workers = busy + idle
+                row[f"overhead_{workers}"] = (span * workers - busy) / len(timeline)
+            row["speedup"] = row["span_1"] / row["span_2"]
+            rows.append(row)
+    finally:
+        evomerge.search.make_executor = real
+        ray.shutdown()
+    return rows
+
+
+def executors_markdown(rows: list[dict]) -> str:
+    head = (
+        "| driver | sleep s | candidates | 1 worker: span s | 2 workers: span s | speed-up | "
+        "worker s/candidate (1 / 2) | idle gap ms mean (1 / 2) | idle gap ms p95 / max (2) | "
+        "overhead ms/candidate (1 / 2) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['driver']} | {r['sleep_s']} | {r['candidates']} | {r['span_1']:.2f} | {r['span_2']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['busy_per_candidate_1']:.3f} / {r['busy_per_candidate_2']:.3f} | "
+            f"{1e3 * r['gap_mean_1']:.1f} / {1e3 * r['gap_mean_2']:.1f} | "
+            f"{1e3 * r['gap_p95_2']:.1f} / {1e3 * r['gap_max_2']:.1f} | "
+            f"{1e3 * r['overhead_1']:.1f} / {1e3 * r['overhead_2']:.1f} |"
+        )
+    ok = all(r["speedup"] >= 1.8 and r["gap_mean_2"] <= 0.020 for r in rows)
+    lines.append(
+        f"targets (speed-up >= 1.8x, scheduling overhead <= 20 ms per candidate with 2 workers): "
+        f"{'met' if ok else 'NOT met'}"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,135m")
@@ -523,6 +643,10 @@ def main() -> None:
     ap.add_argument("--routing-routes", type=int, default=200, help="random routes Router.assemble is timed on")
     ap.add_argument("--routing-candidates", type=int, default=5, help="routed candidates evaluated per small model")
     ap.add_argument("--large-routing-candidates", type=int, default=2, help="routed candidates evaluated for 135m")
+    ap.add_argument("--executors", action="store_true", help="time the Ray executor, 1 worker against 2, only")
+    ap.add_argument("--sleep", type=float, default=0.5, help="seconds the executors' objective sleeps")
+    ap.add_argument("--executor-trials", type=int, default=40, help="candidates per executor run")
+    ap.add_argument("--executor-drivers", default="tpe,cma", help="drivers the executors are timed with")
     ap.add_argument("--search", help=argparse.SUPPRESS)  # internal: run one search in this process
     ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--routing-bench", help=argparse.SUPPRESS)  # internal: time routed candidates in this process
@@ -542,6 +666,18 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]  # other work on the machine competes for the cores
+    if args.executors:
+        t0 = time.perf_counter()
+        rows = bench_executors(workdir, args)
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"{time.strftime('%Y-%m-%d')}; Ray executor, local instance, CPU workers; load average {load:.1f} before"
+        )
+        print(executors_markdown(rows))
+        print(f"total wall time: {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     t0 = time.perf_counter()
     rows = [bench_size(s, workdir, args) for s in sizes]
     threads = rows[0].get("threads", rows[0].get("routing_threads", "?")) if rows else "?"

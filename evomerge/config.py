@@ -63,7 +63,9 @@ class ExecutorSettings(_Strict):
     to as many as the cluster's GPUs (or CPUs) allow. A candidate whose worker
     dies is retried ``retries`` times on another worker, then recorded as
     failed; a dead worker is restarted up to ``max_restarts`` times (-1: no
-    limit).
+    limit). ``prefetch`` candidates wait in each worker's queue behind the
+    one it scores, so it never waits for the driver to record a result and
+    ask the next (0: ask only when a worker is free).
     """
 
     name: Literal["local", "ray"] = "local"
@@ -74,6 +76,7 @@ class ExecutorSettings(_Strict):
     memory: int | None = None
     retries: int = 2
     max_restarts: int = -1
+    prefetch: int = 1  # candidates queued on each worker beyond the running one
     start_timeout: float = 900.0  # seconds for every worker to load its sources
     dashboard: bool = False
     metrics: bool = False
@@ -86,7 +89,7 @@ class ExecutorSettings(_Strict):
             raise ValueError("give at least 1 worker")
         return v
 
-    @field_validator("num_cpus", "retries", "start_timeout")
+    @field_validator("num_cpus", "retries", "start_timeout", "prefetch")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:

@@ -42,6 +42,7 @@ from evomerge.recipe import MERGED, Recipe, Source
 STUDY_NAME = "evomerge"
 RUN_FILE = "run.yaml"
 OWN_FILES = (RUN_FILE, "study.db", "cma_state.pkl", "cma_state.tmp")
+ELAPSED_EVERY_S = 5.0  # how often the search stores its elapsed time (for budget.minutes across resumes)
 
 
 @dataclass
@@ -505,6 +506,7 @@ class Run:
         queue: deque[int] = deque()  # its members not yet handed out
         exhausted = False
         keys = itertools.count()
+        saved = [time.monotonic()]  # when elapsed_s was last stored
 
         def finished(c: Candidate, outcome: Outcome, fresh: bool) -> None:
             nonlocal done, best
@@ -519,7 +521,9 @@ class Run:
                 best = f
             last = _fmt(outcome.attrs)
             bar.set_postfix_str(f"best {best:.4f}  last {last}" if best is not None else last)
-            self.study.set_user_attr("elapsed_s", elapsed())
+            if time.monotonic() - saved[0] >= ELAPSED_EVERY_S:  # a storage write; not per candidate
+                self.study.set_user_attr("elapsed_s", elapsed())
+                saved[0] = time.monotonic()
 
         while True:
             while not exhausted and self.executor.free() > 0 and not spent(done + len(inflight)):

@@ -59,9 +59,13 @@ class _Actor:
         }
 
     def score(self, recipe: dict, which: str) -> dict[str, Any]:
+        started = time.time()
         if self.worker is None:
-            return _failed(f"worker could not start: {self.error}", 0.0)
-        return self.worker.score(recipe, which)
+            out = _failed(f"worker could not start: {self.error}", 0.0)
+        else:
+            out = self.worker.score(recipe, which)
+        out["span"] = (started, time.time())  # for the executor's timeline
+        return out
 
 
 @dataclass
@@ -95,7 +99,12 @@ class RayExecutor(Executor):
         except BaseException:
             self.close()
             raise
-        self._busy: dict[int, Any] = {}  # worker index -> its in-flight ref
+        # worker index -> refs of its candidates (running, then queued in its mailbox)
+        self._busy: dict[int, list] = {i: [] for i in range(len(self._actors))}
+        # Each worker holds its running candidate plus ``prefetch`` queued
+        # ones, so it starts the next the moment it finishes, while the
+        # driver records results and asks for more.
+        self._depth = 1 + settings.prefetch
         self._jobs: dict[Any, tuple[_Job, int]] = {}  # ref -> (job, worker index)
         self._probes: dict[Any, int] = {}  # ref of a ready() call -> worker index
         self._queue: deque[_Job] = deque()
@@ -103,6 +112,9 @@ class RayExecutor(Executor):
         self._lost_at: dict[int, float] = {}  # worker index -> when it died
         self._reprobe: dict[int, float] = {}  # worker index -> when to ask a restarting worker again
         self.restarts = 0  # workers lost and back again
+        # (worker index, start, end) of every scored candidate, wall clock on
+        # the worker: the gaps between one worker's spans are its idle time.
+        self.timeline: list[tuple[int, float, float]] = []
 
     # -- start and stop ------------------------------------------------------
 
@@ -211,12 +223,16 @@ class RayExecutor(Executor):
 
     # -- scheduling ------------------------------------------------------------
 
-    def _idle(self) -> list[int]:
-        busy = set(self._busy) | set(self._probes.values()) | set(self._reprobe) | self._dead
-        return [i for i in range(len(self._actors)) if i not in busy]
+    def _slots(self) -> list[int]:
+        """Worker indices with room for one more candidate, once per free
+        place, least loaded first."""
+        away = set(self._probes.values()) | set(self._reprobe) | self._dead
+        live = [i for i in range(len(self._actors)) if i not in away]
+        live.sort(key=lambda i: len(self._busy[i]))
+        return [i for n in range(self._depth) for i in live if len(self._busy[i]) <= n]
 
     def free(self) -> int:
-        return max(0, len(self._idle()) - len(self._queue))
+        return max(0, len(self._slots()) - len(self._queue))
 
     def pending(self) -> int:
         return len(self._queue) + len(self._jobs)
@@ -226,15 +242,15 @@ class RayExecutor(Executor):
         self._pump()
 
     def _pump(self) -> None:
-        idle = self._idle()
-        while self._queue and idle:
+        slots = self._slots()
+        while self._queue and slots:
             job = self._queue.popleft()
-            # A retried candidate goes to another worker when one is free.
-            index = next((i for i in idle if i != job.last_worker), idle[0])
-            idle.remove(index)
+            # A retried candidate goes to another worker when one has room.
+            index = next((i for i in slots if i != job.last_worker), slots[0])
+            slots.remove(index)
             ref = self._actors[index].score.remote(job.recipe, job.which)
             job.last_worker = index
-            self._busy[index] = ref
+            self._busy[index].append(ref)
             self._jobs[ref] = (job, index)
 
     def wait(self):
@@ -263,9 +279,10 @@ class RayExecutor(Executor):
                     self._probe_done(ref)
                     continue
                 job, index = self._jobs.pop(ref)
-                del self._busy[index]
+                self._busy[index].remove(ref)
                 try:
                     result = ray.get(ref)
+                    self.timeline.append((index, *result.pop("span")))
                     if job.attempts:
                         result["attempts"] = job.attempts + 1
                     out.append((job.key, result))
@@ -288,8 +305,9 @@ class RayExecutor(Executor):
             self.log(f"worker {index} died ({reason}); retrying its candidate (try {job.attempts + 1} of {limit + 1})")
             self._queue.appendleft(job)
         # Ray restarts the actor; ask it to report once it is back.
-        self._lost_at[index] = time.monotonic()
-        self._probes[self._actors[index].ready.remote()] = index
+        if index not in self._probes.values() and index not in self._reprobe and index not in self._dead:
+            self._lost_at[index] = time.monotonic()
+            self._probes[self._actors[index].ready.remote()] = index
 
     def _probe_done(self, ref) -> None:
         index = self._probes.pop(ref)
