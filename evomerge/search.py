@@ -23,6 +23,7 @@ import dataclasses
 import fcntl
 import itertools
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -42,7 +43,9 @@ from evomerge.recipe import MERGED, Recipe, Source
 STUDY_NAME = "evomerge"
 RUN_FILE = "run.yaml"
 OWN_FILES = (RUN_FILE, "study.db", "cma_state.pkl", "cma_state.tmp")
-ELAPSED_EVERY_S = 5.0  # how often the search stores its elapsed time (for budget.minutes across resumes)
+HEARTBEAT_S = 30.0  # on a shared storage; a trial is stale after 120 s without one
+ELAPSED_EVERY_S = 5.0
+CLAIM_EXPIRES_S = 600.0  # a baseline claim not renewed this long belongs to a dead driver  # how often the search stores its elapsed time (for budget.minutes across resumes)
 
 
 @dataclass
@@ -218,7 +221,7 @@ class Run:
         own = self.cfg.storage is None
         storage = optuna.storages.RDBStorage(
             self.storage_url,
-            **({} if own else {"heartbeat_interval": 30, "grace_period": 120}),
+            **({} if own else {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)}),
         )
         multi = self.cfg.driver.name == "nsga2"
         directions = [o.direction for o in self.objectives] if multi else ["maximize"]
@@ -427,6 +430,8 @@ class Run:
                 for i, result in self.executor.wait():
                     inflight -= 1
                     record(i, self._outcome(todo[i][1], "baseline", todo[i][0], result))
+                    if getattr(self, "_claim", None) is not None:
+                        self._claim.set_user_attr("alive", time.time())
         return results
 
     # -- the loop ------------------------------------------------------------
@@ -446,10 +451,11 @@ class Run:
         )
         self.open_executor(log=bar.write)
         self._inflight: dict[int, Candidate] = {}
+        beat = _Heartbeat(self.study, self._inflight) if self.cfg.storage is not None else None
         try:
             if self.executor.workers > 1:
                 bar.write(f"{self.executor.name} executor: {self.executor.workers} workers")
-            if self.cfg.baselines:
+            if self.cfg.baselines and self._baselines_are_mine(bar):
                 self.run_baselines(bar)
             self._loop(bar, done)
             bar.close()
@@ -459,8 +465,31 @@ class Run:
             self._interrupted()
             raise
         finally:
+            if beat is not None:
+                beat.stop()
             self.executor.close()
             self.executor = None
+
+    def _baselines_are_mine(self, bar) -> bool:
+        """On a shared storage, one driver runs the baselines: the one that
+        creates the claim (a second Optuna study, whose unique name makes the
+        claim atomic), or any driver once the claimer has been silent for
+        ``CLAIM_EXPIRES_S`` (it died before finishing them)."""
+        import optuna
+
+        if self.cfg.storage is None:
+            return True
+        name = f"{STUDY_NAME}-baselines"
+        try:
+            claim = optuna.create_study(storage=self.study._storage, study_name=name)
+        except optuna.exceptions.DuplicatedStudyError:
+            claim = optuna.load_study(study_name=name, storage=self.study._storage)
+            if time.time() - float(claim.user_attrs.get("alive", 0)) < CLAIM_EXPIRES_S:
+                bar.write("another driver runs the baselines")
+                return False
+        self._claim = claim
+        claim.set_user_attr("alive", time.time())
+        return True
 
     def open_executor(self, log=print) -> Executor:
         """The run's executor (local, or Ray workers started now)."""
@@ -485,9 +514,10 @@ class Run:
         def elapsed() -> float:
             return elapsed0 + time.monotonic() - t_start
 
-        driver = make_driver(
-            self.cfg.driver, self.space, self.study, self.run_dir, self.cfg.seed, self.executor.workers
-        )
+        shared = self.cfg.storage is not None  # other drivers may add trials to this study
+        # Drivers sharing a study must not propose the same points: salt the seed.
+        seed = self.cfg.seed + (os.getpid() if shared else 0)
+        driver = make_driver(self.cfg.driver, self.space, self.study, self.run_dir, seed, self.executor.workers)
         starts = []
         for t in sorted(self._trials(), key=lambda t: -t.user_attrs.get("fitness", -math.inf)):
             if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("status") == "ok" and t.params:
@@ -507,6 +537,7 @@ class Run:
         exhausted = False
         keys = itertools.count()
         saved = [time.monotonic()]  # when elapsed_s was last stored
+        others = 0  # trials other drivers sharing the study are scoring now
 
         def finished(c: Candidate, outcome: Outcome, fresh: bool) -> None:
             nonlocal done, best
@@ -526,7 +557,12 @@ class Run:
                 saved[0] = time.monotonic()
 
         while True:
-            while not exhausted and self.executor.free() > 0 and not spent(done + len(inflight)):
+            if shared and self.executor.free() > 0:
+                # The budget counts every driver's trials, finished and running.
+                total, others = self._shared_count()
+                bar.update(max(0, total - done))
+                done = max(done, total)
+            while not exhausted and self.executor.free() > 0 and not spent(done + len(inflight) + others):
                 if driver.asynchronous:
                     if driver.should_stop():
                         exhausted = True
@@ -555,6 +591,8 @@ class Run:
                 key = next(keys)
                 inflight[key] = c
                 self.executor.submit(key, c.recipe, "dev")
+                if shared and c.trial is not None:  # stale (failed by others) only if this driver dies
+                    self.study._storage.record_heartbeat(c.trial._trial_id)
             if generation is not None and len(scored) == len(generation):
                 driver.tell(generation, [scored[i].values for i in range(len(generation))])
                 generation = None
@@ -571,6 +609,20 @@ class Run:
                 "raise driver.restarts (cma) to keep searching",
                 file=sys.stderr,
             )
+
+    def _shared_count(self) -> tuple[int, int]:
+        """Search trials finished in the study, and trials running that this
+        driver is not scoring (other drivers' on a shared storage)."""
+        import optuna
+
+        mine = {c.trial._trial_id for c in self._inflight.values() if c.trial is not None}
+        finished = running = 0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("kind") == "search":
+                finished += 1
+            elif t.state == optuna.trial.TrialState.RUNNING and t._trial_id not in mine:
+                running += 1
+        return finished, running
 
     def _interrupted(self) -> None:
         """Ctrl-C: mark the candidates being scored, so a resumed run is clean."""
@@ -617,6 +669,34 @@ class Run:
             self.executor.close()
             self.executor = None
         self._lock.close()
+
+
+class _Heartbeat:
+    """On a shared storage, beats for the Optuna trials being scored, so that
+    another driver's ``fail_stale_trials`` fails them only if this driver
+    dies (Optuna beats only inside ``study.optimize``, which we do not use)."""
+
+    def __init__(self, study, inflight: dict, every: float = HEARTBEAT_S):
+        import threading
+
+        self.study, self.inflight, self.every = study, inflight, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        storage = self.study._storage
+        while not self._stop.wait(self.every):
+            for c in list(self.inflight.values()):
+                if c.trial is not None:
+                    try:
+                        storage.record_heartbeat(c.trial._trial_id)
+                    except Exception:  # noqa: BLE001 - a trial finished meanwhile; the next beat is soon
+                        pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def trial_attrs(study, trial) -> dict[str, Any]:

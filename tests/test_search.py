@@ -380,3 +380,42 @@ def test_ctrl_c_marks_the_candidate_being_scored_and_the_run_resumes(experiment,
     monkeypatch.undo()
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert len(trials(run_dir, "search")) == 6  # the resumed run finished the budget
+
+
+@pytest.mark.slow
+def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
+    import subprocess
+    import sys
+
+    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
+    objectives = [
+        {"task": "sums", "metric": "acc"},
+        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
+    ]
+    config = write_config(
+        experiment,
+        "shared.yaml",
+        budget={"trials": 8},
+        driver={"name": "tpe", "startup_trials": 3},
+        eval={"include_path": "tasks", "objectives": objectives, "batch_size": 32},
+        storage=f"sqlite:///{tmp_path / 'shared.db'}",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir", str(tmp_path / f"driver{i}")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    study, _ = open_study(tmp_path / "driver0")
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sum(t.user_attrs["kind"] == "baseline" for t in complete) == 7  # run once, by one driver
+    search = [t for t in complete if t.user_attrs["kind"] == "search"]
+    assert 8 <= len(search) <= 9  # the budget counts both drivers' trials (two may start the last at once)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    # the drivers proposed different points (their seeds are salted)
+    assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)
