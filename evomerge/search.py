@@ -545,8 +545,6 @@ class Run:
                 driver.record(c, outcome.values, outcome.attrs)
                 done += 1
                 bar.update(1)
-            if generation is not None:
-                scored[c.extra["index"]] = outcome
             f = outcome.attrs.get("fitness")
             if f is not None and (best is None or f > best):
                 best = f
@@ -556,13 +554,21 @@ class Run:
                 self.study.set_user_attr("elapsed_s", elapsed())
                 saved[0] = time.monotonic()
 
+        unrecorded: list[tuple[Candidate, Outcome]] = []  # scored, recorded after the next hand-out
         while True:
+            if generation is not None and len(scored) == len(generation):
+                driver.tell(generation, [scored[i].values for i in range(len(generation))])
+                generation = None
             if shared and self.executor.free() > 0:
                 # The budget counts every driver's trials, finished and running.
                 total, others = self._shared_count()
                 bar.update(max(0, total - done))
                 done = max(done, total)
-            while not exhausted and self.executor.free() > 0 and not spent(done + len(inflight) + others):
+            while (
+                not exhausted
+                and self.executor.free() > 0
+                and not spent(done + len(unrecorded) + len(inflight) + others)
+            ):
                 if driver.asynchronous:
                     if driver.should_stop():
                         exhausted = True
@@ -581,27 +587,35 @@ class Run:
                         generation, scored, queue = asked, {}, deque(range(len(asked)))
                     c = generation[queue.popleft()]
                 seen = driver.recorded(c)
-                if seen is not None:
-                    finished(c, Outcome(*seen), fresh=False)
-                    continue
-                hit = self._cached(c.recipe, "search")
-                if hit is not None:
-                    finished(c, hit, fresh=True)
+                hit = None if seen is not None else self._cached(c.recipe, "search")
+                if seen is not None or hit is not None:
+                    if generation is not None:
+                        scored[c.extra["index"]] = Outcome(*seen) if seen is not None else hit
+                    finished(c, Outcome(*seen) if seen is not None else hit, fresh=seen is None)
                     continue
                 key = next(keys)
                 inflight[key] = c
                 self.executor.submit(key, c.recipe, "dev")
                 if shared and c.trial is not None:  # stale (failed by others) only if this driver dies
                     self.study._storage.record_heartbeat(c.trial._trial_id)
+            # A generation driver's results are recorded only now, after the
+            # workers got their next candidates: a generation's last result is
+            # told, and the next generation handed out, before the storage write.
+            for c, outcome in unrecorded:
+                finished(c, outcome, fresh=True)
+            unrecorded = []
             if generation is not None and len(scored) == len(generation):
-                driver.tell(generation, [scored[i].values for i in range(len(generation))])
-                generation = None
-                continue
+                continue  # (cached or recorded members completed it)
             if not inflight:
                 break
             for key, result in self.executor.wait():
                 c = inflight.pop(key)
-                finished(c, self._outcome(c.recipe, "search", None, result), fresh=True)
+                outcome = self._outcome(c.recipe, "search", None, result)
+                if driver.asynchronous:
+                    finished(c, outcome, fresh=True)  # the sampler learns it before the next ask
+                    continue
+                scored[c.extra["index"]] = outcome
+                unrecorded.append((c, outcome))
         self.study.set_user_attr("elapsed_s", elapsed())
         if exhausted and budget.trials is not None and done < budget.trials and not spent(done):
             print(
