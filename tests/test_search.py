@@ -263,6 +263,8 @@ def _fails_cleanly(capsys, argv, fragment):
         ({"base_model": None}, "needs a base model"),
         ({"space": {"methods": ["slerp"], "search": {"t": {"per": "gradient", "points": 9}}}}, "exceed"),
         ({"driver": {"name": "annealing"}}, "driver.name"),
+        ({"executor": {"name": "dask"}}, "executor.name"),
+        ({"executor": {"name": "ray", "workers": 0}}, "executor.workers"),
         ({"models": ["models/missing"]}, "neither a local folder"),
         ({"models": ["OUTSIDE", "models/expert_b"]}, "outside"),
     ],
