@@ -388,7 +388,7 @@ class RouteMerger:
         import shutil
         from pathlib import Path
 
-        from evomerge.merge import build_model, check_output_folder, write_folder
+        from evomerge.merge import _pinned, build_model, check_output_folder, write_folder
         from evomerge.models import TOKENIZER_FILES
 
         out_dir = check_output_folder(out_dir, overwrite)
@@ -409,6 +409,9 @@ class RouteMerger:
             )
         folder = self.tokenizer_folder(recipe)
         meta = dict(recipe.metadata, fold_max_logit_difference=diff)
+        # Pin every source by sha256, as merge_to_disk does.
+        opened = {**(self.merger.sources if self.merger is not None else {}), **self.sources}
+        recipe = _pinned(recipe, opened)
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)

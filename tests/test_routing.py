@@ -18,6 +18,7 @@ the export refusing the default-init case instead of writing a wrong model.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 import textwrap
@@ -302,7 +303,11 @@ def test_export_and_reload_matches_the_routed_model(fam, tmp_path):
         assert config["num_hidden_layers"] == len(r.layers)
         if config.get("layer_types") is not None:
             assert len(config["layer_types"]) == len(r.layers)
-        assert Recipe.from_dict(yaml.safe_load((out / "recipe.yaml").read_text())).route == r
+        written = Recipe.from_dict(yaml.safe_load((out / "recipe.yaml").read_text()))
+        assert written.route == r
+        for src in written.sources:  # pinned by the sha256 of the weights used
+            files = sorted((fam.root / src.model).glob("*.safetensors"))
+            assert src.sha256 == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
         card = (out / "README.md").read_text()
         assert f"| {len(r.layers) - 1} | {r.layers[-1].model} | {r.layers[-1].layer} |" in card
         assert (out / "tokenizer.json").is_file()
@@ -425,7 +430,8 @@ def test_hybrid_merge_then_route(fam, tmp_path):
         assert float((logits(model, tokens(seed)) - want).abs().max()) <= TOL
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
     assert "ties merge" in (out / "README.md").read_text()
-    assert Recipe.from_dict(yaml.safe_load((out / "recipe.yaml").read_text())).route == r
+    written = Recipe.from_dict(yaml.safe_load((out / "recipe.yaml").read_text()))
+    assert written.route == r and all(src.sha256 for src in written.sources)
     assert route_to_passthrough(rec, fam.router.tied) is None  # mergekit cannot express a hybrid
 
     # Steps of "merge" are the in-place merge: the identity route over it is
