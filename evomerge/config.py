@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, field_error
 from evomerge.evaluate import EvalSpec
 
 
@@ -187,6 +187,4 @@ def load_config(path: str | Path, executor: dict[str, Any] | None = None) -> tup
     try:
         return SearchConfig.model_validate(data), path.resolve().parent
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise EvomergeError(f"search config {path}: {loc}: {err['msg']}; fix that field") from None
+        raise field_error(f"search config {path}", e) from None

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, field_error
 
 PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
 PERPLEXITY_MAX_TOKENS = 65536  # tokens scored per perplexity file when `samples` is not set
@@ -150,9 +150,7 @@ class EvalSpec(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise EvomergeError(f"{where}: {loc}: {err['msg']}; fix that field") from None
+            raise field_error(where, e) from None
 
 
 @dataclass

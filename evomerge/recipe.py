@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, field_error
 
 Scalar = bool | int | float | str
 # A route's name for the recipe's own merge, as a routing source (a hybrid).
@@ -282,9 +282,7 @@ class Recipe(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise EvomergeError(f"{where}: {loc}: {err['msg']}; fix that field") from None
+            raise field_error(where, e) from None
 
 
 def _dump(value: Any) -> Any:

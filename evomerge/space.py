@@ -36,7 +36,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, field_error
 from evomerge.methods import METHODS, MergeMethod, get_method
 from evomerge.recipe import MERGED, Conditional, Recipe, Route, RouteStep, Source
 
@@ -160,9 +160,7 @@ def load_space_spec(value: str | dict, root: Path) -> tuple[SpaceSpec, str]:
     try:
         return SpaceSpec.model_validate(data), where
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise EvomergeError(f"search space {where}: {loc}: {err['msg']}; fix that field") from None
+        raise field_error(f"search space {where}", e) from None
 
 
 class SearchSpace:

@@ -187,6 +187,16 @@ def score(model, tokenizer):
 """
 
 
+def slow_eval(experiment) -> dict:
+    """The sums task plus an objective that sleeps, for tests that act mid-search."""
+    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
+    objectives = [
+        {"task": "sums", "metric": "acc"},
+        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
+    ]
+    return {"include_path": "tasks", "objectives": objectives, "batch_size": 32}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["cma", "tpe"])
 def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, driver):
@@ -196,17 +206,12 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
     import sys
     import time
 
-    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
-    objectives = [
-        {"task": "sums", "metric": "acc"},
-        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
-    ]
     config = write_config(
         experiment,
         f"kill_{driver}.yaml",
         budget={"trials": 10},
         driver={"name": driver, "popsize": 4, "startup_trials": 3},
-        eval={"include_path": "tasks", "objectives": objectives, "batch_size": 32},
+        eval=slow_eval(experiment),
     )
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
@@ -389,17 +394,12 @@ def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
     import subprocess
     import sys
 
-    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
-    objectives = [
-        {"task": "sums", "metric": "acc"},
-        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
-    ]
     config = write_config(
         experiment,
         "shared.yaml",
         budget={"trials": 8},
         driver={"name": "tpe", "startup_trials": 3},
-        eval={"include_path": "tasks", "objectives": objectives, "batch_size": 32},
+        eval=slow_eval(experiment),
         storage=f"sqlite:///{tmp_path / 'shared.db'}",
     )
     procs = [

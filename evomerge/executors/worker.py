@@ -8,7 +8,6 @@ the search's own process; the Ray executor runs one per actor.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -120,9 +119,6 @@ class Worker:
             from evomerge.merge import InPlaceMerger
 
             self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside)
-
-    def info(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid()}
 
     def score(self, recipe: Recipe | dict, which: str = "dev") -> dict[str, Any]:
         """Merge ``recipe`` into the live model and score it.
