@@ -118,6 +118,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.report import write_report
+
+    out = write_report(args.run_dir, out=args.out, top=args.top)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Discover how to merge fine-tuned LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -161,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --merge folder")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="write an HTML report of a run: figures and tables, readable offline")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    r.add_argument("--top", type=int, default=20, help="search trials in the top-trials table")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser(
         "demo", help="build tiny demo models and experts (once), search for their best merge, report on held-out data"

@@ -222,7 +222,10 @@ def _encode(tok, pairs: list[tuple[str, str]], answer_only: bool):
     return ids, lab
 
 
-def _train(model, tok, batches, steps: int, lr: float, answer_only: bool, desc: str, progress: bool) -> None:
+def train_answers(model, tok, batches, steps: int, lr: float, answer_only: bool, desc: str, progress: bool) -> None:
+    """Train a causal LM on batches of (prompt, answer) pairs (AdamW, warmup
+    then cosine); with ``answer_only`` the loss is taken on the answers only.
+    Used by the demo and by experiments/smollm2_skills."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -278,7 +281,9 @@ def _pretrain(tok, exclude: set[str], progress: bool):
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", layers=LAYERS, hidden=HIDDEN))
     steps = PRETRAIN["steps"]
     batches = _batches(PRETRAIN_MIX, steps, PRETRAIN["batch"], exclude, f"{SEED}-pretrain", PRETRAIN_DOMAIN)
-    _train(model, tok, batches, steps, PRETRAIN["lr"], answer_only=False, desc="pretraining base", progress=progress)
+    train_answers(
+        model, tok, batches, steps, PRETRAIN["lr"], answer_only=False, desc="pretraining base", progress=progress
+    )
     return model
 
 
@@ -291,5 +296,5 @@ def _finetune(base: Path, skill: str, tok, exclude: set[str], progress: bool, na
     steps = FINETUNE["steps"]
     batches = _batches({skill: 1.0}, steps, FINETUNE["batch"], exclude, f"{SEED}-finetune-{skill}")
     desc = f"fine-tuning {name} ({skill})"
-    _train(model, tok, batches, steps, FINETUNE["lr"], answer_only=True, desc=desc, progress=progress)
+    train_answers(model, tok, batches, steps, FINETUNE["lr"], answer_only=True, desc=desc, progress=progress)
     return model

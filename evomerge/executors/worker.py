@@ -125,7 +125,8 @@ class Worker:
 
         ``which``: ``dev`` (the search's objectives), ``heldout``, or ``both``
         (held-out only when the dev score succeeded). Returns
-        ``{status, reason, values, metrics, seconds, eval_seconds}``, plus
+        ``{status, reason, values, metrics, seconds, merge_seconds,
+        eval_seconds}`` (``merge_seconds``: merging, or building a route), plus
         ``heldout`` (the same keys) for ``both``.
         """
         if which not in WHICH:
@@ -155,6 +156,7 @@ def _as_dict(score, merge_seconds: float) -> dict[str, Any]:
         "values": score.values,
         "metrics": score.metrics,
         "seconds": merge_seconds + score.seconds,
+        "merge_seconds": merge_seconds,
         "eval_seconds": score.eval_seconds,
     }
 

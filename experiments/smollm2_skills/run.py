@@ -1,0 +1,333 @@
+"""Evolve merges of SmolLM2-135M experts and write the held-out results table.
+
+One command runs everything, and running it again resumes where it stopped
+(the experts are cached, finished searches report at once, an interrupted
+search continues from its study, finished table rows are cached):
+
+    .venv/bin/python experiments/smollm2_skills/run.py
+
+Steps: build the base, the experts and the tasks (``problem.py``); run the
+searches one after another with ``evomerge search``; export each search's
+best recipe; merge every reported model to disk with ``evomerge merge``'s
+code path and score it on the held-out splits with lm-eval (one record per
+document, for the paired test); write ``results/table.md`` and
+``results/results.json``. ``--only NAME`` runs one search; ``--table-only``
+skips the searches; ``--compare`` also times one candidate done as
+``mergekit-yaml`` plus the ``lm_eval`` CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+RUNS = HERE / "runs"
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import problem  # noqa: E402
+
+TARGET = "fr_math"
+# Parameter space: the paper's layer-wise DARE-TIES (a weight and a density
+# per model per block), with blocks of 5 layers (6 blocks of SmolLM2's 30) so
+# that 24 dimensions suit a budget of 100 candidates.
+PS_SPACE = {
+    "methods": ["dare_ties"],
+    "search": {"weight": {"per": "block", "block": 5}, "density": {"per": "block", "block": 5}},
+    "fixed": {"lambda": 1.0},
+}
+# Data-flow space: the constrained path (position k runs layer k of the model
+# it picks), a scale per position.
+DFS_SPACE = {"routing": {"path": {}, "scale": "per_slot", "scale_bounds": [0.7, 1.3]}}
+TRIALS = 100
+SEARCHES = {  # name -> (space, driver, uses the fixed merge of ps_cma)
+    "ps_cma": (PS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, False),
+    "ps_tpe": (PS_SPACE, {"name": "tpe", "startup_trials": 10}, False),
+    "dfs_cma": (DFS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, False),
+    "ps_dfs_cma": (DFS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, True),
+}
+HELDOUT_TASKS = [problem.task_name(t, "test") for t in (TARGET, "math", "french")]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def evomerge_cli() -> str:
+    return str(Path(sys.executable).parent / "evomerge")
+
+
+def write_config(name: str) -> Path:
+    """The search config of one search, in WORK (its paths are relative to it)."""
+    import yaml
+
+    space, driver, hybrid = SEARCHES[name]
+    config = {
+        "base_model": "models/base",
+        "models": ["models/expert_math", "models/expert_french"],
+        "space": space,
+        "dtype": "float32",
+        "seed": 0,
+        "eval": {
+            "include_path": "tasks",
+            "batch_size": 64,
+            "objectives": [{"task": problem.task_name(TARGET, "dev"), "metric": "acc"}],
+        },
+        "heldout": {
+            "include_path": "tasks",
+            "batch_size": 64,
+            "objectives": [{"task": problem.task_name(TARGET, "test"), "metric": "acc"}],
+        },
+        "budget": {"trials": TRIALS},
+        "driver": driver,
+    }
+    if hybrid:
+        config["merge"] = "recipes/ps_cma.yaml"
+    path = WORK / f"search_{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_search(name: str) -> None:
+    if SEARCHES[name][2]:
+        export_best_search("ps_cma")
+    cmd = [evomerge_cli(), "search", str(write_config(name)), "--run-dir", str(RUNS / name)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=ENV)
+
+
+def best_search_trial(name: str):
+    """The best trial the search itself proposed (baselines excluded)."""
+    from evomerge.search import open_study
+
+    study, _ = open_study(RUNS / name)
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("kind") == "search" and t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs
+    ]
+    return study, max(done, key=lambda t: (t.user_attrs["fitness"], -t.number))
+
+
+def export_best_search(name: str) -> Path:
+    from evomerge.export import export_best
+
+    _, trial = best_search_trial(name)
+    out = WORK / "recipes" / f"{name}.yaml"
+    export_best(RUNS / name, out=out, trial=trial.number, progress=False)
+    return out
+
+
+# -- the table -------------------------------------------------------------------
+
+
+def reported_models() -> list[dict]:
+    """Rows: the base, the experts and the default merges (the baselines of
+    ps_cma), then each search's best recipe, with evaluations and wall time."""
+    from evomerge.export import export_best
+    from evomerge.search import open_study
+
+    study, _ = open_study(RUNS / "ps_cma")
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("status") == "ok":
+            name = t.user_attrs["name"]
+            out = WORK / "recipes" / f"baseline_{t.number}.yaml"
+            export_best(RUNS / "ps_cma", out=out, trial=t.number, progress=False)
+            rows.append({"name": name, "recipe": out, "dev": t.user_attrs["fitness"]})
+    for name in SEARCHES:
+        if not (RUNS / name / "run.yaml").is_file():
+            continue
+        study, trial = best_search_trial(name)
+        search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
+        timing = [t.user_attrs for t in search if t.user_attrs.get("status") == "ok" and not t.user_attrs.get("cached")]
+        rows.append(
+            {
+                "name": f"evolved: {name}",
+                "recipe": export_best_search(name),
+                "dev": trial.user_attrs["fitness"],
+                "trial": trial.number,
+                "evaluations": len(search),
+                "wall_min": study.user_attrs.get("elapsed_s", 0.0) / 60,
+                "per_candidate": {
+                    k: _median([a.get(k, 0.0) for a in timing]) for k in ("seconds", "merge_seconds", "eval_seconds")
+                },
+            }
+        )
+    return rows
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def score_heldout(recipe: Path, cache: dict) -> dict[str, list[float]]:
+    """Per-document accuracy of a recipe's merged model on the held-out tasks."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from evomerge.merge import merge_to_disk
+    from evomerge.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    key = rec.fingerprint()
+    if key in cache:
+        return cache[key]
+    out = WORK / "final" / key[:16]
+    if not (out / "config.json").is_file():
+        merge_to_disk(rec, out, root=recipe.parent, allow_outside=True, overwrite=True, progress=False)
+    lm = HFLM(pretrained=str(out), batch_size=64, device="cpu")
+    tasks = lm_eval.tasks.get_task_dict(
+        HELDOUT_TASKS, TaskManager(include_path=str(WORK / "tasks"), include_defaults=False)
+    )
+    res = lm_eval.evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    per_doc = {
+        name: [float(s["acc"]) for s in sorted(res["samples"][name], key=lambda s: s["doc_id"])]
+        for name in HELDOUT_TASKS
+    }
+    shutil.rmtree(out)
+    cache[key] = per_doc
+    return per_doc
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def mcnemar_p(a: list[float], b: list[float]) -> float:
+    """Two-sided exact McNemar test (binomial on the discordant documents)."""
+    wins = sum(1 for x, y in zip(a, b) if x > y)
+    losses = sum(1 for x, y in zip(a, b) if x < y)
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def write_table(rows: list[dict], cache_file: Path) -> str:
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    for row in rows:
+        t0 = time.perf_counter()
+        row["per_doc"] = score_heldout(row["recipe"], cache)
+        cache_file.write_text(json.dumps(cache))
+        print(f"scored {row['name']} in {time.perf_counter() - t0:.0f} s", flush=True)
+    target = HELDOUT_TASKS[0]
+    defaults = [r for r in rows if r["name"].split(" ")[0] in ("linear", "task_arithmetic", "ties", "dare_ties")]
+    best_default = max(defaults, key=lambda r: r["dev"]) if defaults else None
+    head = (
+        "| model | target fr_math held-out acc (SE) | vs best default merge: diff (SE), McNemar p "
+        "| math held-out | French held-out | target dev acc | evaluations | wall min |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        cells = [r["name"]]
+        for i, name in enumerate(HELDOUT_TASKS):
+            m, se = mean_se(r["per_doc"][name])
+            cells.append(f"{m:.3f} ({se:.3f})")
+            if i == 0:
+                if best_default is not None and r is not best_default and r["name"].startswith("evolved"):
+                    diffs = [x - y for x, y in zip(r["per_doc"][target], best_default["per_doc"][target])]
+                    d, dse = mean_se(diffs)
+                    p = mcnemar_p(r["per_doc"][target], best_default["per_doc"][target])
+                    cells.append(f"{d:+.3f} ({dse:.3f}), p={p:.3f}")
+                else:
+                    cells.append("")
+        cells.append(f"{r['dev']:.3f}")
+        cells.append(str(r.get("evaluations", "")))
+        cells.append(f"{r['wall_min']:.0f}" if "wall_min" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        f"\nBest default merge on dev (the reference of the paired test): {best_default['name']}.\n"
+        if best_default
+        else ""
+    )
+    return head + "\n".join(lines) + "\n" + note
+
+
+def compare_with_cli(name: str = "ps_cma") -> dict:
+    """One candidate (the search's best) as mergekit-yaml plus the lm_eval CLI,
+    against evomerge's median time per candidate in that search."""
+    from evomerge.export import export_best
+
+    _, trial = best_search_trial(name)
+    cfg = WORK / "recipes" / f"{name}_mergekit.yaml"
+    export_best(RUNS / name, out=cfg, fmt="mergekit", trial=trial.number, progress=False)
+    out = WORK / "compare_merged"
+    shutil.rmtree(out, ignore_errors=True)
+    bin_dir = Path(sys.executable).parent
+    t0 = time.perf_counter()
+    subprocess.run(
+        [str(bin_dir / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0"], check=True, env=ENV, cwd=cfg.parent
+    )
+    merge_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            str(bin_dir / "lm_eval"),
+            "--model", "hf",
+            "--model_args", f"pretrained={out}",
+            "--tasks", problem.task_name(TARGET, "dev"),
+            "--include_path", str(WORK / "tasks"),
+            "--batch_size", "64",
+            "--device", "cpu",
+        ],
+        check=True,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    eval_s = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return {"mergekit_yaml_s": merge_s, "lm_eval_cli_s": eval_s, "total_s": merge_s + eval_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=list(SEARCHES), action="append", help="run only this search (repeatable)")
+    ap.add_argument("--table-only", action="store_true", help="skip the searches; write the table")
+    ap.add_argument("--no-table", action="store_true", help="run the searches only")
+    ap.add_argument("--compare", action="store_true", help="also time mergekit-yaml + lm_eval CLI on one candidate")
+    args = ap.parse_args(argv)
+    paths = problem.build(WORK)
+    print("built:", {k: str(v) for k, v in paths.items()}, flush=True)
+    if not args.table_only:
+        for name in args.only or SEARCHES:
+            run_search(name)
+    if args.no_table:
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    rows = reported_models()
+    table = write_table(rows, WORK / "heldout_cache.json")
+    (RESULTS / "table.md").write_text(table)
+    summary = {
+        "trials_per_search": TRIALS,
+        "searches": {name: {"space": s, "driver": d, "fixed_merge": h} for name, (s, d, h) in SEARCHES.items()},
+        "rows": [
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items() if k != "per_doc"}
+            | {"heldout": {t: mean_se(r["per_doc"][t]) for t in HELDOUT_TASKS}}
+            for r in rows
+        ],
+        "build": json.loads((WORK / "problem.json").read_text()),
+    }
+    if args.compare:
+        summary["cli_candidate"] = compare_with_cli()
+    (RESULTS / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
