@@ -39,7 +39,7 @@ import problem  # noqa: E402
 TARGET = "fr_math"
 # Parameter space: the paper's layer-wise DARE-TIES (a weight and a density
 # per model per block), with blocks of 5 layers (6 blocks of SmolLM2's 30) so
-# that 24 dimensions suit a budget of 100 candidates.
+# that 24 dimensions suit a budget of 80 candidates.
 PS_SPACE = {
     "methods": ["dare_ties"],
     "search": {"weight": {"per": "block", "block": 5}, "density": {"per": "block", "block": 5}},
@@ -48,12 +48,12 @@ PS_SPACE = {
 # Data-flow space: the constrained path (position k runs layer k of the model
 # it picks), a scale per position.
 DFS_SPACE = {"routing": {"path": {}, "scale": "per_slot", "scale_bounds": [0.7, 1.3]}}
-TRIALS = 100
+TRIALS = 80
 SEARCHES = {  # name -> (space, driver, uses the fixed merge of ps_cma)
     "ps_cma": (PS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, False),
-    "ps_tpe": (PS_SPACE, {"name": "tpe", "startup_trials": 10}, False),
     "dfs_cma": (DFS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, False),
     "ps_dfs_cma": (DFS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, True),
+    "ps_tpe": (PS_SPACE, {"name": "tpe", "startup_trials": 10}, False),
 }
 HELDOUT_TASKS = [problem.task_name(t, "test") for t in (TARGET, "math", "french")]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -88,7 +88,7 @@ def write_config(name: str) -> Path:
         "driver": driver,
     }
     if hybrid:
-        config["merge"] = "recipes/ps_cma.yaml"
+        config["merge"] = "best_ps_cma.yaml"
     path = WORK / f"search_{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -119,7 +119,7 @@ def export_best_search(name: str) -> Path:
     from evomerge.export import export_best
 
     _, trial = best_search_trial(name)
-    out = WORK / "recipes" / f"{name}.yaml"
+    out = WORK / f"best_{name}.yaml"  # beside the models, so its paths stay inside its folder
     export_best(RUNS / name, out=out, trial=trial.number, progress=False)
     return out
 
