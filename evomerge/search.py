@@ -219,10 +219,7 @@ class Run:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         own = self.cfg.storage is None
-        storage = optuna.storages.RDBStorage(
-            self.storage_url,
-            **({} if own else {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)}),
-        )
+        storage = self._rdb_storage(own)
         multi = self.cfg.driver.name == "nsga2"
         directions = [o.direction for o in self.objectives] if multi else ["maximize"]
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
@@ -237,6 +234,23 @@ class Run:
         study.set_user_attr("space_fingerprint", self.space.fingerprint())
         study.set_user_attr("config_fingerprint", self.cfg.fingerprint())
         return study
+
+    def _rdb_storage(self, own: bool, attempts: int = 5):
+        import optuna
+        import sqlalchemy.exc
+
+        options = {} if own else {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)}
+        for attempt in range(attempts):
+            try:
+                return optuna.storages.RDBStorage(self.storage_url, **options)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+                # Two drivers starting at once on a new shared database both
+                # create its tables and stamp its schema version; the loser
+                # finds them made when it tries again.
+                if own or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _trials(self):
         import optuna

@@ -421,3 +421,40 @@ def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     # the drivers proposed different points (their seeds are salted)
     assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)
+
+
+def _open_shared_storage(url, queue):
+    from evomerge.search import Run
+
+    class Shared:
+        storage_url = url
+
+    try:
+        Run._rdb_storage(Shared(), own=False)
+        queue.put("ok")
+    except Exception as e:  # noqa: BLE001 - the test reports what went wrong
+        queue.put(f"{type(e).__name__}: {e}"[:200])
+
+
+def test_drivers_starting_together_on_a_new_shared_database(tmp_path):
+    # Both create the tables and stamp the schema version; without a retry
+    # about a third of such starts failed ("UNIQUE constraint failed:
+    # alembic_version"), so 12 pairs all succeeding would be luck.
+    import multiprocessing
+
+    import optuna  # noqa: F401 - imported before forking, so both start at once
+
+    ctx = multiprocessing.get_context("fork")
+    results = []
+    for i in range(6):
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_open_shared_storage, args=(f"sqlite:///{tmp_path / f'{i}.db'}", queue))
+            for _ in range(2)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        results += [queue.get(timeout=5) for _ in procs]
+    assert results == ["ok"] * 12, results
