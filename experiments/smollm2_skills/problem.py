@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import time
 from pathlib import Path
 
 VERSION = 1
@@ -213,8 +214,6 @@ def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
             torch.manual_seed(SEED)
             steps, batch = settings["steps"], settings["batch"]
             batches = _math_batches(steps, batch, exclude) if name == "expert_math" else _french_batches(steps, batch)
-            import time
-
             t0 = time.perf_counter()
             train_answers(model, tok, batches, steps, settings["lr"], True, f"fine-tuning {name}", progress)
             timings[name] = round(time.perf_counter() - t0, 1)
