@@ -50,3 +50,44 @@ def test_fused_in_place_equals_disk(llama, tmp_path, dtype, masks, monkeypatch):
         assert not changed, changed[:3]
         assert any(not torch.equal(disk[k], load_file(llama.base / "model.safetensors")[k]) for k in disk)
     assert bool(rank_calls) == by_rank
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("consensus", [True, False])
+def test_wide_arithmetic_rounds_as_the_narrow_dtype_does(dtype, consensus):
+    # The compiled kernel holds narrow values in float32 and rounds only where
+    # a narrow operation would change the result; eagerly it must give the
+    # same bits as the plain narrow arithmetic, for every combination of
+    # masks, rescale factors, work dtypes, weights and lambda.
+    from evomerge.methods.task_arithmetic import combine
+
+    g = torch.Generator().manual_seed(0)
+    n = 50_000
+    base = torch.randn(n, generator=g).to(dtype)
+    deltas = [(torch.randn(n, generator=g) * s).to(dtype) for s in (0.02, 0.05, 0.01)]
+    keeps = [torch.rand(n, generator=g) < 0.6, None, torch.rand(n, generator=g) < 0.3]
+    work = torch.float32 if dtype == torch.float16 else dtype
+    factors = [torch.tensor(1.37, dtype=work), None, None]
+    works = (work, None, work)
+    for weights, lam, normalize in [([0.7, 0.35, 1.1], 1.3, True), ([0.31, -0.52, 0.9], 0.77, False)]:
+        args = (
+            base,
+            deltas,
+            keeps,
+            [None] * 3,
+            [None] * 3,
+            factors,
+            works,
+            torch.tensor(weights, dtype=dtype),
+            torch.tensor([lam], dtype=torch.float32),
+            consensus,
+            normalize,
+        )
+        narrow = combine(*args)
+        wide = combine(*args, wide=True)
+        assert wide.dtype == narrow.dtype == dtype
+        assert torch.equal(wide, narrow)
+        # Rounding once at the end, in float32, gives other bits: the test sees them.
+        wide_args = (base.float(), [d.float() for d in deltas], *args[2:7], args[7].float(), *args[8:])
+        once = combine(*wide_args).to(dtype)
+        assert not torch.equal(once, narrow)

@@ -209,16 +209,16 @@ def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: in
     raise AssertionError(how)
 
 
-def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over models, accumulated in float32 and rounded once, as mergekit's
-    sum over a stacked dimension is (bit for bit in bf16 and fp16). Written
-    as adds rather than stack().sum() so that torch.compile fuses it."""
-    dtype = tensors[0].dtype
+def _sum(tensors: list[torch.Tensor], dtype: torch.dtype, rnd: Callable) -> torch.Tensor:
+    """Sum over models, accumulated in float32 (float64 for float64) and
+    rounded once to ``dtype``, as mergekit's sum over a stacked dimension is
+    (bit for bit in bf16 and fp16). Written as adds rather than
+    stack().sum() so that torch.compile fuses it."""
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     acc = tensors[0].to(acc_dtype)
     for t in tensors[1:]:
         acc = acc + t.to(acc_dtype)
-    return acc.to(dtype)
+    return rnd(acc, dtype)
 
 
 def combine(
@@ -234,6 +234,7 @@ def combine(
     consensus: bool,
     normalize: bool,
     out: torch.Tensor | None = None,
+    wide: bool = False,
 ) -> torch.Tensor:
     """The elementwise part of generalized task arithmetic, on flat tensors.
 
@@ -241,39 +242,61 @@ def combine(
     before; what is left is elementwise, so ``torch.compile`` can fuse it into
     one pass (see ``fused_combine``) without changing a bit. With ``out``, the
     result is written there (converted to its dtype) and ``out`` returned.
+
+    ``wide`` holds bfloat16 / float16 values in float32 and rounds them
+    explicitly, only where an eager operation in the narrow dtype changes a
+    result (products by a 0/1 mask, or of two narrow values, are exact in
+    float32). Same bits as the eager narrow arithmetic (a test checks it), but
+    compiled it needs a few round trips per entry, where inductor's precision
+    emulation of the narrow code adds one after every operation.
     """
+    dtype = base.dtype
+    wide = wide and dtype in (torch.bfloat16, torch.float16)
+    high = torch.float32 if wide else dtype
+
+    def rnd(t: torch.Tensor, to: torch.dtype) -> torch.Tensor:
+        return t.to(to).to(high) if wide else t.to(to)
+
+    w = weights.to(high)
     weighted = []
     for j, d in enumerate(deltas):
-        work = works[j] or d.dtype
+        work = works[j] or dtype
         keep = keeps[j]
         if ranks[j] is not None:
             keep = (ranks[j] >= cuts[j][0:1]) & (ranks[j] <= cuts[j][1:2])
         elif cuts[j] is not None:
             magnitude = d.abs()
             keep = (magnitude > cuts[j][0:1]) & (magnitude < cuts[j][1:2])
-        if keep is not None:
-            masked = d.to(work) * keep.to(work)
+        d = d.to(high)
+        if keep is not None and work == dtype and factors[j] is None:
+            d = d * keep.to(high)  # exact: no rounding
+        elif keep is not None:
+            masked = rnd(d, work) * keep.to(high)
             if factors[j] is not None:
-                masked = masked * factors[j]
-            d = masked.to(d.dtype)
-        weighted.append(d * weights[j])
+                masked = rnd(masked * factors[j], work)
+            d = rnd(masked, dtype)
+        weighted.append(rnd(d * w[j], dtype))
 
     if consensus:
         # TIES: keep only entries whose sign agrees with the sign of the sum.
-        positive = _sum(weighted) >= 0
-        agree = [torch.where(positive, wd > 0, wd < 0).to(base.dtype) for wd in weighted]
-        mixed = _sum([wd * a for wd, a in zip(weighted, agree)])
-        divisor = _sum([weights[j] * a for j, a in enumerate(agree)])
+        # Rounding a nonzero sum of narrow values never makes it zero or
+        # flips its sign, so the sign test can skip that round trip.
+        positive = _sum(weighted, dtype, rnd if not wide else lambda t, to: t) >= 0
+        agree = [torch.where(positive, wd > 0, wd < 0).to(high) for wd in weighted]
+        mixed = _sum([wd * a for wd, a in zip(weighted, agree)], dtype, rnd)
+        divisor = _sum([w[j] * a for j, a in enumerate(agree)], dtype, rnd)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = _sum(weighted)
-        divisor = weights.sum()
+        mixed = _sum(weighted, dtype, rnd)
+        divisor = rnd(w.sum(), dtype)
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
 
     if normalize:
-        mixed = mixed / divisor
-    mixed = (mixed * lam).to(mixed.dtype)
-    result = (base + mixed).to(base.dtype)
+        mixed = rnd(mixed / divisor, dtype)
+    # lam is a one-element float32 tensor: the product is taken in float32
+    # (float64 for float64 tensors) and rounded back, as PyTorch does it.
+    mixed = rnd(mixed * lam, dtype)
+    result = rnd(base.to(high) + mixed, dtype).to(dtype)
     return result if out is None else out.copy_(result)
 
 
@@ -283,9 +306,10 @@ _FUSED = None
 def fused_combine():
     """``combine`` compiled with torch.compile into a single fused pass.
 
-    ``emulate_precision_casts`` makes the fused code round wherever eager
-    PyTorch rounds, so the result is bit-identical to ``combine`` (a test
-    checks it); shapes are dynamic, so one compilation serves every tensor.
+    Called with ``wide=True``. ``emulate_precision_casts`` keeps the explicit
+    narrow round trips that inductor would otherwise drop, so the result is
+    bit-identical to eager ``combine`` (a test checks it); shapes are
+    dynamic, so one compilation serves every tensor.
     """
     global _FUSED
     if _FUSED is None:
@@ -329,6 +353,7 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
         lam,
         *consensus_normalize,
         x.out.reshape(-1) if x.out is not None else None,
+        wide=x.fuse,
     )
     ties = [s.ties for s in plans if s.ties is not None and s.ties.numel()]
     if ties:
