@@ -43,8 +43,12 @@ class DriverSettings(_Strict):
 class Budget(_Strict):
     trials: int | None = None  # search trials (baselines not counted)
     minutes: float | None = None  # wall time, summed over resumed sessions
+    # With a held-out set: how many of the best search trials (by dev fitness)
+    # are scored on it at the end, besides the best trial. More than one shows
+    # how far the dev ranking carries over to unseen data.
+    heldout_top: int = 1
 
-    @field_validator("trials", "minutes")
+    @field_validator("trials", "minutes", "heldout_top")
     @classmethod
     def _positive(cls, v):
         if v is not None and v <= 0:

@@ -684,14 +684,44 @@ class Run:
         return best_trial(self.study)
 
     def finish(self) -> dict[str, Any]:
-        """Score the best recipe on the held-out set (once) and return a summary."""
-        best = self.best_trial()
-        if best is not None and self.cfg.heldout is not None and "heldout" not in trial_attrs(self.study, best):
-            # A finished Optuna trial cannot be updated: its held-out score
-            # goes into the study's attributes (read through trial_attrs).
-            recipe = Recipe.model_validate(best.user_attrs["recipe"])
-            self.study.set_user_attr(f"heldout_{best.number}", self._heldout_attrs(self.score_now(recipe, "heldout")))
+        """Score the best recipe, and the ``budget.heldout_top`` best search
+        trials, on the held-out set (each once); return a summary."""
+        if self.cfg.heldout is not None:
+            self._score_heldout(self._heldout_picks())
         return {"best": best_trial(self.study), "study": self.study}
+
+    def _heldout_picks(self) -> list:
+        """The best trial, then the best search trials by fitness, not yet
+        scored on the held-out set."""
+        ok = [t for t in self._trials() if t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs]
+        ranked = sorted(
+            (t for t in ok if t.user_attrs.get("kind") == "search"), key=lambda t: (-t.user_attrs["fitness"], t.number)
+        )
+        best = self.best_trial()
+        picks = ([best] if best is not None else []) + ranked[: self.cfg.budget.heldout_top]
+        seen, out = set(), []
+        for t in picks:
+            if t.number not in seen and "heldout" not in trial_attrs(self.study, t):
+                seen.add(t.number)
+                out.append(t)
+        return out
+
+    def _score_heldout(self, trials: list) -> None:
+        # Submitted together, so that every worker of a Ray run takes one. A
+        # finished Optuna trial cannot be updated: each held-out score goes
+        # into the study's attributes (read through trial_attrs).
+        if not trials:
+            return
+        from tqdm.auto import tqdm
+
+        self.open_executor()
+        for t in trials:
+            self.executor.submit(("heldout", t.number), Recipe.model_validate(t.user_attrs["recipe"]), "heldout")
+        with tqdm(total=len(trials), desc="held-out", unit="trial", disable=not self.progress) as bar:
+            while self.executor.pending():
+                for (_, number), result in self.executor.wait():
+                    self.study.set_user_attr(f"heldout_{number}", self._heldout_attrs(result))
+                    bar.update()
 
     def close(self) -> None:
         if self.executor is not None:

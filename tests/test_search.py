@@ -69,6 +69,40 @@ def test_scores_are_real_and_the_best_gets_a_heldout_score(experiment, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_top_search_trials_get_heldout_scores_when_asked(experiment, tmp_path):
+    # budget.heldout_top may be raised on a finished run (the budget is not
+    # part of the run's identity): resuming scores only what is missing.
+    from evomerge.recipe import Recipe
+    from evomerge.search import trial_attrs
+
+    run_dir = tmp_path / "run"
+    assert main(["search", str(write_config(experiment)), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    config = write_config(experiment, budget={"trials": 6, "heldout_top": 3})
+    run = Run(config, run_dir, progress=False)
+    try:
+        calls = []
+        score = run.worker.score
+        run.worker.score = lambda recipe, which: calls.append(which) or score(recipe, which)
+        run.search()
+        study = run.study
+        ranked = sorted(trials(run_dir, "search"), key=lambda t: (-t.user_attrs["fitness"], t.number))
+        scored = [t for t in ranked if "heldout_fitness" in trial_attrs(study, t)]
+        assert [t.number for t in scored] == [t.number for t in ranked[:3]]
+        # the best was scored by the first session; this one scored the next two only
+        assert calls == ["heldout", "heldout"]
+        # each recorded held-out score is the recipe's real score on the held-out tasks
+        for t in scored:
+            model = run.worker.merger.apply(Recipe.model_validate(t.user_attrs["recipe"]))
+            again = run.worker.heldout.score(model).fitness(list(run.cfg.heldout.objectives))
+            assert again == trial_attrs(study, t)["heldout_fitness"]
+        calls.clear()
+        run.finish()
+        assert calls == []
+    finally:
+        run.close()
+
+
+@pytest.mark.slow
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(experiment, tmp_path, monkeypatch):
     run = Run(write_config(experiment), tmp_path / "run", progress=False)
     real = run.worker.merger.apply

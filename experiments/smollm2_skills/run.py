@@ -49,6 +49,9 @@ PS_SPACE = {
 # it picks), a scale per position.
 DFS_SPACE = {"routing": {"path": {}, "scale": "per_slot", "scale_bounds": [0.7, 1.3]}}
 TRIALS = 80
+# Score this many of each search's best trials (by dev) on the held-out set:
+# how far the dev ranking carries over to unseen documents.
+HELDOUT_TOP = 5
 SEARCHES = {  # name -> (space, driver, uses the fixed merge of ps_cma)
     "ps_cma": (PS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, False),
     "dfs_cma": (DFS_SPACE, {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}, False),
@@ -84,7 +87,7 @@ def write_config(name: str) -> Path:
             "batch_size": 64,
             "objectives": [{"task": problem.task_name(TARGET, "test"), "metric": "acc"}],
         },
-        "budget": {"trials": TRIALS},
+        "budget": {"trials": TRIALS, "heldout_top": HELDOUT_TOP},
         "driver": driver,
     }
     if hybrid:
@@ -294,6 +297,31 @@ def compare_with_cli(name: str = "ps_cma") -> dict:
     return {"mergekit_yaml_s": merge_s, "lm_eval_cli_s": eval_s, "total_s": merge_s + eval_s}
 
 
+def overfit_table() -> str:
+    """Per search: the best trials by dev, their held-out scores, the gap."""
+    from evomerge.search import trial_attrs
+
+    lines = [
+        "| search | trials scored on held-out | mean dev acc | mean held-out acc | dev - held-out "
+        "| every search trial: mean dev acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in SEARCHES:
+        if not (RUNS / name / "run.yaml").is_file():
+            continue
+        study, _ = best_search_trial(name)
+        search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
+        ok = [t for t in search if t.user_attrs.get("status") == "ok"]
+        scored = [trial_attrs(study, t) for t in ok if "heldout_fitness" in trial_attrs(study, t)]
+        if not scored:
+            continue
+        dev = sum(a["fitness"] for a in scored) / len(scored)
+        held = sum(a["heldout_fitness"] for a in scored) / len(scored)
+        every = sum(t.user_attrs["fitness"] for t in ok) / len(ok)
+        lines.append(f"| {name} | {len(scored)} | {dev:.3f} | {held:.3f} | {dev - held:+.3f} | {every:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=list(SEARCHES), action="append", help="run only this search (repeatable)")
@@ -311,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     rows = reported_models()
     table = write_table(rows, WORK / "heldout_cache.json")
+    table += "\nThe best trials of each search by dev, scored on held-out data:\n\n" + overfit_table()
     (RESULTS / "table.md").write_text(table)
     summary = {
         "trials_per_search": TRIALS,
