@@ -482,10 +482,14 @@ def write_choice_task(
     choices: str = "choices",
     label: str = "label",
     metadata: dict[str, Any] | None = None,
+    metrics: Sequence[str] = ("acc",),
 ) -> Path:
     """Write a local lm-eval multiple-choice task: ``NAME.jsonl`` (the docs)
-    and ``NAME.yaml`` (scored by ``acc`` on its validation split) in
-    ``folder``; point an objective's ``include_path`` at the folder.
+    and ``NAME.yaml`` (scored by ``metrics`` on its validation split, by
+    default ``acc``) in ``folder``; point an objective's ``include_path`` at
+    the folder. Any of lm-eval's multiple-choice metrics can be added, e.g.
+    ``brier_score`` (lower is better), which, unlike accuracy, moves with the
+    probability given to the right answer even when the argmax does not.
 
     Each doc holds a prompt (field ``text``), a list of choices and the index
     of the right one. The YAML names the data file by absolute path (lm-eval
@@ -509,7 +513,8 @@ def write_choice_task(
         "doc_to_text": text,
         "doc_to_choice": choices,
         "doc_to_target": label,
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        # lm-eval fills in each metric's registered aggregation and direction.
+        "metric_list": [{"metric": m} for m in metrics],
         **({"metadata": metadata} if metadata else {}),
     }
     path = folder / f"{name}.yaml"

@@ -373,3 +373,43 @@ def test_paths_and_callables_are_checked_at_construction(tiny, root, tmp_path):
         _evaluator(tiny, root, [{"custom": "evomerge_test_objective:missing", "metric": "score"}])
     with pytest.raises(EvomergeError, match="cannot load a tokenizer"):
         Evaluator(EvalSpec(objectives=[ObjectiveSpec(perplexity="heldout.txt")]), tokenizer=tmp_path, root=root)
+
+
+def test_a_choice_task_can_be_scored_by_brier_score(tiny, tmp_path):
+    # write_choice_task's extra metrics reach the objectives: the Brier score of
+    # the softmax over each doc's choice log-likelihoods, computed here by hand.
+    from evomerge.evaluate import write_choice_task
+
+    docs = [
+        {"q": f"{a} + {b} =", "choices": [f"{a + b}", f"{a + b + 1}", f"{a}"], "label": 0}
+        for a, b in ((1, 2), (3, 4), (5, 1), (2, 2))
+    ]
+    write_choice_task(tmp_path / "tasks", "sums_b", docs, metrics=("acc", "brier_score"))
+    spec = EvalSpec(
+        objectives=[
+            ObjectiveSpec(task="sums_b", metric="brier_score", direction="minimize"),
+            ObjectiveSpec(task="sums_b", metric="acc"),
+        ],
+        include_path="tasks",
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
+    score = Evaluator(spec, tokenizer=tiny, root=tmp_path).score(model)
+    assert score.status == "ok", score.reason
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny)
+    brier, acc = [], []
+    for d in docs:
+        ctx = tok(d["q"], add_special_tokens=False).input_ids
+        lls = []
+        for c in d["choices"]:
+            cont = tok(" " + c, add_special_tokens=False).input_ids
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            lls.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        p = torch.softmax(torch.tensor(lls), 0)
+        brier.append(float(((p - torch.eye(len(lls))[d["label"]]) ** 2).sum()))
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == d["label"]))
+    values = list(score.values.values())
+    assert values[0] == pytest.approx(sum(brier) / len(brier), rel=1e-4)
+    assert values[1] == sum(acc) / len(acc)

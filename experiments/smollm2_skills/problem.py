@@ -222,7 +222,13 @@ def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
         built = {"version": VERSION, "finetune_seconds": timings}
     for task, splits in items.items():
         for split, docs in splits.items():
-            write_choice_task(paths["tasks"], task_name(task, split), docs, metadata={"version": VERSION})
+            write_choice_task(
+                paths["tasks"],
+                task_name(task, split),
+                docs,
+                metadata={"version": VERSION},
+                metrics=("acc", "brier_score"),
+            )
     stamp.write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
     return paths
 
