@@ -69,7 +69,8 @@ def test_wide_arithmetic_rounds_as_the_narrow_dtype_does(dtype, consensus):
     work = torch.float32 if dtype == torch.float16 else dtype
     factors = [torch.tensor(1.37, dtype=work), None, None]
     works = (work, None, work)
-    for weights, lam, normalize in [([0.7, 0.35, 1.1], 1.3, True), ([0.31, -0.52, 0.9], 0.77, False)]:
+    cases = [([0.7, 0.35, 1.1], 1.3, True), ([0.31, -0.52, 0.9], 0.77, False), ([0.5, 0.5, 0.5], None, True)]
+    for weights, lam, normalize in cases:
         args = (
             base,
             deltas,
@@ -79,7 +80,7 @@ def test_wide_arithmetic_rounds_as_the_narrow_dtype_does(dtype, consensus):
             factors,
             works,
             torch.tensor(weights, dtype=dtype),
-            torch.tensor([lam], dtype=torch.float32),
+            None if lam is None else torch.tensor([lam], dtype=torch.float32),
             consensus,
             normalize,
         )

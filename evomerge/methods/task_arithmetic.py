@@ -230,7 +230,7 @@ def combine(
     factors: list[torch.Tensor | None],
     works: tuple[torch.dtype | None, ...],
     weights: torch.Tensor,
-    lam: torch.Tensor,
+    lam: torch.Tensor | None,
     consensus: bool,
     normalize: bool,
     out: torch.Tensor | None = None,
@@ -293,10 +293,12 @@ def combine(
 
     if normalize:
         mixed = rnd(mixed / divisor, dtype)
-    # lam is a one-element float32 tensor: the product is taken in float32
-    # (float64 for float64 tensors) and rounded back, as PyTorch does it.
-    mixed = rnd(mixed * lam, dtype)
-    result = rnd(base.to(high) + mixed, dtype).to(dtype)
+    if lam is not None:
+        # A one-element float32 tensor: the product is taken in float32
+        # (float64 for float64 tensors) and rounded back, as PyTorch does it.
+        mixed = rnd(mixed * lam, dtype)
+    # Converting to dtype rounds once, as rnd() would.
+    result = (base.to(high) + mixed).to(dtype)
     return result if out is None else out.copy_(result)
 
 
@@ -335,9 +337,9 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
     weights = torch.tensor(p["weight"], dtype=base.dtype, device=base.device)
     # A one-element float32 tensor, cast back after the product: that is how
     # PyTorch computes "tensor * python float", and a 0-d tensor would become
-    # a double-precision scalar under torch.compile. x * 1 == x, so always
-    # multiplying keeps one compiled variant, not two.
-    lam = torch.tensor([p["lambda"]], dtype=torch.float32, device=base.device)
+    # a double-precision scalar under torch.compile. x * 1 == x: lambda 1
+    # (the usual value) skips the product and its rounding.
+    lam = None if p["lambda"] == 1.0 else torch.tensor([p["lambda"]], dtype=torch.float32, device=base.device)
     factors = [s.factor for s in plans]
     works = tuple(s.work for s in plans)
     consensus_normalize = (consensus, p["normalize"])
