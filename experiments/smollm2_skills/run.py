@@ -121,7 +121,7 @@ def best_search_trial(name: str):
         for t in study.get_trials(deepcopy=False)
         if t.user_attrs.get("kind") == "search" and t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs
     ]
-    return study, max(done, key=lambda t: (t.user_attrs["fitness"], -t.number))
+    return study, max(done, key=lambda t: (t.user_attrs["fitness"], -t.number)) if done else None
 
 
 def export_best_search(name: str) -> Path:
@@ -136,7 +136,7 @@ def export_best_search(name: str) -> Path:
 # -- the table -------------------------------------------------------------------
 
 
-def reported_models() -> list[dict]:
+def reported_models(searches: list[str]) -> list[dict]:
     """Rows: the base, the experts and the default merges (the baselines of
     ps_cma), then each search's best recipe, with evaluations and wall time."""
     from evomerge.export import export_best
@@ -150,10 +150,12 @@ def reported_models() -> list[dict]:
             out = WORK / "recipes" / f"baseline_{t.number}.yaml"
             export_best(RUNS / "ps_cma", out=out, trial=t.number, progress=False)
             rows.append({"name": name, "recipe": out, "dev": t.user_attrs["metrics"][DEV_ACC]})
-    for name in SEARCHES:
+    for name in searches:
         if not (RUNS / name / "run.yaml").is_file():
             continue
         study, trial = best_search_trial(name)
+        if trial is None:
+            continue  # started, no candidate scored yet
         search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
         timing = [t.user_attrs for t in search if t.user_attrs.get("status") == "ok" and not t.user_attrs.get("cached")]
         rows.append(
@@ -330,7 +332,9 @@ def overfit_table() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=list(SEARCHES), action="append", help="run only this search (repeatable)")
+    ap.add_argument(
+        "--only", choices=list(SEARCHES), action="append", help="run (and tabulate) only this search (repeatable)"
+    )
     ap.add_argument("--table-only", action="store_true", help="skip the searches; write the table")
     ap.add_argument("--no-table", action="store_true", help="run the searches only")
     ap.add_argument("--compare", action="store_true", help="also time mergekit-yaml + lm_eval CLI on one candidate")
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_table:
         return 0
     RESULTS.mkdir(exist_ok=True)
-    rows = reported_models()
+    rows = reported_models(args.only or list(SEARCHES))
     table = write_table(rows, WORK / "heldout_cache.json")
     table += "\nThe best trials of each search by dev, scored on held-out data:\n\n" + overfit_table()
     (RESULTS / "table.md").write_text(table)
@@ -357,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "build": json.loads((WORK / "problem.json").read_text()),
     }
+    old = json.loads((RESULTS / "results.json").read_text()) if (RESULTS / "results.json").is_file() else {}
     if args.compare:
         summary["cli_candidate"] = compare_with_cli()
+    elif "cli_candidate" in old:
+        summary["cli_candidate"] = old["cli_candidate"]  # measured by an earlier --compare
     (RESULTS / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(table)
     return 0
