@@ -473,6 +473,15 @@ class Evaluator:
 # -- helpers ---------------------------------------------------------------------
 
 
+# Spelled out, so that lm-eval does not warn that it falls back on defaults;
+# any other metric gets lm-eval's registered aggregation and direction.
+_METRIC_ENTRY = {
+    "acc": {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+    "acc_norm": {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+    "brier_score": {"metric": "brier_score", "aggregation": "brier_score", "higher_is_better": False},
+}
+
+
 def write_choice_task(
     folder: str | Path,
     name: str,
@@ -513,8 +522,7 @@ def write_choice_task(
         "doc_to_text": text,
         "doc_to_choice": choices,
         "doc_to_target": label,
-        # lm-eval fills in each metric's registered aggregation and direction.
-        "metric_list": [{"metric": m} for m in metrics],
+        "metric_list": [_METRIC_ENTRY.get(m, {"metric": m}) for m in metrics],
         **({"metadata": metadata} if metadata else {}),
     }
     path = folder / f"{name}.yaml"
