@@ -3,9 +3,12 @@ or from training into evaluation (no model is built here)."""
 
 import importlib.util
 import itertools
+import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
+import yaml
 
 PROBLEM = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_skills" / "problem.py"
 
@@ -76,3 +79,47 @@ def test_training_never_sees_an_evaluation_item(problem):
     # the French expert never sees the "X = ?" form the French task and the target use
     assert not any(p.endswith("= ?\nA:") for p in french_prompts)
     assert not set(french_prompts) & eval_prompts
+
+
+RUN_PY = PROBLEM.parent / "run.py"
+
+
+@pytest.fixture(scope="module")
+def run_py():
+    spec = importlib.util.spec_from_file_location("smollm2_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_study_survives_a_fresh_checkout(run_py, tmp_path, monkeypatch):
+    """archive_run copies a finished study into results/; restore_run puts it
+    back under runs/ with its storage pointing at the copy."""
+    for name, value in (("RUNS", tmp_path / "runs"), ("ARCHIVE", tmp_path / "results" / "studies")):
+        monkeypatch.setattr(run_py, name, value)
+    run = tmp_path / "runs" / "ps_tpe"
+    run.mkdir(parents=True)
+    with sqlite3.connect(run / "study.db") as db:
+        db.execute("create table trials (number integer)")
+        db.executemany("insert into trials values (?)", [(i,) for i in range(7)])
+    (run / "run.yaml").write_text(yaml.safe_dump({"storage": f"sqlite:///{run / 'study.db'}", "study_ready": True}))
+    run_py.archive_run("ps_tpe")
+    assert run_py.restore_run("ps_tpe")  # still there: nothing to do
+    shutil.rmtree(tmp_path / "runs")  # a fresh checkout
+    assert not run_py.restore_run("ps_cma")  # never archived
+    assert run_py.restore_run("ps_tpe")
+    record = yaml.safe_load((run / "run.yaml").read_text())
+    assert record["storage"] == f"sqlite:///{(run / 'study.db').resolve()}" and record["study_ready"]
+    with sqlite3.connect(run / "study.db") as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 7
+
+
+def test_rows_of_a_lost_study_are_carried_from_the_previous_table(run_py):
+    table = (
+        "| model | acc |\n|---|---|\n| source base | 0.170 |\n"
+        "| evolved: ps_cma | 0.242 |\n| evolved: ps_cma_brier (earlier run) | 0.250 |\n"
+    )
+    lines = run_py.previous_lines(table, ["ps_cma", "ps_cma_brier", "dfs_cma"])
+    assert lines == {"ps_cma": "| evolved: ps_cma | 0.242 |", "ps_cma_brier": "| evolved: ps_cma_brier | 0.250 |"}
+    overfit = "| search | n |\n|---|---|\n| ps_cma | 5 |\n| ps_cma_brier (earlier run) | 5 |\n"
+    assert run_py.previous_lines(overfit, ["ps_cma_brier"], overfit=True) == {"ps_cma_brier": "| ps_cma_brier | 5 |"}

@@ -32,6 +32,11 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 RUNS = HERE / "runs"
 RESULTS = HERE / "results"
+# Committed copies of every finished search's study (and of the per-document
+# held-out scores), so that a fresh checkout remakes the table and the reports
+# without rerunning hours of search: RUNS and WORK are not committed.
+ARCHIVE = RESULTS / "studies"
+HELDOUT_SCORES = RESULTS / "heldout_per_doc.json"
 sys.path.insert(0, str(HERE))
 
 import problem  # noqa: E402
@@ -105,10 +110,51 @@ def write_config(name: str) -> Path:
 
 def run_search(name: str) -> None:
     if SEARCHES[name][2]:
+        restore_run("ps_cma")
         export_best_search("ps_cma")
-    cmd = [evomerge_cli(), "search", str(write_config(name)), "--run-dir", str(RUNS / name)]
+    config = write_config(name)
+    restore_run(name)
+    cmd = [evomerge_cli(), "search", str(config), "--run-dir", str(RUNS / name)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=ENV)
+    archive_run(name)
+
+
+def archive_run(name: str) -> None:
+    """Copy a finished search's study into ARCHIVE (a consistent SQLite backup)."""
+    import sqlite3
+
+    dst = ARCHIVE / name
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / "study.db.tmp"
+    tmp.unlink(missing_ok=True)
+    src, out = sqlite3.connect(RUNS / name / "study.db"), sqlite3.connect(tmp)
+    with out:
+        src.backup(out)
+    src.close()
+    out.close()
+    tmp.replace(dst / "study.db")
+    shutil.copy2(RUNS / name / "run.yaml", dst / "run.yaml")
+
+
+def restore_run(name: str) -> bool:
+    """Put an archived study back under RUNS when RUNS lacks it (a fresh
+    checkout), pointing its storage at the copy. True if the run is there."""
+    import yaml
+
+    run = RUNS / name
+    if (run / "run.yaml").is_file():
+        return True
+    src = ARCHIVE / name
+    if not (src / "study.db").is_file():
+        return False
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "study.db", run / "study.db")
+    record = yaml.safe_load((src / "run.yaml").read_text())
+    record["storage"] = f"sqlite:///{(run / 'study.db').resolve()}"
+    record["config_path"] = str((WORK / f"search_{name}.yaml").resolve())
+    (run / "run.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    return True
 
 
 def best_search_trial(name: str):
@@ -138,20 +184,24 @@ def export_best_search(name: str) -> Path:
 
 def reported_models(searches: list[str]) -> list[dict]:
     """Rows: the base, the experts and the default merges (the baselines of
-    ps_cma), then each search's best recipe, with evaluations and wall time."""
+    the first search here: every search scores the same ones), then each
+    search's best recipe, with evaluations and wall time."""
     from evomerge.export import export_best
     from evomerge.search import open_study
 
-    study, _ = open_study(RUNS / "ps_cma")
+    here = [name for name in SEARCHES if restore_run(name)]
+    if not here:
+        raise SystemExit("run.py: no search has run yet; run it without --table-only first")
+    study, _ = open_study(RUNS / here[0])
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("status") == "ok":
             name = t.user_attrs["name"]
             out = WORK / "recipes" / f"baseline_{t.number}.yaml"
-            export_best(RUNS / "ps_cma", out=out, trial=t.number, progress=False)
+            export_best(RUNS / here[0], out=out, trial=t.number, progress=False)
             rows.append({"name": name, "recipe": out, "dev": t.user_attrs["metrics"][DEV_ACC]})
     for name in searches:
-        if not (RUNS / name / "run.yaml").is_file():
+        if name not in here:
             continue
         study, trial = best_search_trial(name)
         if trial is None:
@@ -228,7 +278,9 @@ def mcnemar_p(a: list[float], b: list[float]) -> float:
     return min(1.0, 2 * tail)
 
 
-def write_table(rows: list[dict], cache_file: Path) -> str:
+def write_table(rows: list[dict], cache_file: Path, carried: dict[str, str] | None = None) -> str:
+    """The held-out table. ``carried`` maps a search whose study is gone to
+    its line in the previous table, kept as it was and marked."""
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     for row in rows:
         t0 = time.perf_counter()
@@ -261,12 +313,36 @@ def write_table(rows: list[dict], cache_file: Path) -> str:
         cells.append(str(r.get("evaluations", "")))
         cells.append(f"{r['wall_min']:.0f}" if "wall_min" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [line.replace(" |", CARRIED_MARK + " |", 1) for line in (carried or {}).values()]
     note = (
         f"\nBest default merge on dev (the reference of the paired test): {best_default['name']}.\n"
         if best_default
         else ""
     )
+    if carried:
+        note += CARRIED_NOTE
     return head + "\n".join(lines) + "\n" + note
+
+
+CARRIED_MARK = " (earlier run)"
+CARRIED_NOTE = (
+    "\nRows marked (earlier run) are copied from the previous table: their studies were not kept "
+    "(they are now, in results/studies/), so they cannot be rescored here; their paired test is "
+    "against the best default merge of that run.\n"
+)
+
+
+def previous_lines(table: str, searches: list[str], overfit: bool = False) -> dict[str, str]:
+    """The lines of an earlier table.md for the given searches: the evolved
+    rows of the first table, or the rows of the overfitting table."""
+    found = {}
+    for line in table.splitlines():
+        line = line.replace(CARRIED_MARK, "")
+        for name in searches:
+            head = f"| {name} |" if overfit else f"| evolved: {name} |"
+            if line.startswith(head):
+                found[name] = line
+    return found
 
 
 def compare_with_cli(name: str = "ps_cma") -> dict:
@@ -305,7 +381,7 @@ def compare_with_cli(name: str = "ps_cma") -> dict:
     return {"mergekit_yaml_s": merge_s, "lm_eval_cli_s": eval_s, "total_s": merge_s + eval_s}
 
 
-def overfit_table() -> str:
+def overfit_table(carried: dict[str, str] | None = None) -> str:
     """Per search: the best trials by dev, their held-out scores, the gap."""
     from evomerge.search import trial_attrs
 
@@ -315,7 +391,7 @@ def overfit_table() -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in SEARCHES:
-        if not (RUNS / name / "run.yaml").is_file():
+        if carried and name in carried or not restore_run(name):
             continue
         study, _ = best_search_trial(name)
         search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
@@ -327,6 +403,7 @@ def overfit_table() -> str:
         held = sum(a["heldout_fitness"] for a in scored) / len(scored)
         every = sum(t.user_attrs["metrics"][DEV_ACC] for t in ok) / len(ok)
         lines.append(f"| {name} | {len(scored)} | {dev:.3f} | {held:.3f} | {dev - held:+.3f} | {every:.3f} |")
+    lines += [line.replace(" |", CARRIED_MARK + " |", 1) for line in (carried or {}).values()]
     return "\n".join(lines) + "\n"
 
 
@@ -347,9 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_table:
         return 0
     RESULTS.mkdir(exist_ok=True)
-    rows = reported_models(args.only or list(SEARCHES))
-    table = write_table(rows, WORK / "heldout_cache.json")
-    table += "\nThe best trials of each search by dev, scored on held-out data:\n\n" + overfit_table()
+    tabulated = args.only or list(SEARCHES)
+    rows = reported_models(tabulated)
+    # A search in the table whose study is gone keeps its earlier line.
+    gone = [name for name in tabulated if not restore_run(name)]
+    previous = (RESULTS / "table.md").read_text() if (RESULTS / "table.md").is_file() else ""
+    first, _, second = previous.partition("scored on held-out data:")
+    carried = previous_lines(first, gone)
+    table = write_table(rows, HELDOUT_SCORES, carried)
+    table += "\nThe best trials of each search by dev, scored on held-out data:\n\n"
+    table += overfit_table(previous_lines(second, [n for n in gone if n in carried], overfit=True))
     (RESULTS / "table.md").write_text(table)
     summary = {
         "trials_per_search": TRIALS,
@@ -362,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         "build": json.loads((WORK / "problem.json").read_text()),
     }
     old = json.loads((RESULTS / "results.json").read_text()) if (RESULTS / "results.json").is_file() else {}
+    summary["rows"] += [
+        r | {"carried": True} for r in old.get("rows", []) if r["name"].removeprefix("evolved: ") in carried
+    ]
     if args.compare:
         summary["cli_candidate"] = compare_with_cli()
     elif "cli_candidate" in old:
