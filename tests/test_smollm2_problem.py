@@ -123,3 +123,12 @@ def test_rows_of_a_lost_study_are_carried_from_the_previous_table(run_py):
     assert lines == {"ps_cma": "| evolved: ps_cma | 0.242 |", "ps_cma_brier": "| evolved: ps_cma_brier | 0.250 |"}
     overfit = "| search | n |\n|---|---|\n| ps_cma | 5 |\n| ps_cma_brier (earlier run) | 5 |\n"
     assert run_py.previous_lines(overfit, ["ps_cma_brier"], overfit=True) == {"ps_cma_brier": "| ps_cma_brier | 5 |"}
+
+
+def test_the_new_table_replaces_the_one_between_the_markers(run_py, tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("intro\n<!-- table: results/table.md -->\n| old |\n<!-- end table -->\nanalysis\n")
+    run_py.splice_table(doc, "| new |\n| row |\n")
+    assert (
+        doc.read_text() == "intro\n<!-- table: results/table.md -->\n| new |\n| row |\n<!-- end table -->\nanalysis\n"
+    )

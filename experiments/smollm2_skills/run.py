@@ -259,6 +259,15 @@ def score_heldout(recipe: Path, cache: dict) -> dict[str, list[float]]:
     return per_doc
 
 
+def splice_table(doc: Path, table: str) -> None:
+    """Replace the table between RESULTS.md's markers with the new one."""
+    start, end = "<!-- table: results/table.md -->\n", "<!-- end table -->"
+    text = doc.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        doc.write_text(head + start + table + rest[rest.index(end) :])
+
+
 def mean_se(xs: list[float]) -> tuple[float, float]:
     n = len(xs)
     m = sum(xs) / n
@@ -435,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     table += "\nThe best trials of each search by dev, scored on held-out data:\n\n"
     table += overfit_table(previous_lines(second, [n for n in gone if n in carried], overfit=True))
     (RESULTS / "table.md").write_text(table)
+    splice_table(HERE / "RESULTS.md", table)
     summary = {
         "trials_per_search": TRIALS,
         "searches": {name: {"space": s, "driver": d, "fixed_merge": h} for name, (s, d, h) in SEARCHES.items()},
