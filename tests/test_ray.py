@@ -157,9 +157,12 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
         executor.submit("b", recipes[1], "dev")
         os.kill(pids[0], signal.SIGKILL)
         again = {}
-        deadline = time.monotonic() + 180
+        # A hang guard, not a timing target: a restart reloads torch, the
+        # sources and the tasks, which took over 180 s on 2 cores shared with
+        # two other jobs (about 20 s on an idle machine).
+        deadline = time.monotonic() + 600
         while executor.restarts < 1 or executor.pending():
-            assert time.monotonic() < deadline, "the killed worker did not come back in 180 s"
+            assert time.monotonic() < deadline, "the killed worker did not come back in 600 s"
             while executor.restarts < 1 and executor.free():
                 executor.submit(f"more{len(again)}", recipes[2], "dev")
             for key, result in executor.wait():
