@@ -159,7 +159,7 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
         again = {}
         # A hang guard, not a timing target: a restart reloads torch, the
         # sources and the tasks, which took over 180 s on 2 cores shared with
-        # two other jobs (about 20 s on an idle machine).
+        # two other jobs.
         deadline = time.monotonic() + 600
         while executor.restarts < 1 or executor.pending():
             assert time.monotonic() < deadline, "the killed worker did not come back in 600 s"
