@@ -182,14 +182,13 @@ def export_best_search(name: str) -> Path:
 # -- the table -------------------------------------------------------------------
 
 
-def reported_models(searches: list[str]) -> list[dict]:
+def reported_models(searches: list[str], here: list[str]) -> list[dict]:
     """Rows: the base, the experts and the default merges (the baselines of
-    the first search here: every search scores the same ones), then each
-    search's best recipe, with evaluations and wall time."""
+    the first search ``here``, the ones with a study: every search scores the
+    same ones), then each search's best recipe, with evaluations and wall time."""
     from evomerge.export import export_best
     from evomerge.search import open_study
 
-    here = [name for name in SEARCHES if restore_run(name)]
     if not here:
         raise SystemExit("run.py: no search has run yet; run it without --table-only first")
     study, _ = open_study(RUNS / here[0])
@@ -322,7 +321,7 @@ def write_table(rows: list[dict], cache_file: Path, carried: dict[str, str] | No
         cells.append(str(r.get("evaluations", "")))
         cells.append(f"{r['wall_min']:.0f}" if "wall_min" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [line.replace(" |", CARRIED_MARK + " |", 1) for line in (carried or {}).values()]
+    lines += marked(carried)
     note = (
         f"\nBest default merge on dev (the reference of the paired test): {best_default['name']}.\n"
         if best_default
@@ -334,6 +333,13 @@ def write_table(rows: list[dict], cache_file: Path, carried: dict[str, str] | No
 
 
 CARRIED_MARK = " (earlier run)"
+
+
+def marked(carried: dict[str, str] | None) -> list[str]:
+    """Carried lines, their first cell marked as coming from an earlier run."""
+    return [line.replace(" |", CARRIED_MARK + " |", 1) for line in (carried or {}).values()]
+
+
 CARRIED_NOTE = (
     "\nRows marked (earlier run) are copied from the previous table: their studies were not kept "
     "(they are now, in results/studies/), so they cannot be rescored here; their paired test is "
@@ -390,7 +396,7 @@ def compare_with_cli(name: str = "ps_cma") -> dict:
     return {"mergekit_yaml_s": merge_s, "lm_eval_cli_s": eval_s, "total_s": merge_s + eval_s}
 
 
-def overfit_table(carried: dict[str, str] | None = None) -> str:
+def overfit_table(here: list[str], carried: dict[str, str] | None = None) -> str:
     """Per search: the best trials by dev, their held-out scores, the gap."""
     from evomerge.search import trial_attrs
 
@@ -399,9 +405,7 @@ def overfit_table(carried: dict[str, str] | None = None) -> str:
         "| every search trial: mean dev acc |",
         "|---|---|---|---|---|---|",
     ]
-    for name in SEARCHES:
-        if carried and name in carried or not restore_run(name):
-            continue
+    for name in here:
         study, _ = best_search_trial(name)
         search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
         ok = [t for t in search if t.user_attrs.get("status") == "ok"]
@@ -412,7 +416,7 @@ def overfit_table(carried: dict[str, str] | None = None) -> str:
         held = sum(a["heldout_fitness"] for a in scored) / len(scored)
         every = sum(t.user_attrs["metrics"][DEV_ACC] for t in ok) / len(ok)
         lines.append(f"| {name} | {len(scored)} | {dev:.3f} | {held:.3f} | {dev - held:+.3f} | {every:.3f} |")
-    lines += [line.replace(" |", CARRIED_MARK + " |", 1) for line in (carried or {}).values()]
+    lines += marked(carried)
     return "\n".join(lines) + "\n"
 
 
@@ -434,15 +438,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     RESULTS.mkdir(exist_ok=True)
     tabulated = args.only or list(SEARCHES)
-    rows = reported_models(tabulated)
+    here = [name for name in SEARCHES if restore_run(name)]  # the searches with a study
+    rows = reported_models(tabulated, here)
     # A search in the table whose study is gone keeps its earlier line.
-    gone = [name for name in tabulated if not restore_run(name)]
+    gone = [name for name in tabulated if name not in here]
     previous = (RESULTS / "table.md").read_text() if (RESULTS / "table.md").is_file() else ""
     first, _, second = previous.partition("scored on held-out data:")
     carried = previous_lines(first, gone)
     table = write_table(rows, HELDOUT_SCORES, carried)
     table += "\nThe best trials of each search by dev, scored on held-out data:\n\n"
-    table += overfit_table(previous_lines(second, [n for n in gone if n in carried], overfit=True))
+    table += overfit_table(here, previous_lines(second, [n for n in gone if n in carried], overfit=True))
     (RESULTS / "table.md").write_text(table)
     splice_table(HERE / "RESULTS.md", table)
     summary = {
