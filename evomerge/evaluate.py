@@ -207,7 +207,7 @@ class Evaluator:
     imported, and tasks that evaluate on a test split (unless
     ``allow_test_sets``). ``tokenizer`` is a model folder (or cached hub id)
     with the tokenizer all candidates share; ``device`` is where the live model
-    sits.
+    sits (its first device when it is split).
 
     ``score(model)`` wraps ``model`` in lm-eval's ``HFLM`` once and reuses it
     while the same module is passed, so weights rewritten in place between
@@ -228,10 +228,9 @@ class Evaluator:
         self.objectives = list(spec.objectives)
         self.root = Path(root).resolve()
         self.allow_outside_paths = allow_outside_paths
-        try:
-            self.device = torch.device(device)
-        except RuntimeError:
-            raise EvomergeError(f"unknown device {device!r}; use cpu or cuda") from None
+        from evomerge.devices import parse_devices
+
+        self.device = parse_devices(device)[0]  # where the model takes its input
         self.tokenizer = _load_tokenizer(tokenizer)
         self._texts = {o.perplexity: self._read_text(o.perplexity) for o in self.objectives if o.perplexity is not None}
         self._customs = {o.custom: _import_callable(o.custom, self.root) for o in self.objectives if o.custom}

@@ -317,12 +317,13 @@ def merge_tensor(
 
 
 def _device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise EvomergeError(f"unknown device {device!r}; use cpu or cuda") from None
+    """The one device a merge to disk streams its tensors through."""
+    from evomerge.devices import parse_devices
+
+    devices = parse_devices(device)
+    if len(devices) > 1:
+        raise EvomergeError(f"a merge to disk runs on one device, not {device!r}; give one, e.g. {devices[0]}")
+    return devices[0]
 
 
 # -- to disk -------------------------------------------------------------------
@@ -557,7 +558,8 @@ class InPlaceMerger:
     """Merges candidate recipes into one resident model, for search.
 
     The sources stay resident on ``device`` (default: the GPU when there is
-    one) in the compute dtype; task vectors
+    one; a list such as ``cuda:0,cuda:1`` splits the model and the sources
+    by layers, see evomerge.devices) in the compute dtype; task vectors
     and magnitude ranks are computed on first use and kept. ``apply`` then
     rewrites the live model's parameters in place: no disk I/O and no
     allocation proportional to the model, only per-tensor temporaries.
@@ -578,19 +580,16 @@ class InPlaceMerger:
         model: torch.nn.Module | None = None,
         fuse: bool | None = None,
     ):
-        self.device = _device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from evomerge.devices import parse_devices
+
+        self.devices = parse_devices(device)
+        self.device = self.devices[0]
         self.root = Path(root)
         self.sources = open_sources(template, root, allow_outside)
         plan = plan_merge(template, self.sources)
         self.config = plan.config
-        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
-        for job in plan.jobs:
-            for ref, name in job.inputs:
-                key = (ref, name)
-                if key not in self._tensors:
-                    self._tensors[key] = self.sources[ref].get(name).to(self.device, job.compute_dtype)
         self._cache: dict = {}
-        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.device)
+        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
         named = dict(self.model.named_parameters(remove_duplicate=False))
         named.update(dict(self.model.named_buffers()))
         missing = [j.name for j in plan.jobs if j.name not in named]
@@ -599,6 +598,15 @@ class InPlaceMerger:
                 f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
             )
         self._targets = {j.name: named[j.name] for j in plan.jobs}
+        # Each source tensor sits where the parameter it merges into does
+        # (one device, or the layer's device when the model is split).
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+        for job in plan.jobs:
+            for ref, name in job.inputs:
+                key = (ref, name)
+                if key not in self._tensors:
+                    where = self._targets[job.name].device
+                    self._tensors[key] = self.sources[ref].get(name).to(where, job.compute_dtype)
         written = {t.data_ptr() for t in self._targets.values()}
         unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
         if unwritten:
@@ -645,12 +653,13 @@ class InPlaceMerger:
             )
         for job in plan.jobs:
             target = self._targets[job.name]
-            merge_tensor(job, plan.method, self._load, recipe.seed, self.device, self._cache, True, self.fuse, target)
+            merge_tensor(job, plan.method, self._load, recipe.seed, target.device, self._cache, True, self.fuse, target)
         return self.model
 
 
-def build_model(config: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """An uninitialised Hugging Face causal LM for ``config`` (no remote code)."""
+def build_model(config: dict, dtype: torch.dtype, device) -> torch.nn.Module:
+    """An uninitialised Hugging Face causal LM for ``config`` (no remote code)
+    on ``device``, or split over a list of devices (see evomerge.devices)."""
     import transformers
 
     kwargs = dict(config)
@@ -669,4 +678,6 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device) -> torch
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     model.tie_weights()  # skipped under no_init_weights; tied heads must share storage
-    return model.to(device).eval()
+    from evomerge.devices import place
+
+    return place(model, device if isinstance(device, list) else [torch.device(device)]).eval()

@@ -328,13 +328,15 @@ class RouteMerger:
         from evomerge.recipe import Recipe, Source
 
         self.root = Path(root)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from evomerge.devices import parse_devices
+
+        self.devices = parse_devices(device)
         self.merger = None
         self._merged: str | None = None  # fingerprint of the merge the live model holds
         pool: dict[str, nn.Module] = {}
         if template is not None and template.method is not None:
             self.merger = InPlaceMerger(
-                template.merge_part(), root=self.root, device=str(self.device), allow_outside=allow_outside
+                template.merge_part(), root=self.root, device=device, allow_outside=allow_outside
             )
             pool[MERGED] = self.merger.model
         if routed is None:
@@ -346,7 +348,7 @@ class RouteMerger:
         self.sources = open_sources(probe, self.root, allow_outside) if probe else {}
         dtype = _dtype(template.dtype if template is not None else None)
         for ref in refs:
-            pool[ref] = load_live(self.sources[ref].path, dtype, self.device)
+            pool[ref] = load_live(self.sources[ref].path, dtype, self.devices)
         self.router = Router(pool, max_depth=max_depth)
 
     @torch.no_grad()
@@ -395,7 +397,7 @@ class RouteMerger:
         host = self.apply(recipe)
         config, tensors = self.router.folded_state(recipe.route)
         dtype = next(host.parameters()).dtype
-        model = build_model(config, dtype, self.device)
+        model = build_model(config, dtype, self.devices)
         model.load_state_dict(tensors, strict=not self.router.tied)
         model.tie_weights()
         vocab = int(config["vocab_size"])
@@ -498,8 +500,9 @@ def route_to_passthrough(recipe, tied: bool, projections=("o_proj", "down_proj")
     )
 
 
-def load_live(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """A source model folder as a live causal LM (safetensors only, no remote code)."""
+def load_live(path, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
+    """A source model folder as a live causal LM (safetensors only, no remote
+    code) on ``device``, or split over a list of devices."""
     import transformers
 
     try:
@@ -510,7 +513,9 @@ def load_live(path, dtype: torch.dtype | None = None, device: str | torch.device
         raise EvomergeError(
             f"cannot load {path} as a causal LM ({str(e).splitlines()[0][:120]}); check the folder"
         ) from None
-    return model.to(device).eval()
+    from evomerge.devices import place
+
+    return place(model, device if isinstance(device, list) else [torch.device(device)]).eval()
 
 
 __all__ = [

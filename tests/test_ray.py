@@ -5,6 +5,7 @@ over a GB) and is shut down at the end; each executor starts its own actors
 and kills them when it closes.
 """
 
+import dataclasses
 import math
 import os
 import signal
@@ -140,10 +141,17 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
     finally:
         run.close()
     settings = run.cfg.executor.model_copy(update={"name": "ray", "workers": 2})
-    executor = RayExecutor(settings, run.spec, log=lambda _: None)
+    # The workers split their live model over two devices (the CPU twice:
+    # the split path, see tests/test_devices.py) and still score like the
+    # local executor's one-device worker.
+    split = dataclasses.replace(run.spec, device="cpu,cpu")
+    lines = []
+    executor = RayExecutor(settings, split, log=lines.append)
     try:
         pids = [info["pid"] for info in executor.info]
         assert len(set(pids)) == 2  # two worker processes
+        assert all(info["devices"] == ["cpu", "cpu"] for info in executor.info)
+        assert lines[0].startswith("2 Ray workers ready: 0 on ") and lines[0].count("(cpu,cpu)") == 2
         results = {}
         queue = list(enumerate(recipes))
         while queue or executor.pending():

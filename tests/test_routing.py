@@ -418,6 +418,25 @@ def _hybrid(r: Route) -> Recipe:
     )
 
 
+def test_a_hybrid_split_over_devices_routes_exactly_like_one_device(fam):
+    """Every routed source and the merge split by layers ("cpu,cpu": the
+    split path without a second device; tests/test_devices.py says more):
+    a route that jumps between runs of layers, and repeats one, gives the
+    single-device logits bit for bit, cache on or off."""
+    r = route(("merge", 3), ("ft2", 0, 1.1), ("merge", 0), ("ft2", 3), ("ft2", 3, 0.9), ("merge", 1))
+    rec = _hybrid(r)
+    one = RouteMerger(rec, routed=["merge", "ft2"], root=fam.root, device="cpu")
+    split = RouteMerger(rec, routed=["merge", "ft2"], root=fam.root, device="cpu,cpu")
+    assert split.merger.model.evomerge_layer_plan == [0, 0, 1, 1]
+    assert split.router.pool["ft2"].evomerge_layer_plan == [0, 0, 1, 1]
+    a, b = one.apply(rec), split.apply(rec)
+    for seed in range(2):
+        ids = tokens(seed)
+        assert torch.equal(logits(a, ids), logits(b, ids))
+        with torch.no_grad():
+            assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
 def test_hybrid_merge_then_route(fam, tmp_path):
     r = route(("merge", 0), ("merge", 1, 1.1), ("ft2", 1, 0.9), ("merge", 2), ("merge", 2, 1.2), ("ft2", 3))
     rec = _hybrid(r)

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.devices import ALL
 from evomerge.errors import EvomergeError
 from evomerge.executors import Executor
 from evomerge.executors.worker import Worker, WorkerSpec, _failed
@@ -37,8 +38,15 @@ class _Actor:
     ``ready`` instead of crash-looping."""
 
     def __init__(self, spec: WorkerSpec):
+        import dataclasses
+
+        import ray
+
         self.worker = None
         self.error = None
+        if spec.device is None and len(ray.get_gpu_ids()) > 1:
+            # A model larger than one GPU: split it over all of this worker's GPUs.
+            spec = dataclasses.replace(spec, device=ALL)
         try:
             self.worker = Worker(spec)
         except EvomergeError as e:
@@ -56,6 +64,7 @@ class _Actor:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "devices": [str(d) for d in self.worker.merger.devices] if self.worker else [],
         }
 
     def score(self, recipe: dict, which: str) -> dict[str, Any]:
@@ -180,12 +189,15 @@ class RayExecutor(Executor):
             if info["error"]:
                 raise EvomergeError(f"worker on {info['host']}: {info['error']}")
         self.info = infos
+        where = "; ".join(f"{i} on {x['host']} ({','.join(x['devices'])})" for i, x in enumerate(infos))
+        self.log(f"{count} Ray workers ready: {where}")
 
     def _new_actor(self, index: int):
         ray = self.ray
         options = dict(self._options)
         if options["num_gpus"] > 1:
-            # A model larger than one GPU: reserve the worker's GPUs together on one node.
+            # A model larger than one GPU: reserve the worker's GPUs together
+            # on one node; the worker splits its model over them by layers.
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

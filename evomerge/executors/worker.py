@@ -96,11 +96,9 @@ class Worker:
     prebuilt evaluators; ``score`` never raises for a bad candidate."""
 
     def __init__(self, spec: WorkerSpec):
-        import torch
-
         check_digests(spec)
         self.spec = spec
-        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = spec.device  # None: the first GPU, or the CPU; a list splits the model (evomerge.devices)
         self.cfg, self.dev, self.heldout = build_evaluators(spec, device)
         template = Recipe.model_validate(spec.template) if spec.template is not None else None
         root = Path(spec.root)
