@@ -15,6 +15,10 @@ bfloat16), this measures:
 Usage:
     .venv/bin/python benchmarks/merge_speed.py [--sizes tiny,large] [--repeats 3] [--candidates 10]
 
+On a CUDA machine the in-place merger and the copy bandwidth run on the GPU
+(the timers wait for it); --repeats 0 times the in-place path alone, for a
+machine without mergekit.
+
 Results go to stdout as a markdown table (copy it into docs/benchmarks.md)
 and to --json if given. Model folders are cached under --workdir.
 """
@@ -109,14 +113,25 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     return float(wall), int(rss_kib) / 1024
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the in-place merger works
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a timer stops when it is done."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """GB/s of a large tensor copy (bytes read + bytes written)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    """GB/s of a large tensor copy on DEVICE (bytes read + bytes written)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=DEVICE)
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         dst.copy_(src)
+        sync()
         times.append(time.perf_counter() - t)
     return 2 * nbytes / min(times) / 1e9
 
@@ -127,6 +142,7 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
     cfg_path = workdir / f"{size}-ties.yaml"
     cfg_path.write_text(yaml.safe_dump(ties_config(paths, dtype)))
     bindir = Path(sys.executable).parent
+    row: dict = {"size": size, "dtype": dtype}
     cmds = {
         "mergekit-yaml": [str(bindir / "mergekit-yaml"), str(cfg_path), str(workdir / "out-mk")],
         "evomerge merge": [
@@ -146,6 +162,16 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
             disk[name].append(run_measured(cmd))
     for d in ("out-mk", "out-em"):
         shutil.rmtree(workdir / d, ignore_errors=True)
+    if repeats:  # --repeats 0: in place only (a machine without mergekit)
+        mk_wall = statistics.median(w for w, _ in disk["mergekit-yaml"])
+        em_wall = statistics.median(w for w, _ in disk["evomerge merge"])
+        row.update(
+            mergekit_wall_s=mk_wall,
+            mergekit_peak_rss_mib=max(r for _, r in disk["mergekit-yaml"]),
+            evomerge_wall_s=em_wall,
+            evomerge_peak_rss_mib=max(r for _, r in disk["evomerge merge"]),
+            disk_speedup=mk_wall / em_wall,
+        )
 
     # In-place timing runs in a fresh process per size, so that neither memory
     # nor compiled kernels left by an earlier size affect it.
@@ -153,25 +179,18 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
     inplace = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     cand_s = inplace["candidate_s"]
     copy_gbs = copy_bandwidth()
-    mk_wall = statistics.median(w for w, _ in disk["mergekit-yaml"])
-    em_wall = statistics.median(w for w, _ in disk["evomerge merge"])
-    return {
-        "size": size,
-        "params": inplace["params"],
-        "dtype": dtype,
-        "mergekit_wall_s": mk_wall,
-        "mergekit_peak_rss_mib": max(r for _, r in disk["mergekit-yaml"]),
-        "evomerge_wall_s": em_wall,
-        "evomerge_peak_rss_mib": max(r for _, r in disk["evomerge merge"]),
-        "disk_speedup": mk_wall / em_wall,
-        "inplace_load_s": inplace["load_s"],
-        "inplace_first_apply_s": inplace["first_apply_s"],
-        "inplace_candidate_s": cand_s,
-        "inplace_vs_mergekit": mk_wall / cand_s,
-        "inplace_gbs": inplace["bytes"] / cand_s / 1e9,
-        "copy_gbs": copy_gbs,
-        "inplace_share_of_copy": inplace["bytes"] / cand_s / 1e9 / copy_gbs,
-    }
+    row.update(
+        params=inplace["params"],
+        inplace_load_s=inplace["load_s"],
+        inplace_first_apply_s=inplace["first_apply_s"],
+        inplace_candidate_s=cand_s,
+        inplace_gbs=inplace["bytes"] / cand_s / 1e9,
+        copy_gbs=copy_gbs,
+        inplace_share_of_copy=inplace["bytes"] / cand_s / 1e9 / copy_gbs,
+    )
+    if repeats:
+        row["inplace_vs_mergekit"] = row["mergekit_wall_s"] / cand_s
+    return row
 
 
 def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
@@ -187,6 +206,7 @@ def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     merger.apply(template)  # the first call also builds the resident caches
+    sync()
     first_s = time.perf_counter() - t
     rng = random.Random(0)
     per_candidate = []
@@ -194,6 +214,7 @@ def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
         recipe = Recipe.from_dict(ties_config(paths, dtype, rng))
         t = time.perf_counter()
         merger.apply(recipe)
+        sync()
         per_candidate.append(time.perf_counter() - t)
     plan = plan_merge(template, merger.sources)
     # Bytes of the source tensors read plus bytes of the merged tensors written.
@@ -218,11 +239,16 @@ def markdown(rows: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        disk = (
+            f"{r['mergekit_wall_s']:.2f} | {r['evomerge_wall_s']:.2f} | {r['disk_speedup']:.2f}x | "
+            f"{r['mergekit_peak_rss_mib']:.0f} | {r['evomerge_peak_rss_mib']:.0f}"
+            if "disk_speedup" in r
+            else "not run | | | |"
+        )
+        versus = f"{r['inplace_vs_mergekit']:.0f}x" if "inplace_vs_mergekit" in r else ""
         lines.append(
-            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {r['mergekit_wall_s']:.2f} | "
-            f"{r['evomerge_wall_s']:.2f} | {r['disk_speedup']:.2f}x | {r['mergekit_peak_rss_mib']:.0f} | "
-            f"{r['evomerge_peak_rss_mib']:.0f} | {r['inplace_candidate_s']:.3f} | {r['inplace_vs_mergekit']:.0f}x | "
-            f"{r['inplace_gbs']:.2f} | {r['copy_gbs']:.2f} | {100 * r['inplace_share_of_copy']:.0f}% |"
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {disk} | {r['inplace_candidate_s']:.3f} | "
+            f"{versus} | {r['inplace_gbs']:.2f} | {r['copy_gbs']:.2f} | {100 * r['inplace_share_of_copy']:.0f}% |"
         )
     return "\n".join(lines)
 
@@ -231,7 +257,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,large,large-bf16")
     ap.add_argument("--workdir", default="runs/bench")
-    ap.add_argument("--repeats", type=int, default=3, help="to-disk runs per tool")
+    ap.add_argument("--repeats", type=int, default=3, help="to-disk runs per tool (0: in place only, no mergekit)")
     ap.add_argument("--candidates", type=int, default=10, help="in-place candidates timed")
     ap.add_argument("--json", help="also write results here")
     ap.add_argument("--inplace", help=argparse.SUPPRESS)  # internal: time one size in place
@@ -244,7 +270,9 @@ def main() -> None:
     rows = [bench_size(s, workdir, args.repeats, args.candidates) for s in args.sizes.split(",")]
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; {time.strftime('%Y-%m-%d')}"
+        f"{DEVICE}"
+        + (f" ({torch.cuda.get_device_name(0)})" if DEVICE == "cuda" else "")
+        + f"; {time.strftime('%Y-%m-%d')}"
     )
     print(markdown(rows))
     if args.json:

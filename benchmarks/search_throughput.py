@@ -2,7 +2,8 @@
 writes without it (mergekit-yaml, then lm_eval, per candidate).
 
 In one run on one machine, for each model size (a tiny Llama, and a randomly
-initialised Llama shaped like SmolLM2-135M), with a base and two stand-in
+initialised Llama shaped like SmolLM2-135M; on a GPU also one shaped like
+SmolLM2-360M, size 360m), with a base and two stand-in
 fine-tunes and one local multiple-choice lm-eval task of --docs documents,
 this measures:
 
@@ -16,7 +17,8 @@ this measures:
   2. the loop without evomerge: per candidate, write a mergekit
      task_arithmetic config with random per-layer weights, run
      `mergekit-yaml` to a folder, then `lm_eval` on it, each as a subprocess;
-     --baseline-candidates of them, end to end, wall clock.
+     --baseline-candidates of them, end to end, wall clock (--no-loop skips
+     it, for a machine without mergekit).
   3. where evomerge's candidate time goes: time inside the live model's
      forward calls (pre/post forward hooks on the top-level module) and inside
      `InPlaceMerger.apply`, per candidate; overhead share is
@@ -60,7 +62,7 @@ of scheduling overhead per candidate.
 
 Usage:
     .venv/bin/python benchmarks/search_throughput.py [--sizes tiny,135m] [--trials 40] [--large-trials 5]
-        [--baseline-candidates 3] [--docs 100] [--driver random] [--threads N] [--json runs/bench/throughput.json]
+        [--baseline-candidates 3 | --no-loop] [--docs 100] [--driver random] [--threads N] [--json runs/bench/throughput.json]
         [--no-routing | --routing-only] [--routing-routes 200] [--routing-candidates 5]
         [--large-routing-candidates 2]
     .venv/bin/python benchmarks/search_throughput.py --executors [--sleep 0.5] [--executor-trials 40]
@@ -109,11 +111,30 @@ SIZES = {
         max_position_embeddings=2048,
         tie=True,
     ),
+    # SmolLM2-360M's shape, for a GPU machine.
+    "360m": dict(
+        layers=32,
+        hidden=960,
+        intermediate_size=2560,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie=True,
+    ),
 }
-LARGE = {"135m"}  # sizes that use --large-trials and --large-docs
+LARGE = {"135m", "360m"}  # sizes that use --large-trials and --large-docs
 TASK = "sums"
 BATCH_SIZE = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # for both evomerge and the loop
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a timer stops when it is done."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 TARGET_SPEEDUP = 20.0  # tiny: evomerge candidates/hour over the plain loop's
 TARGET_OVERHEAD = 0.10  # 135m: share of candidate time outside forward passes
 TARGET_ROUTING = 0.01  # every size: Router.assemble time / routed candidate evaluation time
@@ -180,6 +201,7 @@ def bench_search(root: Path, launched: float) -> dict:
         t0 = time.perf_counter()
         starts.append(t0)
         out = apply(recipe)
+        sync()
         merges.append(time.perf_counter() - t0)
         forwards.append(0.0)
         return out
@@ -188,6 +210,7 @@ def bench_search(root: Path, launched: float) -> dict:
         started[0] = time.perf_counter()
 
     def post(module, args, kwargs, output):
+        sync()
         forwards[-1] += time.perf_counter() - started[0]
         calls[0] += 1
 
@@ -415,20 +438,13 @@ def bench_size(size: str, workdir: Path, args: argparse.Namespace) -> dict:
         print(
             f"warning: {size}: the driver stopped after {search['candidates']} of {trials} candidates", file=sys.stderr
         )
-    loop = bench_loop(root, args.baseline_candidates, docs)
     per_hour = 3600 / search["candidate_s"]
-    loop_per_hour = 3600 / loop["loop_candidate_s"]
-    return {
-        "size": size,
-        "docs": docs,
-        "driver": args.driver,
-        **search,
-        **loop,
-        "candidates_per_hour": per_hour,
-        "loop_candidates_per_hour": loop_per_hour,
-        "speedup": per_hour / loop_per_hour,
-        **routing,
-    }
+    row = {"size": size, "docs": docs, "driver": args.driver, **search, "candidates_per_hour": per_hour, **routing}
+    if args.loop:
+        loop = bench_loop(root, args.baseline_candidates, docs)
+        loop_per_hour = 3600 / loop["loop_candidate_s"]
+        row.update(loop, loop_candidates_per_hour=loop_per_hour, speedup=per_hour / loop_per_hour)
+    return row
 
 
 def run_routing(root: Path, args: argparse.Namespace, large: bool) -> dict:
@@ -456,8 +472,13 @@ def markdown(rows: list[dict]) -> str:
             f"{r['candidate_s']:.3f} | {r['trial_median_s']:.3f} | {r['trial_first_s']:.2f} | "
             f"{r['steady_candidate_s']:.3f} | {r['merge_s']:.3f} | "
             f"{r['forward_s']:.3f} | {100 * r['overhead_share']:.1f}% | {100 * r['steady_overhead_share']:.1f}% | "
-            f"{r['candidates_per_hour']:.0f} | {r['loop_candidate_s']:.1f} ({r['loop_mergekit_s']:.1f} + "
-            f"{r['loop_lm_eval_s']:.1f}) | {r['loop_candidates_per_hour']:.0f} | {r['speedup']:.0f}x |"
+            f"{r['candidates_per_hour']:.0f} | "
+            + (
+                f"{r['loop_candidate_s']:.1f} ({r['loop_mergekit_s']:.1f} + {r['loop_lm_eval_s']:.1f}) | "
+                f"{r['loop_candidates_per_hour']:.0f} | {r['speedup']:.0f}x |"
+                if "speedup" in r
+                else "not run | | |"
+            )
         )
     return "\n".join(lines)
 
@@ -495,7 +516,7 @@ def routing_targets(rows: list[dict]) -> str:
 def targets(rows: list[dict]) -> str:
     by = {r["size"]: r for r in rows}
     parts = []
-    if "tiny" in by:
+    if "speedup" in by.get("tiny", {}):
         s = by["tiny"]["speedup"]
         verdict = "PASS" if s >= TARGET_SPEEDUP else "FAIL"
         parts.append(f"tiny speed-up >= {TARGET_SPEEDUP:.0f}x: {verdict} ({s:.0f}x)")
@@ -624,6 +645,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=40, help="evomerge candidates (search budget) per small model")
     ap.add_argument("--large-trials", type=int, default=5, help="evomerge candidates for the 135m model")
     ap.add_argument("--baseline-candidates", type=int, default=3, help="candidates of the mergekit + lm_eval loop")
+    ap.add_argument(
+        "--loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the mergekit + lm_eval loop (--no-loop: evomerge alone, e.g. where mergekit is not installed)",
+    )
     ap.add_argument("--docs", type=int, default=100, help="documents in the task")
     ap.add_argument("--large-docs", type=int, help="documents in the task for the 135m model (default: --docs)")
     ap.add_argument("--driver", choices=("random", "cma"), default="random")
