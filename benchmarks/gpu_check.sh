@@ -13,8 +13,9 @@
 #   3. times the merge-and-evaluate loop, a search on the GPU
 #      (benchmarks/search_throughput.py --no-loop: evomerge alone), on models
 #      shaped like SmolLM2-135M and -360M.
-# Logs and JSON go to OUT_DIR; about 6 minutes on one H200, most of it
-# building the random models.
+# Logs and JSON go to OUT_DIR. MERGE_SIZES, LOOP_SIZES and LARGE_TRIALS
+# override the sizes and the large models' candidates (e.g. for a dry run on
+# a CPU: MERGE_SIZES=tiny LOOP_SIZES=tiny,135m LARGE_TRIALS=3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?give the folder the results go to}
@@ -41,8 +42,9 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure
   echo "   $((SECONDS - t0)) s"
 }
 step tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py -rs
-step merge_speed "$PYTHON" benchmarks/merge_speed.py --sizes tiny,large,large-bf16 --repeats 0 --candidates 10 \
-  --workdir /tmp/evomerge-bench --json "$OUT/merge_speed.json"
-step search_throughput "$PYTHON" benchmarks/search_throughput.py --sizes tiny,135m,360m --no-loop --no-routing \
-  --trials 40 --large-trials 20 --workdir /tmp/evomerge-bench --json "$OUT/search_throughput.json"
+step merge_speed "$PYTHON" benchmarks/merge_speed.py --sizes "${MERGE_SIZES:-tiny,large,large-bf16}" --repeats 0 \
+  --candidates 10 --workdir /tmp/evomerge-bench --json "$OUT/merge_speed.json"
+step search_throughput "$PYTHON" benchmarks/search_throughput.py --sizes "${LOOP_SIZES:-tiny,135m,360m}" --no-loop \
+  --no-routing --trials 40 --large-trials "${LARGE_TRIALS:-20}" --workdir /tmp/evomerge-bench \
+  --json "$OUT/search_throughput.json"
 exit $status
