@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("recipe", help="recipe YAML; relative model paths resolve against its folder")
     m.add_argument("out_dir", help="output folder (must be empty unless --overwrite)")
     m.add_argument("--seed", type=int, default=None, help="seed for random-mask methods (overrides the recipe's)")
-    m.add_argument("--device", default="cpu", help="cpu or cuda")
+    m.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N; a routed recipe also takes a list such as cuda:0,cuda:1"
+    )
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--allow-outside-paths", action="store_true", help="let model paths leave the recipe's folder")
     m.add_argument("--shard-size", type=_size, default="5GB", help="maximum shard size, e.g. 500MB (default 5GB)")

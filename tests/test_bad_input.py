@@ -127,6 +127,20 @@ def test_missing_recipe_file_and_bad_yaml(capsys, tmp_path):
     assert_refused(code, err, out, "not valid YAML")
 
 
+@pytest.mark.parametrize(
+    "device,words",
+    [
+        ("cpu,cpu", ["merge to disk runs on one device", "give one, e.g. cpu"]),
+        ("tpu", ["unknown device 'tpu'", "cuda:0,cuda:1"]),
+        ("cpu,,cpu", ["empty entry", "cuda:0,cuda:1"]),
+    ],
+)
+def test_bad_devices(capsys, tmp_path, llama, device, words):
+    data = _ties(llama.base, llama.ft[0], llama.ft[1])
+    code, err, out = run_cli(capsys, tmp_path, data, "--device", device)
+    assert_refused(code, err, out, *words)
+
+
 def test_non_empty_output_needs_overwrite(capsys, tmp_path, llama):
     data = _ties(llama.base, llama.ft[0], llama.ft[1])
     out = tmp_path / "out"

@@ -306,6 +306,7 @@ def _fails_cleanly(capsys, argv, fragment):
         ({"executor": {"name": "ray", "workers": 0}}, "executor.workers"),
         ({"models": ["models/missing"]}, "neither a local folder"),
         ({"models": ["OUTSIDE", "models/expert_b"]}, "outside"),
+        ({"device": "cpu,gpu"}, "unknown device 'gpu'"),
     ],
 )
 def test_bad_search_configs_fail_before_anything_is_written(experiment, tmp_path, capsys, overrides, fragment):
