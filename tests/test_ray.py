@@ -8,6 +8,7 @@ and kills them when it closes.
 import dataclasses
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -215,3 +216,11 @@ def test_a_worker_with_different_sources_refuses_to_score(experiment, tmp_path, 
     settings = run.cfg.executor.model_copy(update={"name": "ray", "workers": 1})
     with pytest.raises(EvomergeError, match=r"^worker on .*sha256 of models/expert_b"):
         RayExecutor(settings, spec, log=lambda _: None)
+    # A worker larger than any node is refused at once (the local instance
+    # has 2 CPUs and no GPU), not waited for until the start timeout.
+    for change, words in [
+        ({"num_gpus": 2.0}, "executor.num_gpus is 2 per worker, but no node of the Ray cluster has more than 0;"),
+        ({"num_cpus": 3.0}, "executor.num_cpus is 3 per worker, but no node of the Ray cluster has more than 2;"),
+    ]:
+        with pytest.raises(EvomergeError, match="^" + re.escape(words)):
+            RayExecutor(settings.model_copy(update=change), spec, log=lambda _: None)

@@ -164,6 +164,19 @@ class RayExecutor(Executor):
                 f"the Ray cluster has {resources.get('GPU', 0):g} GPUs and {resources.get('CPU', 0):g} CPUs, "
                 f"too few for one worker ({gpus:g} GPUs, {s.num_cpus:g} CPUs); lower executor.num_gpus or add nodes"
             )
+        # One worker's resources must fit on one node (a placement group
+        # of several GPUs too); otherwise Ray would wait for such a node forever.
+        need = {"GPU": gpus, "CPU": s.num_cpus, "memory": s.memory or 0}
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        for key, amount in need.items():
+            largest = max((n.get(key, 0) for n in nodes), default=0)
+            if amount > largest:
+                what = {"GPU": "num_gpus", "CPU": "num_cpus", "memory": "memory"}[key]
+                raise EvomergeError(
+                    f"executor.{what} is {amount:g} per worker, but no node of the Ray cluster has more than "
+                    f"{largest:g}{' bytes' if key == 'memory' else ''}; a worker runs on one node: lower "
+                    f"executor.{what} or add a larger node"
+                )
         self.workers = count
         self._options = {
             "num_cpus": s.num_cpus,
