@@ -49,6 +49,7 @@ def local_ray():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(
         num_cpus=2,
+        num_gpus=2,  # declared only: Ray counts them, the workers compute on the CPU
         include_dashboard=False,
         log_to_driver=False,
         _system_config={"enable_metrics_collection": False},
@@ -217,10 +218,55 @@ def test_a_worker_with_different_sources_refuses_to_score(experiment, tmp_path, 
     with pytest.raises(EvomergeError, match=r"^worker on .*sha256 of models/expert_b"):
         RayExecutor(settings, spec, log=lambda _: None)
     # A worker larger than any node is refused at once (the local instance
-    # has 2 CPUs and no GPU), not waited for until the start timeout.
+    # has 2 CPUs and 2 declared GPUs), not waited for until the start timeout.
     for change, words in [
-        ({"num_gpus": 2.0}, "executor.num_gpus is 2 per worker, but no node of the Ray cluster has more than 0;"),
+        ({"num_gpus": 3.0}, "executor.num_gpus is 3 per worker, but no node of the Ray cluster has more than 2;"),
         ({"num_cpus": 3.0}, "executor.num_cpus is 3 per worker, but no node of the Ray cluster has more than 2;"),
     ]:
         with pytest.raises(EvomergeError, match="^" + re.escape(words)):
             RayExecutor(settings.model_copy(update=change), spec, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_a_worker_with_several_gpus_holds_them_in_a_placement_group_and_splits_its_model(
+    experiment, tmp_path, local_ray
+):
+    """The module's Ray instance declares 2 GPUs that do not exist: Ray
+    reserves them, and the worker, told to split over the CPU twice, scores
+    like the local worker. Left to choose, it splits over all its GPUs and,
+    finding no CUDA here, says so."""
+    from ray.util.placement_group import placement_group_table
+
+    from evomerge.executors.ray_executor import RayExecutor
+
+    run = Run(write_config(experiment, "ray_pg.yaml"), tmp_path / "run", progress=False)
+    try:
+        recipes = [recipe for _, recipe in run.baseline_recipes()][:3]
+        local = [run.worker.score(r, "dev") for r in recipes]
+    finally:
+        run.close()
+    memory = 256 * 2**20
+    settings = run.cfg.executor.model_copy(
+        update={"name": "ray", "workers": 1, "num_gpus": 2.0, "num_cpus": 1.0, "memory": memory}
+    )
+    executor = RayExecutor(settings, dataclasses.replace(run.spec, device="cpu,cpu"), log=lambda _: None)
+    try:
+        (info,) = executor.info
+        assert sorted(info["gpus"]) == ["0", "1"] and info["devices"] == ["cpu", "cpu"]
+        (group,) = executor._groups
+        table = placement_group_table(group)
+        assert table["state"] == "CREATED" and table["strategy"] == "STRICT_PACK"
+        assert table["bundles"] == {0: {"GPU": 2.0, "CPU": 1.0, "memory": float(memory)}}
+        for i, r in enumerate(recipes):
+            executor.submit(i, r, "dev")
+        results = {}
+        while executor.pending():
+            results.update(executor.wait())
+    finally:
+        executor.close()
+    assert placement_group_table(group)["state"] == "REMOVED"
+    for i, mine in enumerate(local):
+        assert results[i]["status"] == mine["status"] == "ok"
+        assert results[i]["values"] == pytest.approx(mine["values"], rel=1e-6)
+    with pytest.raises(EvomergeError, match=r"^worker on .*cuda:all was given but no CUDA GPU is available"):
+        RayExecutor(settings, run.spec, log=lambda _: None)

@@ -214,10 +214,12 @@ class RayExecutor(Executor):
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            bundle = {"GPU": options.pop("num_gpus"), "CPU": options.pop("num_cpus")}
+            # The actor asks for exactly its bundle (memory too, when set).
+            bundle = {"GPU": options["num_gpus"], "CPU": options["num_cpus"]}
+            if "memory" in options:
+                bundle["memory"] = options["memory"]
             group = placement_group([bundle], strategy="STRICT_PACK", name=f"evomerge-worker-{index}")
             self._groups.append(group)
-            options["num_gpus"], options["num_cpus"] = bundle["GPU"], bundle["CPU"]
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=group)
         return ray.remote(_Actor).options(name=None, **options).remote(self._spec)
 
