@@ -1,4 +1,4 @@
-"""The Ray executor on a local Ray instance with two CPU workers.
+"""The Ray executor on a local Ray instance with two CPU workers (2 CPUs, and 2 declared GPUs that Ray only counts).
 
 One Ray instance serves the whole module (it starts in seconds and takes
 over a GB) and is shut down at the end; each executor starts its own actors

@@ -203,7 +203,7 @@ class RayExecutor(Executor):
                 raise EvomergeError(f"worker on {info['host']}: {info['error']}")
         self.info = infos
         where = "; ".join(f"{i} on {x['host']} ({','.join(x['devices'])})" for i, x in enumerate(infos))
-        self.log(f"{count} Ray workers ready: {where}")
+        self.log(f"{count} Ray worker{'s' if count != 1 else ''} ready: {where}")
 
     def _new_actor(self, index: int):
         ray = self.ray
