@@ -81,13 +81,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _bytes(module: nn.Module) -> int:
-    seen = set()
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    # parameters() yields a tied parameter once
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def plan_layers(layer_bytes: list[int], ends_bytes: int, n_devices: int) -> list[int]:
@@ -153,7 +148,8 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device) if value.device != device else value
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        moved = [_to(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)  # named tuples too
     if isinstance(value, list):
         return [_to(v, device) for v in value]
     if isinstance(value, dict):
