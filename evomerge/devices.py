@@ -3,14 +3,15 @@
 A device setting is ``cpu``, ``cuda``, ``cuda:N``, a comma-separated list
 such as ``cuda:0,cuda:1``, or ``cuda:all`` (every GPU this process sees).
 With one device the model and the sources sit on it. With several, the model
-is split by layers (a device named twice takes two runs of layers, which
-only tests the split) (pipeline style, one layer runs at a time): the decoder
+is split by layers, pipeline style (one layer runs at a time): the decoder
 layers are cut into contiguous runs of about equal size, one run per device,
 and the ends (embeddings, final norm, head, rotary tables) sit on the first
 device, so a tied head keeps sharing its embedding's storage and the logits
 come out where the input went in. Each source tensor is kept on the device
 of the parameter it merges into, so the sources and their task vectors are
-split the same way and every merge runs where its output lives.
+split the same way and every merge runs where its output lives. A device
+named twice (``cpu,cpu``) takes two runs of layers: that exercises the split
+without a second device.
 
 Activations cross devices through a forward pre-hook on each placed block,
 which moves the block's tensor arguments to the block's device; the layer
@@ -30,10 +31,13 @@ from evomerge.errors import EvomergeError
 ALL = "cuda:all"
 
 
-def parse_devices(spec: str | None) -> list[torch.device]:
-    """The devices of a device setting (None: the first GPU, or the CPU)."""
+def parse_devices(spec: str | torch.device | list[torch.device] | None) -> list[torch.device]:
+    """The devices of a device setting (None: the first GPU, or the CPU); a
+    list already parsed is returned as it is."""
     if spec is None:
         return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    if isinstance(spec, list):
+        return spec
     text = str(spec).strip()
     if text == ALL:
         if not torch.cuda.is_available():

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from evomerge.devices import parse_devices
 from evomerge.errors import EvomergeError, field_error
 
 PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
@@ -228,8 +229,6 @@ class Evaluator:
         self.objectives = list(spec.objectives)
         self.root = Path(root).resolve()
         self.allow_outside_paths = allow_outside_paths
-        from evomerge.devices import parse_devices
-
         self.device = parse_devices(device)[0]  # where the model takes its input
         self.tokenizer = _load_tokenizer(tokenizer)
         self._texts = {o.perplexity: self._read_text(o.perplexity) for o in self.objectives if o.perplexity is not None}

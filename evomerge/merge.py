@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from evomerge.devices import parse_devices, place
 from evomerge.errors import EvomergeError
 from evomerge.methods import MergeMethod, TensorInputs, get_method
 from evomerge.models import (
@@ -318,8 +319,6 @@ def merge_tensor(
 
 def _device(device: str) -> torch.device:
     """The one device a merge to disk streams its tensors through."""
-    from evomerge.devices import parse_devices
-
     devices = parse_devices(device)
     if len(devices) > 1:
         raise EvomergeError(f"a merge to disk runs on one device, not {device!r}; give one, e.g. {devices[0]}")
@@ -580,10 +579,7 @@ class InPlaceMerger:
         model: torch.nn.Module | None = None,
         fuse: bool | None = None,
     ):
-        from evomerge.devices import parse_devices
-
         self.devices = parse_devices(device)
-        self.device = self.devices[0]
         self.root = Path(root)
         self.sources = open_sources(template, root, allow_outside)
         plan = plan_merge(template, self.sources)
@@ -678,6 +674,4 @@ def build_model(config: dict, dtype: torch.dtype, device) -> torch.nn.Module:
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     model.tie_weights()  # skipped under no_init_weights; tied heads must share storage
-    from evomerge.devices import place
-
-    return place(model, device if isinstance(device, list) else [torch.device(device)]).eval()
+    return place(model, parse_devices(device)).eval()

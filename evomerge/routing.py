@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from evomerge.devices import parse_devices, place
 from evomerge.errors import EvomergeError
 from evomerge.recipe import MERGED
 
@@ -328,15 +329,13 @@ class RouteMerger:
         from evomerge.recipe import Recipe, Source
 
         self.root = Path(root)
-        from evomerge.devices import parse_devices
-
         self.devices = parse_devices(device)
         self.merger = None
         self._merged: str | None = None  # fingerprint of the merge the live model holds
         pool: dict[str, nn.Module] = {}
         if template is not None and template.method is not None:
             self.merger = InPlaceMerger(
-                template.merge_part(), root=self.root, device=device, allow_outside=allow_outside
+                template.merge_part(), root=self.root, device=self.devices, allow_outside=allow_outside
             )
             pool[MERGED] = self.merger.model
         if routed is None:
@@ -513,9 +512,7 @@ def load_live(path, dtype: torch.dtype | None = None, device="cpu") -> nn.Module
         raise EvomergeError(
             f"cannot load {path} as a causal LM ({str(e).splitlines()[0][:120]}); check the folder"
         ) from None
-    from evomerge.devices import place
-
-    return place(model, device if isinstance(device, list) else [torch.device(device)]).eval()
+    return place(model, parse_devices(device)).eval()
 
 
 __all__ = [
