@@ -8,6 +8,8 @@ devices. The placement itself is checked with the meta device, and the
 tests at the end split a model over a GPU and the CPU, or over two GPUs,
 where there are GPUs."""
 
+import json
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def test_device_settings_parse_or_fail_with_the_fix():
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
+def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
     out = {}
     for arch in ("llama", "qwen2"):
@@ -86,10 +88,8 @@ def _recipe(base, ft, method="dare_ties", seed=3):
     )
 
 
-def test_placement_puts_each_run_of_layers_on_its_device_and_the_ends_on_the_first(family):
-    import json
-
-    base, _ = family["qwen2"]
+def test_placement_puts_each_run_of_layers_on_its_device_and_the_ends_on_the_first(models):
+    base, _ = models["qwen2"]
     config = json.loads((base / "config.json").read_text())
     model = build_model(config, torch.float32, [torch.device("cpu"), torch.device("meta")])
     layers = decoder_layers(model)
@@ -103,13 +103,11 @@ def test_placement_puts_each_run_of_layers_on_its_device_and_the_ends_on_the_fir
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def test_a_layer_on_another_device_gets_its_inputs_moved_there(family):
+def test_a_layer_on_another_device_gets_its_inputs_moved_there(models):
     """The hook moves positional and keyword tensors (hidden states, the
     rotary tables, the mask) to the layer's device: a layer on the meta
     device takes CPU inputs and computes on meta."""
-    import json
-
-    base, _ = family["llama"]
+    base, _ = models["llama"]
     config = json.loads((base / "config.json").read_text())
     model = build_model(config, torch.float32, [torch.device("cpu"), torch.device("meta")])
     last = decoder_layers(model)[-1]
@@ -123,8 +121,8 @@ def test_a_layer_on_another_device_gets_its_inputs_moved_there(family):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_split_merger_merges_and_runs_exactly_like_one_device(family, arch):
-    base, ft = family[arch]
+def test_a_split_merger_merges_and_runs_exactly_like_one_device(models, arch):
+    base, ft = models[arch]
     one = InPlaceMerger(_recipe(base, ft), allow_outside=True, device="cpu")
     split = InPlaceMerger(_recipe(base, ft), allow_outside=True, device="cpu,cpu,cpu")
     assert split.devices == [torch.device("cpu")] * 3
@@ -142,6 +140,20 @@ def test_a_split_merger_merges_and_runs_exactly_like_one_device(family, arch):
     assert (head.data_ptr() == embed.data_ptr()) == (arch == "qwen2")  # ties kept, untied heads apart
 
 
+def test_each_source_tensor_sits_on_the_device_of_the_parameter_it_merges_into(models):
+    """A split over the CPU and the meta device: the sources of the layers
+    on meta are on meta, those of the first layers and the ends on the CPU."""
+    base, ft = models["llama"]
+    merger = InPlaceMerger(_recipe(base, ft), allow_outside=True, device=[torch.device("cpu"), torch.device("meta")])
+    assert merger.model.evomerge_layer_plan == [0, 0, 1, 1]
+    named = dict(merger.model.named_parameters(remove_duplicate=False))
+    kinds = set()
+    for (_, name), tensor in merger._tensors.items():
+        assert tensor.device == named[name].device, name
+        kinds.add(tensor.device.type)
+    assert kinds == {"cpu", "meta"}
+
+
 # -- on GPUs (skipped on a machine without them) ---------------------------------------------
 
 GPU_SPLITS = [
@@ -157,8 +169,8 @@ GPU_SPLITS = [
 
 @pytest.mark.parametrize("devices", GPU_SPLITS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_model_split_over_real_devices_matches_one_device(family, arch, devices):
-    base, ft = family[arch]
+def test_a_model_split_over_real_devices_matches_one_device(models, arch, devices):
+    base, ft = models[arch]
     r = _recipe(base, ft, "ties")
     one = InPlaceMerger(r, allow_outside=True, device="cpu").apply(r)
     merger = InPlaceMerger(r, allow_outside=True, device=devices)
