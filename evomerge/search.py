@@ -44,8 +44,9 @@ STUDY_NAME = "evomerge"
 RUN_FILE = "run.yaml"
 OWN_FILES = (RUN_FILE, "study.db", "cma_state.pkl", "cma_state.tmp")
 HEARTBEAT_S = 30.0  # on a shared storage; a trial is stale after 120 s without one
-ELAPSED_EVERY_S = 5.0
-CLAIM_EXPIRES_S = 600.0  # a baseline claim not renewed this long belongs to a dead driver  # how often the search stores its elapsed time (for budget.minutes across resumes)
+ELAPSED_EVERY_S = 5.0  # how often the search stores its elapsed time (for budget.minutes across resumes)
+CLAIM_EXPIRES_S = 600.0  # a baseline claim not renewed this long belongs to a dead driver
+CLAIM_STAMP_S = 30.0  # how long a new claim may go without its first stamp
 
 
 @dataclass
@@ -499,6 +500,11 @@ class Run:
             claim = optuna.create_study(storage=self.study._storage, study_name=name)
         except optuna.exceptions.DuplicatedStudyError:
             claim = optuna.load_study(study_name=name, storage=self.study._storage)
+            # The claimer stamps its claim just after creating it: a claim
+            # without a stamp yet is fresh, not dead. Wait for the stamp.
+            waited = time.monotonic()
+            while "alive" not in claim.user_attrs and time.monotonic() - waited < CLAIM_STAMP_S:
+                time.sleep(0.2)
             if time.time() - float(claim.user_attrs.get("alive", 0)) < CLAIM_EXPIRES_S:
                 bar.write("another driver runs the baselines")
                 return False

@@ -458,6 +458,46 @@ def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
     assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)
 
 
+def _claimer(storage, writes):
+    """A stand-in for a Run on a shared storage, enough for the baseline claim."""
+    from types import SimpleNamespace
+
+    study = optuna.create_study(storage=storage, study_name="evomerge", load_if_exists=True)
+    return SimpleNamespace(cfg=SimpleNamespace(storage=storage), study=study), SimpleNamespace(write=writes.append)
+
+
+def test_one_driver_claims_the_baselines_even_mid_claim(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import evomerge.search as search
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'claim.db'}")
+    said = []
+    first, bar = _claimer(storage, said)
+    assert Run._baselines_are_mine(first, bar)
+    second, bar = _claimer(storage, said)
+    assert not Run._baselines_are_mine(second, bar)
+    assert said == ["another driver runs the baselines"]
+
+    # A claim created but not yet stamped (the claimer is between the two
+    # writes) is taken as alive once its stamp comes: the CI race, where both
+    # drivers ran all seven baselines.
+    optuna.delete_study(study_name="evomerge-baselines", storage=storage)
+    claim = optuna.create_study(storage=storage, study_name="evomerge-baselines")
+    threading.Timer(0.5, lambda: claim.set_user_attr("alive", time.time())).start()
+    assert not Run._baselines_are_mine(second, bar)
+
+    # A claim whose stamp never comes, or one left stale, belongs to a dead driver.
+    optuna.delete_study(study_name="evomerge-baselines", storage=storage)
+    optuna.create_study(storage=storage, study_name="evomerge-baselines")
+    monkeypatch.setattr(search, "CLAIM_STAMP_S", 0.3)
+    assert Run._baselines_are_mine(second, bar)
+    stale = optuna.load_study(study_name="evomerge-baselines", storage=storage)
+    stale.set_user_attr("alive", time.time() - search.CLAIM_EXPIRES_S - 1)
+    assert Run._baselines_are_mine(first, bar)
+
+
 def _open_shared_storage(url, queue):
     from evomerge.search import Run
 
