@@ -446,8 +446,6 @@ class Run:
                 for i, result in self.executor.wait():
                     inflight -= 1
                     record(i, self._outcome(todo[i][1], "baseline", todo[i][0], result))
-                    if getattr(self, "_claim", None) is not None:
-                        self._claim.set_user_attr("alive", time.time())
         return results
 
     # -- the loop ------------------------------------------------------------
@@ -472,7 +470,11 @@ class Run:
             if self.executor.workers > 1:
                 bar.write(f"{self.executor.name} executor: {self.executor.workers} workers")
             if self.cfg.baselines and self._baselines_are_mine(bar):
+                if beat is not None:
+                    beat.claim = self._claim  # stamped while the baselines run, however long one takes
                 self.run_baselines(bar)
+                if beat is not None:
+                    beat.claim = None
             self._loop(bar, done)
             bar.close()
             return self.finish()
@@ -739,12 +741,14 @@ class Run:
 class _Heartbeat:
     """On a shared storage, beats for the Optuna trials being scored, so that
     another driver's ``fail_stale_trials`` fails them only if this driver
-    dies (Optuna beats only inside ``study.optimize``, which we do not use)."""
+    dies (Optuna beats only inside ``study.optimize``, which we do not use),
+    and stamps the baseline claim while ``claim`` is set."""
 
     def __init__(self, study, inflight: dict, every: float = HEARTBEAT_S):
         import threading
 
         self.study, self.inflight, self.every = study, inflight, every
+        self.claim = None  # the baseline claim (an Optuna study) while this driver runs the baselines
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
         self._thread.start()
@@ -752,6 +756,12 @@ class _Heartbeat:
     def _run(self) -> None:
         storage = self.study._storage
         while not self._stop.wait(self.every):
+            claim = self.claim
+            if claim is not None:
+                try:
+                    claim.set_user_attr("alive", time.time())
+                except Exception:  # noqa: BLE001 - a busy storage; the next beat is soon
+                    pass
             for c in list(self.inflight.values()):
                 if c.trial is not None:
                     try:

@@ -498,6 +498,33 @@ def test_one_driver_claims_the_baselines_even_mid_claim(tmp_path, monkeypatch):
     assert Run._baselines_are_mine(first, bar)
 
 
+def test_the_heartbeat_keeps_the_baseline_claim_alive(tmp_path):
+    # A baseline may take longer than CLAIM_EXPIRES_S on a big model: while
+    # the claimer runs them, its heartbeat stamps the claim, and stops after.
+    import time
+
+    from evomerge.search import _Heartbeat
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}")
+    study = optuna.create_study(storage=storage, study_name="evomerge")
+    claim = optuna.create_study(storage=storage, study_name="evomerge-baselines")
+    claim.set_user_attr("alive", 0.0)
+    beat = _Heartbeat(study, {}, every=0.05)
+    try:
+        time.sleep(0.3)
+        assert claim.user_attrs["alive"] == 0.0  # no claim handed to the beat: nothing stamped
+        beat.claim = claim
+        time.sleep(0.3)
+        beat.claim = None
+        time.sleep(0.2)  # a beat that read the claim just before finishes its write
+        stamped = claim.user_attrs["alive"]
+        assert time.time() - stamped < 2.0
+        time.sleep(0.3)
+        assert claim.user_attrs["alive"] == stamped
+    finally:
+        beat.stop()
+
+
 def _open_shared_storage(url, queue):
     from evomerge.search import Run
 
