@@ -525,6 +525,37 @@ def test_the_heartbeat_keeps_the_baseline_claim_alive(tmp_path):
         beat.stop()
 
 
+@pytest.mark.slow
+def test_a_shared_search_keeps_its_baseline_claim_alive_while_scoring_them(experiment, tmp_path, monkeypatch):
+    import time
+
+    import evomerge.search as search
+
+    config = write_config(experiment, "claim.yaml", budget={"trials": 1}, storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    beat = search._Heartbeat
+    monkeypatch.setattr(search, "_Heartbeat", lambda study, inflight: beat(study, inflight, every=0.05))
+    run = Run(config, tmp_path / "run", progress=False)
+    real = run.worker.score
+    stamps = []
+
+    def slow_score(recipe, which="dev"):
+        claim = optuna.load_study(study_name="evomerge-baselines", storage=run.study._storage)
+        before = claim.user_attrs["alive"]
+        time.sleep(0.3)  # six beats
+        stamps.append((before, claim.user_attrs["alive"]))
+        return real(recipe, which)
+
+    monkeypatch.setattr(run.worker, "score", slow_score)
+    try:
+        run.search()
+    finally:
+        run.close()
+    assert len(trials(tmp_path / "run", "baseline")) == 7
+    baseline_stamps = stamps[:7]  # the baselines are scored first
+    assert all(after > before for before, after in baseline_stamps)  # stamped while each was scored
+    assert all(after == before for before, after in stamps[7:])  # and no longer once they were done
+
+
 def _open_shared_storage(url, queue):
     from evomerge.search import Run
 
