@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.demo import make_finetune, make_tiny_model  # noqa: E402
+from evomerge.tiny import make_finetune, make_tiny_model  # noqa: E402
 
 _LARGE = dict(
     layers=20,

@@ -93,8 +93,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.demo import make_finetune, make_tiny_model  # noqa: E402
 from evomerge.evaluate import write_choice_task  # noqa: E402
+from evomerge.tiny import make_finetune, make_tiny_model  # noqa: E402
 
 SIZES = {
     # name: config overrides for evomerge.demo.tiny_config
@@ -182,7 +182,8 @@ def build_experiment(workdir: Path, size: str, docs: int, trials: int, driver: s
 def bench_search(root: Path, launched: float) -> dict:
     """Run the search with timing hooks (in its own process); ``launched`` is
     the parent's time.time() when it started this process."""
-    from evomerge.search import Run, open_study
+    from evomerge.search import Run
+    from evomerge.store import RunStore
 
     run_dir = root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -230,15 +231,11 @@ def bench_search(root: Path, launched: float) -> dict:
             h.remove()
         run.close()
     params = sum(p.numel() for p in model.parameters())  # tied weights count once
-    study, _ = open_study(run_dir)
-    trials = sorted(
-        (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"),
-        key=lambda t: t.number,
-    )
-    failed = [t.user_attrs.get("reason") for t in trials if t.user_attrs.get("status") != "ok"]
+    trials = RunStore.open(run_dir).trials("search", everything=True)
+    failed = [t.reason for t in trials if t.status != "ok"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(trials)} candidates failed, first: {failed[0]}")
-    seconds = [t.user_attrs["seconds"] for t in trials]
+    seconds = [t.seconds for t in trials]
     if len(merges) != len(trials):
         raise RuntimeError(f"{len(merges)} merges for {len(trials)} trials; expected one per candidate")
     n = len(trials)
@@ -265,7 +262,7 @@ def bench_search(root: Path, launched: float) -> dict:
         "steady_overhead_share": (steady_s - steady_fwd) / steady_s,
         "fused": run.worker.merger.fuse,
         "threads": torch.get_num_threads(),
-        "best_acc": max(t.user_attrs["fitness"] for t in trials),
+        "best_acc": max(t.fitness for t in trials),
     }
 
 

@@ -1,102 +1,17 @@
-"""Tiny models the project makes itself, for the demo, tests and benchmarks.
+"""The ``evomerge demo`` command: build the demo problem, search it, and report.
 
-Nothing is downloaded: configs are built here, weights are random (seeded),
-and a character-level tokenizer is written beside them.
+The problem (a tiny base, two experts, lm-eval tasks) comes from
+evomerge.demo_problem, its tiny models from evomerge.tiny. This module holds
+the demo's search settings, writes its search config, runs the search and
+compares the best recipe with the sources and the default merges on the
+held-out split.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-ARCHS = ("llama", "qwen2")
-_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def _byte_alphabet() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
-def make_tokenizer():
-    """A byte-level tokenizer with no merges: one token per byte.
-
-    Byte-level BPE (rather than a plain character vocabulary) because
-    transformers rebuilds some model types' tokenizers (Qwen2's, for one)
-    around a byte-level pre-tokenizer; this vocabulary survives that.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + _byte_alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-VOCAB_SIZE = len(_SPECIALS) + 256
-
-
-def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, tie: bool | None = None, **overrides):
-    """A transformers config for a tiny Llama (untied, grouped-query attention)
-    or Qwen2 (attention biases, tied embeddings) model."""
-    import transformers
-
-    common = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    common.update(overrides)
-    if arch == "llama":
-        return transformers.LlamaConfig(tie_word_embeddings=bool(tie), **common)
-    if arch == "qwen2":
-        return transformers.Qwen2Config(tie_word_embeddings=True if tie is None else tie, **common)
-    raise ValueError(f"unknown arch {arch!r}; use one of {ARCHS}")
-
-
-def save_model(model, out: Path, tokenizer=None) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    (tokenizer or make_tokenizer()).save_pretrained(out)
-    return out
-
-
-def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", **config_kwargs) -> Path:
-    """Save a randomly initialised tiny model (weights drawn from ``seed``)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
-    return save_model(model.to(getattr(torch, dtype)), out)
-
-
-def make_finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
-    """A stand-in fine-tune: the base plus a seeded random task vector whose
-    entries are ``scale`` times the base tensor's standard deviation."""
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = float(p.float().std()) if p.numel() > 1 else 1.0
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * (scale * (std or 1.0)))
-    return save_model(model, out)
-
+from evomerge.demo_problem import build_demo
 
 # The demo's search: what the README's first command runs.
 DEMO_SPACE = "ties_layerwise"
@@ -107,8 +22,6 @@ DEMO_TRIALS = 200
 def demo_config(workdir: Path) -> Path:
     """Write the demo's search config (models and tasks from ``build_demo``)."""
     import yaml
-
-    from evomerge.demo_problem import build_demo
 
     workdir = Path(workdir).resolve()
     assets = build_demo(workdir)
@@ -142,7 +55,8 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     search for the best merge, and compare it with the sources and the
     default merges on the held-out split."""
     from evomerge.export import export_best, status_table
-    from evomerge.search import Run, open_study, trial_attrs
+    from evomerge.search import Run
+    from evomerge.store import RunStore
 
     workdir = Path(workdir)
     config = demo_config(workdir)
@@ -155,13 +69,11 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     print(status_table(run_dir, top=5))
     out, recipe = export_best(run_dir, out=workdir / "best_recipe.yaml")
 
-    study, _ = open_study(run_dir)
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        a = trial_attrs(study, t)
-        if "heldout_fitness" in a and a.get("status") == "ok":
-            what = a["name"] if a.get("kind") == "baseline" else f"evolved (trial {t.number})"
-            rows.append((what, a.get("kind"), a["fitness"], a["heldout_fitness"], a["heldout"]))
+    for r in RunStore.open(run_dir).trials():
+        if r.heldout_fitness is not None and r.ok:
+            what = r.name if r.kind == "baseline" else f"evolved (trial {r.number})"
+            rows.append((what, r.kind, r.fitness, r.heldout_fitness, r.heldout_values))
     n = len(rows[0][4]) if rows else 1
     print(f"\nheld-out accuracy (mean over {n} skills; the search never saw these documents):")
     for what, _, dev, held, per in rows:

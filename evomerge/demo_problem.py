@@ -29,6 +29,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from evomerge.tiny import make_tokenizer, save_model, tiny_config
+
 VERSION = 1
 SEED = 0
 LAYERS = 4
@@ -261,8 +263,6 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def _build_models(workdir: Path, items: dict, progress: bool) -> None:
-    from evomerge.demo import make_tokenizer, save_model
-
     tok = make_tokenizer()
     exclude = _eval_inputs(items)
     models = workdir / "models"
@@ -274,8 +274,6 @@ def _build_models(workdir: Path, items: dict, progress: bool) -> None:
 def _pretrain(tok, exclude: set[str], progress: bool):
     import torch
     import transformers
-
-    from evomerge.demo import tiny_config
 
     torch.manual_seed(SEED)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", layers=LAYERS, hidden=HIDDEN))

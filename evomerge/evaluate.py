@@ -161,16 +161,42 @@ class Score:
     ``values`` holds one raw value per objective (in its own direction; NaN
     where it could not be computed); ``metrics`` every number the evaluation
     produced, keyed ``task/metric``. ``eval_seconds`` is the time spent in
-    forward passes (lm-eval's ``evaluate``, perplexity, custom callables), so
-    ``seconds - eval_seconds`` is the scorer's own overhead.
+    forward passes (lm-eval's ``evaluate``, perplexity, custom callables).
+    From :meth:`Evaluator.score`, ``seconds`` is the evaluation alone (so
+    ``seconds - eval_seconds`` is the scorer's own overhead); from a worker,
+    it also counts ``merge_seconds`` (merging in place, or building the
+    route). ``non_finite`` marks a failure for NaN or inf weights or
+    metrics: a property of the recipe, not an accident, so it is cached like
+    a success. ``attempts`` counts the workers that tried the candidate (more
+    than one when a worker died under it); ``heldout`` is the held-out score
+    when a worker was asked for both.
     """
 
     values: dict[str, float]
     metrics: dict[str, float]
     status: str = "ok"
     reason: str | None = None
+    non_finite: bool = False
     seconds: float = 0.0
     eval_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    attempts: int = 1
+    heldout: Score | None = None
+
+    @classmethod
+    def failed(cls, reason: str, seconds: float = 0.0) -> Score:
+        """A failed score; the reason is cut to its first line, 500 characters at most."""
+        return cls(
+            values={},
+            metrics={},
+            status="failed",
+            reason=reason.splitlines()[0][:500] if reason else "unknown",
+            seconds=seconds,
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
     def fitness(self, objectives: Sequence[ObjectiveSpec]) -> float:
         """Weighted sum of the objective values, higher is better (minimised
@@ -342,17 +368,17 @@ class Evaluator:
         values: dict[str, float] = {}
         metrics: dict[str, float] = {}
         eval_seconds = 0.0
-        reason = None
+        reason, non_finite = None, False
         with _quiet_lm_eval():
             try:
                 if not _all_finite(model):
-                    reason = "non-finite weights"
+                    reason, non_finite = "non-finite weights", True
                 else:
                     model.eval()
                     eval_seconds = self._evaluate(model, values, metrics)
                     bad = [name for name, v in values.items() if not math.isfinite(v)]
                     if bad:
-                        reason = f"non-finite metric {bad[0]}"
+                        reason, non_finite = f"non-finite metric {bad[0]}", True
             except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError from torch 2.5 on
                 reason = f"out of memory: {_first_line(e)}"
                 if torch.cuda.is_available():
@@ -365,6 +391,7 @@ class Evaluator:
             metrics=metrics,
             status="ok" if reason is None else "failed",
             reason=reason,
+            non_finite=non_finite,
             seconds=time.perf_counter() - t0,
             eval_seconds=eval_seconds,
         )

@@ -1,4 +1,9 @@
-"""The user-facing ends of a run: the status table and the exported recipe."""
+"""The user-facing ends of a run: the status table and the exported recipe.
+
+Both read a run folder through :mod:`evomerge.store` only (never the search
+loop), so they work on a finished run, a running one and runs written by
+earlier versions.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
+from evomerge.store import RunStore, TrialRecord, atomic_write, rank_key
 
 PACKAGES = ("evomerge", "torch", "transformers", "safetensors", "optuna", "cma", "lm_eval", "mergekit")
 
@@ -24,13 +30,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _complete(study):
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-
-
-def _describe(recipe: dict) -> str:
+def describe_recipe(recipe: dict) -> str:
     """A short label: the method, and the route's depth."""
     parts = [recipe["method"]] if recipe.get("method") else []
     if recipe.get("route"):
@@ -38,52 +38,40 @@ def _describe(recipe: dict) -> str:
     return " + ".join(parts)
 
 
+def _row(record: TrialRecord, objectives: list[str]) -> list[str]:
+    what = record.name if record.kind == "baseline" else f"search ({describe_recipe(record.recipe)})"
+    if record.status != "ok":
+        return [str(record.number), what, "failed", (record.reason or "")[:60]]
+    return [
+        str(record.number),
+        what,
+        f"{record.fitness:.4f}",
+        *[f"{record.values[o]:.4f}" if o in record.values else "-" for o in objectives],
+        f"{record.heldout_fitness:.4f}" if record.heldout_fitness is not None else "-",
+    ]
+
+
 def status_table(run_dir: str | Path, top: int = 10) -> str:
     """The baselines and the top search trials of a run, as a text table."""
-    from evomerge.search import best_trial, open_study, trial_attrs
-
-    study, record = open_study(run_dir)
-    trials = _complete(study)
-    objectives = study.user_attrs.get("objectives", [])
-    baselines = [t for t in trials if t.user_attrs.get("kind") == "baseline"]
-    search = [t for t in trials if t.user_attrs.get("kind") == "search"]
-    failed = [t for t in search if t.user_attrs.get("status") != "ok"]
-    ranked = sorted(
-        (t for t in search if t.user_attrs.get("status") == "ok"),
-        key=lambda t: (-t.user_attrs["fitness"], t.number),
-    )
+    store = RunStore.open(run_dir)
+    objectives = store.objectives
+    baselines = store.trials("baseline")
+    search = store.trials("search")
+    failed = [r for r in search if r.status != "ok"]
+    ranked = sorted((r for r in search if r.status == "ok"), key=rank_key)
     header = ["trial", "what", "fitness", *objectives, "held-out"]
-    rows = []
-    for t in [*baselines, *ranked[:top]]:
-        a = trial_attrs(study, t)
-        what = a.get("name") if a.get("kind") == "baseline" else f"search ({_describe(a['recipe'])})"
-        if a.get("status") != "ok":
-            rows.append([str(t.number), what, "failed", a.get("reason", "")[:60]])
-            continue
-        values = a.get("values", {})
-        rows.append(
-            [
-                str(t.number),
-                what,
-                f"{a['fitness']:.4f}",
-                *[f"{values[o]:.4f}" if o in values else "-" for o in objectives],
-                f"{a['heldout_fitness']:.4f}" if "heldout_fitness" in a else "-",
-            ]
-        )
+    rows = [_row(r, objectives) for r in [*baselines, *ranked[:top]]]
     widths = [max(len(r[i]) for r in [header, *rows] if i < len(r)) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    best = best_trial(study)
-    base_ok = [t.user_attrs["fitness"] for t in baselines if "fitness" in t.user_attrs]
+    best = store.best()
+    base_ok = [r.fitness for r in baselines if r.fitness is not None]
     summary = (
-        f"{len(search)} search trials ({len(failed)} failed), {len(baselines)} baselines, "
-        f"{study.user_attrs.get('elapsed_s', 0) / 60:.1f} min"
+        f"{len(search)} search trials ({len(failed)} failed), {len(baselines)} baselines, {store.elapsed / 60:.1f} min"
     )
     if best is not None and base_ok:
-        summary += (
-            f"; best trial {best.number}: {best.user_attrs['fitness']:.4f} against best baseline {max(base_ok):.4f}"
-        )
+        summary += f"; best trial {best.number}: {best.fitness:.4f} against best baseline {max(base_ok):.4f}"
     return "\n".join([summary, *lines])
 
 
@@ -103,27 +91,24 @@ def export_best(
     ``metadata``. Model paths are written relative to the recipe's folder
     when they lie inside it, absolute otherwise.
     """
-    from evomerge.merge import _pinned, merge_to_disk, open_sources
-    from evomerge.search import best_trial, open_study, trial_attrs
+    from evomerge.merge import merge_to_disk, open_sources, pinned
 
     if fmt not in ("evomerge", "mergekit"):
         raise EvomergeError(f"unknown export format {fmt!r}; use evomerge or mergekit")
     run_dir = Path(run_dir)
-    study, record = open_study(run_dir)
+    store = RunStore.open(run_dir)
     if trial is None:
-        chosen = best_trial(study)
+        chosen = store.best()
         if chosen is None:
             raise EvomergeError(f"run {run_dir} has no successful trial yet; run the search longer")
     else:
-        matches = [t for t in _complete(study) if t.number == trial]
-        if not matches or matches[0].user_attrs.get("status") != "ok":
+        chosen = store.trial(trial)
+        if chosen is None or chosen.status != "ok":
             raise EvomergeError(f"trial {trial} is not a successful trial of {run_dir}; see `evomerge status`")
-        chosen = matches[0]
-    a = trial_attrs(study, chosen)
-    recipe = Recipe.model_validate(a["recipe"])
-    root = Path(record["config_path"]).parent
+    recipe = Recipe.model_validate(chosen.recipe)
+    root = Path(store.record["config_path"]).parent
     sources = open_sources(recipe, root, allow_outside=True)
-    recipe = _pinned(recipe, sources)
+    recipe = pinned(recipe, sources)
 
     out = (
         Path(out) if out is not None else run_dir / ("best_recipe.yaml" if fmt == "evomerge" else "best_mergekit.yaml")
@@ -142,15 +127,15 @@ def export_best(
                 "evomerge": {
                     "run": str(run_dir.resolve()),
                     "trial": chosen.number,
-                    "kind": a.get("kind"),
-                    **({"baseline": a["name"]} if a.get("name") else {}),
-                    "recipe_fingerprint": a.get("fingerprint"),
-                    "space_fingerprint": study.user_attrs.get("space_fingerprint"),
-                    "config_fingerprint": study.user_attrs.get("config_fingerprint"),
+                    "kind": chosen.kind,
+                    **({"baseline": chosen.name} if chosen.name else {}),
+                    "recipe_fingerprint": chosen.fingerprint,
+                    "space_fingerprint": store.run_attr("space_fingerprint"),
+                    "config_fingerprint": store.run_attr("config_fingerprint"),
                     "seed": recipe.seed,
-                    "dev": {"fitness": a.get("fitness"), "objectives": a.get("values", {})},
-                    "heldout": {"fitness": a.get("heldout_fitness"), "objectives": a.get("heldout", {})}
-                    if "heldout" in a
+                    "dev": {"fitness": chosen.fitness, "objectives": chosen.values},
+                    "heldout": {"fitness": chosen.heldout_fitness, "objectives": chosen.heldout_values}
+                    if chosen.heldout_values is not None
                     else None,
                     "versions": _versions(),
                 }
@@ -177,9 +162,7 @@ def export_best(
         note = yaml.safe_dump({"evomerge": recipe.metadata["evomerge"]}, sort_keys=False)
         text = "".join(f"# {line}\n" for line in note.splitlines()) + mergekit_form.to_mergekit_yaml()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write(out, text)
     if merge_dir is not None:
         merge_to_disk(recipe, merge_dir, root=out_root, allow_outside=True, overwrite=overwrite, progress=progress)
     return out, recipe

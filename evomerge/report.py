@@ -23,8 +23,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from evomerge.baselines import source_name
 from evomerge.errors import EvomergeError
-from evomerge.export import _complete, _describe
+from evomerge.export import describe_recipe
+from evomerge.store import RunStore, TrialRecord, atomic_write, rank_key
 
 REPORT_FILE = "report.html"
 _PALETTE = [f"C{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]  # C3 (red) marks the search
@@ -33,25 +35,36 @@ _ANNOTATE_CELLS = 300  # heat maps with more cells than this get no numbers in t
 
 @dataclass
 class _Run:
-    """What the page is made of, read once from the study."""
+    """What the page is made of, read once from the run's store."""
 
     run_dir: Path
-    record: dict
-    study: Any
+    record: dict  # run.yaml
     objectives: list[str]
     directions: list[str]  # per optimizer value: "maximize" or "minimize"
-    baselines: list  # complete baseline trials
-    search: list  # complete search trials, by number
-    attrs: dict[int, dict]  # trial number -> user attrs with any later held-out score
-    best: Any  # the best search trial, or None
-    best_overall: Any  # the best trial, baselines included, or None
+    baselines: list[TrialRecord]  # complete baseline trials, by number
+    search: list[TrialRecord]  # complete search trials, by number
+    best: TrialRecord | None  # the best search trial
+    best_overall: TrialRecord | None  # the best trial, baselines included
+    states: dict[str, int]  # trials the study holds that are not complete, by state
+    elapsed: float | None  # seconds searched, over every session (None: not recorded)
 
     @property
     def multi(self) -> bool:
         return len(self.directions) > 1
 
-    def ok(self, trials) -> list:
-        return [t for t in trials if self.attrs[t.number].get("status") == "ok" and "fitness" in self.attrs[t.number]]
+    @staticmethod
+    def ok(records: list[TrialRecord]) -> list[TrialRecord]:
+        return [r for r in records if r.ok]
+
+
+def _name(record: TrialRecord, default: Any = "") -> Any:
+    """A baseline's name, or ``default`` for a trial without one."""
+    return record.name if record.name is not None else default
+
+
+def _reason(record: TrialRecord) -> str:
+    """Why a trial failed ("?" when it does not say)."""
+    return record.reason if record.reason is not None else "?"
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, top: int = 20) -> Path:
@@ -67,9 +80,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
     page = _page(run, figures, top)
     out = Path(out) if out is not None else run.run_dir / REPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, page)
     return out
 
 
@@ -79,40 +90,21 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
 def _read(run_dir: Path) -> _Run:
     if not run_dir.is_dir():
         raise EvomergeError(f"run folder {run_dir} does not exist; pass the --run-dir of a search")
-    import optuna
-
-    from evomerge.search import best_trial, open_study, trial_attrs
-
-    study, record = open_study(run_dir)  # refuses folders without a run or whose study is not ready
-    trials = _complete(study)
-    attrs = {t.number: trial_attrs(study, t) for t in trials}
-    search = sorted((t for t in trials if t.user_attrs.get("kind") == "search"), key=lambda t: t.number)
-    ok_search = [t for t in search if t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs]
-    directions = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
+    store = RunStore.open(run_dir)  # refuses folders without a run or whose study is not ready
+    search = store.trials("search")
+    elapsed = store.run_attr("elapsed_s")
     return _Run(
         run_dir=run_dir,
-        record=record,
-        study=study,
-        objectives=list(study.user_attrs.get("objectives", [])),
-        directions=directions,
-        baselines=[t for t in trials if t.user_attrs.get("kind") == "baseline"],
+        record=store.record,
+        objectives=store.objectives,
+        directions=store.directions,
+        baselines=store.trials("baseline"),
         search=search,
-        attrs=attrs,
-        best=max(ok_search, key=lambda t: (t.user_attrs["fitness"], -t.number)) if ok_search else None,
-        best_overall=best_trial(study),
+        best=min(_Run.ok(search), key=rank_key, default=None),
+        best_overall=store.best(),
+        states=store.other_states(),
+        elapsed=elapsed if isinstance(elapsed, (int, float)) else None,
     )
-
-
-def _states(run: _Run) -> dict[str, int]:
-    """Trials the study holds that are not complete (interrupted, pruned, running)."""
-    import optuna
-
-    counts: dict[str, int] = {}
-    for t in run.study.get_trials(deepcopy=False):
-        if t.state != optuna.trial.TrialState.COMPLETE:
-            name = t.state.name.lower()
-            counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 # -- figures -----------------------------------------------------------------
@@ -124,7 +116,7 @@ def _figures(run: _Run) -> list[tuple[str, str, str, bytes | None]]:
     out.append(("heldout", "Dev against held-out", *_heldout(run)))
     if run.multi:
         out.append(("pareto", "Pareto front", *_pareto(run)))
-    recipe = run.attrs[run.best.number]["recipe"] if run.best is not None else None
+    recipe = run.best.recipe if run.best is not None else None
     out.append(("recipe", "Best search recipe per layer and source", *_heatmap(run, recipe)))
     if recipe is not None and recipe.get("route"):
         out.append(("route", "Route of the best search recipe", *_route(run, recipe)))
@@ -155,18 +147,17 @@ def _progress(run: _Run) -> tuple[str, bytes | None]:
         return "No search trial has finished yet.", None
     fig = _figure(9, 4.2)
     ax = fig.add_subplot()
-    xs = [t.number for t in ok]
-    ys = [run.attrs[t.number]["fitness"] for t in ok]
+    xs = [r.number for r in ok]
+    ys = [r.fitness for r in ok]
     if ok:
         ax.scatter(xs, ys, s=14, color="0.55", label="search trial", zorder=2)
         running = [max(ys[: i + 1]) for i in range(len(ys))]
         ax.step(xs, running, where="post", color="C3", lw=2, label="best so far", zorder=3)
     colors = _colors(run)
-    for t in run.ok(run.baselines):
-        a = run.attrs[t.number]
-        ax.axhline(a["fitness"], ls="--", lw=1, color=colors[a.get("name", "")], label=a.get("name", t.number))
-    scored = {t.number for t in ok}
-    failed = [t.number for t in run.search if t.number not in scored]
+    for r in run.ok(run.baselines):
+        ax.axhline(r.fitness, ls="--", lw=1, color=colors[_name(r)], label=_name(r, r.number))
+    scored = {r.number for r in ok}
+    failed = [r.number for r in run.search if r.number not in scored]
     if failed:
         low = ax.get_ylim()[0]
         ax.scatter(failed, [low] * len(failed), marker="x", color="C3", label="failed (penalised)", clip_on=False)
@@ -182,15 +173,15 @@ def _progress(run: _Run) -> tuple[str, bytes | None]:
 
 
 def _heldout(run: _Run) -> tuple[str, bytes | None]:
-    points = [t for t in run.ok(run.baselines + run.search) if run.attrs[t.number].get("heldout_fitness") is not None]
+    points = [r for r in run.ok(run.baselines + run.search) if r.heldout_fitness is not None]
     if not points:
         if run.record.get("config", {}).get("heldout") is None:
             return "The run's config has no held-out set.", None
         return "No held-out score yet: the search scores its best recipe on the held-out set when it ends.", None
     fig = _figure(7.5, 4.6)
     ax = fig.add_subplot()
-    dev = [run.attrs[t.number]["fitness"] for t in points]
-    held = [run.attrs[t.number]["heldout_fitness"] for t in points]
+    dev = [r.fitness for r in points]
+    held = [r.heldout_fitness for r in points]
     gap = max(0.0, min(held) - max(dev), min(dev) - max(held))
     if gap <= 0.5 * max(abs(v) for v in dev + held):  # scores of one scale: a square plot with its diagonal
         lo, hi = min(dev + held), max(dev + held)
@@ -199,18 +190,17 @@ def _heldout(run: _Run) -> tuple[str, bytes | None]:
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_ylim(lo - pad, hi + pad)
     colors = _colors(run)
-    for t, x, y in zip(points, dev, held):
-        a = run.attrs[t.number]
-        if a.get("kind") == "baseline":
-            ax.scatter([x], [y], marker="s", s=40, color=colors[a.get("name", "")], label=a.get("name"), zorder=3)
+    for r, x, y in zip(points, dev, held):
+        if r.kind == "baseline":
+            ax.scatter([x], [y], marker="s", s=40, color=colors[_name(r)], label=r.name, zorder=3)
         else:
-            ax.scatter([x], [y], marker="*", s=180, color="C3", label=f"search trial {t.number}", zorder=4)
+            ax.scatter([x], [y], marker="*", s=180, color="C3", label=f"search trial {r.number}", zorder=4)
     ax.set_xlabel("dev fitness")
     ax.set_ylabel("held-out fitness")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     caption = "The baselines and the best search recipe are scored on the held-out set, which the search never sees."
-    if not any(run.attrs[t.number].get("kind") == "search" for t in points) and run.best_overall is not None:
+    if not any(r.kind == "search" for r in points) and run.best_overall is not None:
         caption += (
             " No search trial has a held-out score yet: the best trial of the run is a baseline, "
             "or the search has not finished."
@@ -223,8 +213,8 @@ def _colors(run: _Run) -> dict[str, str]:
     config's order first (a route colors each model as its source's baseline),
     then the default merges. Red (C3) is the search's."""
     cfg = run.record.get("config", {})
-    names = [f"source {Path(r).name}" for r in [cfg.get("base_model"), *cfg.get("models", [])] if r]
-    names += [run.attrs[t.number].get("name", "") for t in run.baselines]
+    names = [source_name(ref) for ref in [cfg.get("base_model"), *cfg.get("models", [])] if ref]
+    names += [_name(r) for r in run.baselines]
     return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(dict.fromkeys(names))}
 
 
@@ -242,7 +232,7 @@ def _pareto(run: _Run) -> tuple[str, bytes | None]:
     trials = run.ok(run.baselines + run.search)
     if not trials:
         return "No successful trial yet.", None
-    values = [list(t.values) for t in trials]
+    values = [list(r.told) for r in trials]
     front = set(pareto_front(values, run.directions))
     names = (
         run.objectives if len(run.objectives) == len(run.directions) else [f"value {i}" for i in range(len(values[0]))]
@@ -254,11 +244,8 @@ def _pareto(run: _Run) -> tuple[str, bytes | None]:
     for k, (i, j) in enumerate(pairs):
         ax = fig.add_subplot(rows, cols, k + 1)
         for group, style in (
-            ([n for n, t in enumerate(trials) if t.user_attrs.get("kind") == "search"], {"color": "0.6", "s": 16}),
-            (
-                [n for n, t in enumerate(trials) if t.user_attrs.get("kind") == "baseline"],
-                {"color": "C0", "marker": "s"},
-            ),
+            ([n for n, r in enumerate(trials) if r.kind == "search"], {"color": "0.6", "s": 16}),
+            ([n for n, r in enumerate(trials) if r.kind == "baseline"], {"color": "C0", "marker": "s"}),
         ):
             ax.scatter([values[n][i] for n in group], [values[n][j] for n in group], zorder=2, **style)
         on = sorted(front, key=lambda n: values[n][i])
@@ -376,10 +363,10 @@ def _heatmap(run: _Run, recipe: dict | None) -> tuple[str, bytes | None]:
     caption = (
         f"Search trial {run.best.number} ({method}): each row is one parameter of one source, resolved at every layer."
     )
-    if run.best_overall is not None and run.best_overall.number != run.best.number:
-        a = run.attrs[run.best_overall.number]
-        than = "higher than" if a["fitness"] > run.attrs[run.best.number]["fitness"] else "as high as"
-        caption += f" Baseline {a.get('name', run.best_overall.number)} scored {than} every search trial."
+    top = run.best_overall
+    if top is not None and top.number != run.best.number:
+        than = "higher than" if top.fitness > run.best.fitness else "as high as"
+        caption += f" Baseline {_name(top, top.number)} scored {than} every search trial."
     return caption, _png(fig)
 
 
@@ -394,7 +381,7 @@ def _route(run: _Run, recipe: dict) -> tuple[str, bytes | None]:
     # Each model in the color of its source's baseline; the merge in red, as the search.
     named = _colors(run)
     spare = iter(c for c in _PALETTE[::-1] if c not in named.values())
-    color = {m: named.get(f"source {Path(m).name}") or next(spare, "0.5") for m in models if m != MERGED}
+    color = {m: named.get(source_name(m)) or next(spare, "0.5") for m in models if m != MERGED}
     color[MERGED] = "C3"
     embed = route.get("embed") or steps[0]["model"]
     head = route.get("head") or steps[-1]["model"]
@@ -496,12 +483,11 @@ def _table(header: list[str], rows: list[tuple[str, list[tuple[str, bool]]]]) ->
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _score_cells(run: _Run, a: dict) -> list[tuple[str, bool]]:
-    values = a.get("values", {})
-    cells = [(_num(a.get("fitness")), True)]
+def _score_cells(run: _Run, record: TrialRecord) -> list[tuple[str, bool]]:
+    cells = [(_num(record.fitness), True)]
     if len(run.objectives) > 1:
-        cells += [(_num(values.get(o)), True) for o in run.objectives]
-    cells.append((_num(a.get("heldout_fitness")), True))
+        cells += [(_num(record.values.get(o)), True) for o in run.objectives]
+    cells.append((_num(record.heldout_fitness), True))
     return cells
 
 
@@ -510,22 +496,21 @@ def _score_header(run: _Run) -> list[str]:
 
 
 def _top_table(run: _Run, top: int) -> str:
-    ranked = sorted(run.ok(run.search), key=lambda t: (-run.attrs[t.number]["fitness"], t.number))[:top]
+    ranked = sorted(run.ok(run.search), key=rank_key)[:top]
     if not ranked:
         return "<p>No successful search trial yet.</p>"
     front = set()
     if run.multi:
         ok = run.ok(run.baselines + run.search)
-        front = {ok[i].number for i in pareto_front([list(t.values) for t in ok], run.directions)}
+        front = {ok[i].number for i in pareto_front([list(r.told) for r in ok], run.directions)}
     header = ["rank", "trial", *_score_header(run), *(["Pareto"] if run.multi else []), "status", "recipe"]
     rows = []
-    for rank, t in enumerate(ranked, 1):
-        a = run.attrs[t.number]
-        cells = [(str(rank), True), (str(t.number), True), *_score_cells(run, a)]
+    for rank, r in enumerate(ranked, 1):
+        cells = [(str(rank), True), (str(r.number), True), *_score_cells(run, r)]
         if run.multi:
-            cells.append(("yes" if t.number in front else "", False))
-        cells += [("ok (cached)" if a.get("cached") else "ok", False), (_describe(a["recipe"]), False)]
-        attrs = f' data-trial="{t.number}"' + (' class="best"' if rank == 1 else "")
+            cells.append(("yes" if r.number in front else "", False))
+        cells += [("ok (cached)" if r.cached else "ok", False), (describe_recipe(r.recipe), False)]
+        attrs = f' data-trial="{r.number}"' + (' class="best"' if rank == 1 else "")
         rows.append((attrs, cells))
     return _table(header, rows)
 
@@ -534,48 +519,44 @@ def _baseline_table(run: _Run) -> str:
     if not run.baselines:
         return "<p>This run scored no baselines.</p>"
     rows = []
-    for t in run.baselines:
-        a = run.attrs[t.number]
-        if a.get("status") == "ok":
-            cells = [*_score_cells(run, a), ("ok", False)]
+    for r in run.baselines:
+        if r.status == "ok":
+            cells = [*_score_cells(run, r), ("ok", False)]
         else:
-            cells = [("-", True)] * len(_score_header(run)) + [(f"failed: {a.get('reason', '?')[:80]}", False)]
-        rows.append((f' data-trial="{t.number}"', [(str(t.number), True), (a.get("name", ""), False), *cells]))
+            cells = [("-", True)] * len(_score_header(run)) + [(f"failed: {_reason(r)[:80]}", False)]
+        rows.append((f' data-trial="{r.number}"', [(str(r.number), True), (_name(r), False), *cells]))
     return _table(["trial", "baseline", *_score_header(run), "status"], rows)
 
 
 def _failed_table(run: _Run, limit: int = 20) -> str:
-    scored = {t.number for t in run.ok(run.search)}
-    failed = [t for t in run.search if t.number not in scored]
+    scored = {r.number for r in run.ok(run.search)}
+    failed = [r for r in run.search if r.number not in scored]
     if not failed:
         return ""
-    rows = [
-        (f' data-trial="{t.number}"', [(str(t.number), True), (run.attrs[t.number].get("reason", "?")[:200], False)])
-        for t in failed[:limit]
-    ]
+    rows = [(f' data-trial="{r.number}"', [(str(r.number), True), (_reason(r)[:200], False)]) for r in failed[:limit]]
     more = f"<p>and {len(failed) - limit} more.</p>" if len(failed) > limit else ""
     return "<h3>Failed search trials</h3>" + _table(["trial", "reason"], rows) + more
 
 
 def _summary(run: _Run) -> str:
     ok = run.ok(run.search)
-    cached = sum(1 for t in ok if run.attrs[t.number].get("cached"))
+    cached = sum(1 for r in ok if r.cached)
     failed = len(run.search) - len(ok)
     items = [f"{len(run.search)} search trials: {len(ok)} scored ({cached} from the cache), {failed} failed"]
-    states = _states(run)
+    states = run.states
     if states:
         items.append(
             "not complete in the study: "
             + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
             + " (fail: interrupted or stale; running: being scored)"
         )
-    base_ok = [run.attrs[t.number]["fitness"] for t in run.ok(run.baselines)]
+    base_ok = [r.fitness for r in run.ok(run.baselines)]
     items.append(f"{len(run.baselines)} baselines" + (f", best {max(base_ok):.4f}" if base_ok else ""))
-    if run.best is not None:
-        a = run.attrs[run.best.number]
-        text = f"best search trial {run.best.number}: fitness {a['fitness']:.4f}"
-        if a.get("heldout_fitness") is not None:
-            text += f", held-out {a['heldout_fitness']:.4f}"
+    best = run.best
+    if best is not None:
+        text = f"best search trial {best.number}: fitness {best.fitness:.4f}"
+        if best.heldout_fitness is not None:
+            text += f", held-out {best.heldout_fitness:.4f}"
         items.append(text)
     return "<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
 
@@ -588,7 +569,6 @@ def _duration(seconds: float) -> str:
 
 def _metadata(run: _Run) -> str:
     rec, cfg = run.record, run.record.get("config", {})
-    elapsed = run.study.user_attrs.get("elapsed_s")
 
     def compact(d: Any) -> str:
         if isinstance(d, dict):
@@ -614,7 +594,7 @@ def _metadata(run: _Run) -> str:
         ("models", ", ".join(cfg.get("models", []))),
         ("driver", compact(cfg.get("driver", {}))),
         ("budget", compact(cfg.get("budget", {}))),
-        ("elapsed", _duration(elapsed) if isinstance(elapsed, (int, float)) else "unknown"),
+        ("elapsed", _duration(run.elapsed) if run.elapsed is not None else "unknown"),
         ("dev objectives", objectives(cfg.get("eval"))),
         ("held-out objectives", objectives(cfg.get("heldout"))),
         ("executor", (cfg.get("executor") or {}).get("name")),

@@ -27,11 +27,18 @@ induction ``a_k = 1 / (s_1 ... s_k)``, multiplied into the output projections
 removes the last factor. The one inexact term is the norms' epsilon, which
 sees a stream scaled by ``a_k``: ``routed_state`` compares the exported
 model's logits with the routed model's and refuses when they differ.
+
+``RouteMerger`` runs whole data-flow recipes: a recipe's parameter-space
+merge goes through evomerge.plan's ``InPlaceMerger`` and becomes the source
+``merge``; exports are written by evomerge.folder. This module builds on
+those and never on evomerge.merge, whose ``merge_to_disk`` sends routed
+recipes here.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +46,9 @@ from torch import nn
 
 from evomerge.devices import parse_devices, place
 from evomerge.errors import EvomergeError
-from evomerge.recipe import MERGED
+from evomerge.folder import check_output_folder, pinned, write_model_folder
+from evomerge.plan import InPlaceMerger, build_model, open_sources, torch_dtype
+from evomerge.recipe import MERGED, Recipe, Source
 
 if TYPE_CHECKING:
     from evomerge.recipe import Route
@@ -82,6 +91,19 @@ class RoutedLayer(nn.Module):
 
 def _plain(config) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in _DEPTH_KEYS | _IGNORED_KEYS}
+
+
+def check_same_width(configs: dict[str, dict[str, Any]]) -> None:
+    """Refuse routing sources (model reference -> config.json) of different
+    hidden sizes, before any of them is loaded."""
+    sizes = {ref: cfg.get("hidden_size") for ref, cfg in configs.items()}
+    if len(set(sizes.values())) > 1:
+        a = next(iter(sizes))
+        b = next(r for r in sizes if sizes[r] != sizes[a])
+        raise EvomergeError(
+            f"models {a} and {b} have different hidden sizes ({sizes[a]} and {sizes[b]}); a route passes one hidden "
+            "state between layers, so route models of one hidden size"
+        )
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -323,11 +345,6 @@ class RouteMerger:
         allow_outside: bool = False,
         max_depth: int | None = None,
     ):
-        from pathlib import Path
-
-        from evomerge.merge import InPlaceMerger, _dtype, open_sources
-        from evomerge.recipe import Recipe, Source
-
         self.root = Path(root)
         self.devices = parse_devices(device)
         self.merger = None
@@ -345,7 +362,7 @@ class RouteMerger:
         refs = list(dict.fromkeys(refs))
         probe = Recipe(sources=[Source(model=r) for r in refs], route=None, method="linear") if refs else None
         self.sources = open_sources(probe, self.root, allow_outside) if probe else {}
-        dtype = _dtype(template.dtype if template is not None else None)
+        dtype = torch_dtype(template.dtype if template is not None else None)
         for ref in refs:
             pool[ref] = load_live(self.sources[ref].path, dtype, self.devices)
         self.router = Router(pool, max_depth=max_depth)
@@ -385,13 +402,6 @@ class RouteMerger:
         logits are compared with the routed model's on random tokens, and a
         model that differs by more than ``FOLD_TOLERANCE`` is not written.
         """
-        import json
-        import shutil
-        from pathlib import Path
-
-        from evomerge.merge import _pinned, build_model, check_output_folder, write_folder
-        from evomerge.models import TOKENIZER_FILES
-
         out_dir = check_output_folder(out_dir, overwrite)
         host = self.apply(recipe)
         config, tensors = self.router.folded_state(recipe.route)
@@ -412,18 +422,14 @@ class RouteMerger:
         meta = dict(recipe.metadata, fold_max_logit_difference=diff)
         # Pin every source by sha256, as merge_to_disk does.
         opened = {**(self.merger.sources if self.merger is not None else {}), **self.sources}
-        recipe = _pinned(recipe, opened)
-
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            for fname in TOKENIZER_FILES if folder else ():
-                if (Path(folder) / fname).is_file():
-                    shutil.copyfile(Path(folder) / fname, tmp / fname)
-            (tmp / "recipe.yaml").write_text(recipe.model_copy(update={"metadata": meta}).to_yaml())
-            (tmp / "README.md").write_text(route_card(recipe, config))
-            json.loads((tmp / "config.json").read_text())  # written and readable
-
-        return write_folder(out_dir, write)
+        recipe = pinned(recipe, opened)
+        return write_model_folder(
+            out_dir,
+            lambda tmp: model.save_pretrained(tmp, safe_serialization=True),  # config.json too
+            recipe=recipe.model_copy(update={"metadata": meta}),
+            card=route_card(recipe, config),
+            tokenizer_from=folder,
+        )
 
 
 @torch.no_grad()
@@ -522,6 +528,7 @@ __all__ = [
     "RouteMerger",
     "RoutedLayer",
     "Router",
+    "check_same_width",
     "load_live",
     "max_logit_difference",
     "route_to_passthrough",

@@ -1,9 +1,10 @@
 """The search loop: baselines, ask, merge in place, score, tell, until the budget.
 
-A run folder holds everything a run needs to continue after a crash or a
-kill -9: ``run.yaml`` (the config and its fingerprint), the Optuna study
-(``study.db``, SQLite, unless the config names another storage) and the pycma
-checkpoint. Running the same command again continues the run.
+:class:`Run` assembles a run from its config (the search space, the worker
+spec, the executor), opens its run folder through :mod:`evomerge.store`,
+scores the baselines and keeps every worker busy until the budget is spent
+(the order of asks and tells is the driver's schedule,
+:mod:`evomerge.schedulers`). Running the same command again continues the run.
 
 Conventions (one place):
 
@@ -11,7 +12,7 @@ Conventions (one place):
   signed by its direction. pycma minimises ``-fitness``.
 - a failed candidate (an exception, out of memory, NaN or inf weights or
   metrics) is recorded with ``status: failed`` and its reason; the optimizer
-  gets ``PENALTY``: the worst fitness (per objective for NSGA-II) seen so far
+  gets the penalty: the worst fitness (per objective for NSGA-II) seen so far
   in the run, baselines included, or 0 when nothing has been scored yet.
 - results are cached by recipe fingerprint: a duplicate candidate is recorded
   as a trial with ``cached: true`` and costs no merge and no evaluation.
@@ -20,33 +21,27 @@ Conventions (one place):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import itertools
 import math
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evomerge.config import SearchConfig, load_config, load_fixed_merge, resolve_path
-from evomerge.drivers import Candidate
+from evomerge.baselines import plain_baselines, routed_baselines
+from evomerge.config import load_config, load_fixed_merge, resolve_path
+from evomerge.drivers import Candidate, Driver, make_driver
 from evomerge.errors import EvomergeError
+from evomerge.evaluate import Score
 from evomerge.executors import Executor, make_executor
 from evomerge.executors.worker import Worker, WorkerSpec, build_evaluators, source_digests
 from evomerge.recipe import MERGED, Recipe, Source
+from evomerge.schedulers import make_schedule
+from evomerge.store import Heartbeat, RunStore, TrialRecord
 
-STUDY_NAME = "evomerge"
-RUN_FILE = "run.yaml"
-OWN_FILES = (RUN_FILE, "study.db", "cma_state.pkl", "cma_state.tmp")
-HEARTBEAT_S = 30.0  # on a shared storage; a trial is stale after 120 s without one
 ELAPSED_EVERY_S = 5.0  # how often the search stores its elapsed time (for budget.minutes across resumes)
-CLAIM_EXPIRES_S = 600.0  # a baseline claim not renewed this long belongs to a dead driver
-CLAIM_STAMP_S = 30.0  # how long a new claim may go without its first stamp
 
 
 @dataclass
@@ -54,12 +49,12 @@ class Outcome:
     """What one candidate scored, as the run records it."""
 
     values: list[float]  # what the optimizer is told
-    attrs: dict[str, Any]  # what the trial stores
+    record: TrialRecord  # what the trial stores
 
 
 class Run:
-    """One experiment in one run folder. Opens (or creates) the study,
-    the live model and the evaluators; ``search()`` runs the loop."""
+    """One experiment in one run folder: assembles it, scores the baselines
+    and runs the loop (``search()``)."""
 
     def __init__(
         self,
@@ -72,24 +67,45 @@ class Run:
         allow_test_sets: bool = False,
         progress: bool = True,
     ):
-        from evomerge.merge import _referenced, open_sources, plan_merge
-        from evomerge.space import SearchSpace, load_space_spec
-
         self.config_path = Path(config_path)
         self.cfg, self.root = load_config(config_path, executor)
         self.progress = progress
-        cfg, root = self.cfg, self.root
-        refs = [*([cfg.base_model] if cfg.base_model else []), *cfg.models]
+        self.objectives = list(self.cfg.eval.objectives)
+        self._build_space(allow_outside_paths)
+        self._build_workers(allow_outside_paths, allow_test_sets)
+        self.executor: Executor | None = None
+        self._inflight: dict[int, Candidate] = {}
+        # Only now, with everything validated, touch the run folder.
+        self.run_dir = Path(run_dir)
+        self.store = self._open_store(force)
+        self.cache: dict[str, Outcome] = {}
+        for r in self.store.trials(heldout=False):
+            if r.fingerprint and (r.status == "ok" or r.non_finite):
+                self.cache.setdefault(r.fingerprint, Outcome(r.told, r))
+
+    # -- assembly ------------------------------------------------------------
+
+    @property
+    def refs(self) -> list[str]:
+        """The base model (if any), then the models."""
+        return [*([self.cfg.base_model] if self.cfg.base_model else []), *self.cfg.models]
+
+    def _build_space(self, allow_outside: bool) -> None:
+        """Open the sources' headers and build the search space over them."""
+        from evomerge.merge import open_sources, plan_merge
+        from evomerge.routing import check_same_width
+        from evomerge.space import SearchSpace, load_space_spec
+
+        cfg, root, refs = self.cfg, self.root, self.refs
         if len(set(refs)) != len(refs):
             raise EvomergeError("a model is listed twice (or is also the base_model); list each model once")
-        probe = Recipe(method="linear", sources=[Source(model=r) for r in refs])
-        sources = open_sources(probe, root, allow_outside_paths)
+        sources = open_sources(Recipe(method="linear", sources=[Source(model=r) for r in refs]), root, allow_outside)
         first = sources[refs[0]]
         spec, where = load_space_spec(cfg.space, root)
-        self.fixed_merge = load_fixed_merge(cfg, root, allow_outside_paths)
+        self.fixed_merge = load_fixed_merge(cfg, root, allow_outside)
         depths = {r: sources[r].num_layers for r in refs}
         if self.fixed_merge is not None:
-            fixed_sources = open_sources(self.fixed_merge, root, allow_outside_paths)
+            fixed_sources = open_sources(self.fixed_merge, root, allow_outside)
             depths[MERGED] = len(plan_merge(self.fixed_merge, fixed_sources).layer_origin)
         self.space = SearchSpace(
             spec,
@@ -106,333 +122,166 @@ class Run:
         )
         self.routing = spec.routing is not None
         if self.routing:
-            sizes = {r: sources[r].config.get("hidden_size") for r in refs}
-            if len(set(sizes.values())) > 1:
-                a = refs[0]
-                b = next(r for r in refs if sizes[r] != sizes[a])
-                raise EvomergeError(
-                    f"models {a} and {b} have different hidden sizes ({sizes[a]} and {sizes[b]}); a route passes one hidden "
-                    "state between layers, so route models of one hidden size"
-                )
+            check_same_width({r: sources[r].config for r in refs})
+        self._depths_differ = len(set(depths.values())) > 1 and not self.space.methods
         self.depths = {**depths, MERGED: depths.get(MERGED, first.num_layers)}
-        self.objectives = list(cfg.eval.objectives)
-        tokenizer = resolve_path(root, cfg.tokenizer or refs[0], "tokenizer", allow_outside_paths)
-        # The live model: a template over every source loads every tensor any
-        # candidate or baseline can need.
-        template = Recipe(
-            method="linear",
-            sources=[Source(model=r, parameters={"weight": 1.0}) for r in refs],
-            dtype=self.space.dtype,
-        )
+
+    def _template(self) -> Recipe | None:
+        """The recipe whose sources the live model is built from: one over
+        every source loads every tensor any candidate or baseline can need."""
         if self.routing and self.fixed_merge is not None:
-            template = self.fixed_merge
-        elif self.routing and len(set(depths.values())) > 1 and not self.space.methods:
-            template = None  # sources of different depths: routed, never merged
+            return self.fixed_merge
+        if self.routing and self._depths_differ:
+            return None  # sources of different depths: routed, never merged
+        sources = [Source(model=r, parameters={"weight": 1.0}) for r in self.refs]
+        return Recipe(method="linear", sources=sources, dtype=self.space.dtype)
+
+    def _build_workers(self, allow_outside: bool, allow_test_sets: bool) -> None:
+        """The worker spec; the local worker (the local executor's), or, for
+        Ray, the evaluators' checks and the sources' sha256 here and now."""
+        from evomerge.merge import referenced
+
+        cfg, root = self.cfg, self.root
+        tokenizer = resolve_path(root, cfg.tokenizer or self.refs[0], "tokenizer", allow_outside)
+        template = self._template()
         self.spec = WorkerSpec(
             config=cfg.model_dump(mode="json"),
             root=str(root),
             tokenizer=str(tokenizer),
             template=template.model_dump(mode="json", exclude_none=True) if template is not None else None,
-            routed=refs if self.routing else None,
+            routed=self.refs if self.routing else None,
             max_depth=self.space.max_depth if self.routing else None,
             device=cfg.device,
-            allow_outside=allow_outside_paths,
+            allow_outside=allow_outside,
             allow_test_sets=allow_test_sets,
         )
         # Build evaluators (tasks, metrics, test-set checks) before touching the
-        # run folder. The local executor's worker lives here; Ray workers build
-        # their own, and check their sources' sha256 against these.
+        # run folder. Ray workers build their own, and check their sources'
+        # sha256 against these.
         self.worker: Worker | None = None
         if cfg.executor.name == "local":
             self.worker = Worker(self.spec)
-        else:
-            build_evaluators(self.spec, "cpu")
-            used = [*refs, *(_referenced(self.fixed_merge) if self.fixed_merge is not None else [])]
-            digests = source_digests(used, root, allow_outside_paths)
-            self.spec = dataclasses.replace(self.spec, sha256=digests)
-        self.executor: Executor | None = None
-        # Only now, with everything validated, touch the run folder.
-        self.run_dir = Path(run_dir)
-        self._open_run_dir(force)
-        self.study = self._open_study()
-        self._mark_study_ready()
-        self.cache: dict[str, Outcome] = {}
-        for t in self._trials():
-            a = t.user_attrs
-            if a.get("fingerprint") and (a.get("status") == "ok" or a.get("reason", "").startswith("non-finite")):
-                self.cache.setdefault(a["fingerprint"], Outcome(list(t.values), a))
+            return
+        build_evaluators(self.spec, "cpu")
+        used = [*self.refs, *(referenced(self.fixed_merge) if self.fixed_merge is not None else [])]
+        self.spec = dataclasses.replace(self.spec, sha256=source_digests(used, root, allow_outside))
 
-    # -- run folder and study -----------------------------------------------
-
-    def _open_run_dir(self, force: bool) -> None:
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            raise EvomergeError(f"run folder {d} is a file; pick another --run-dir")
-        d.mkdir(parents=True, exist_ok=True)
-        self._lock = open(d / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise EvomergeError(f"another evomerge process is running {d}; wait for it or stop it") from None
-        run_file = d / RUN_FILE
+    def _open_store(self, force: bool) -> RunStore:
+        fingerprints = {"config_fingerprint": self.cfg.fingerprint(), "space_fingerprint": self.space.fingerprint()}
         record = {
-            "config_fingerprint": self.cfg.fingerprint(),
-            "space_fingerprint": self.space.fingerprint(),
+            **fingerprints,
             "config_path": str(self.config_path.resolve()),
-            "storage": self.cfg.storage or f"sqlite:///{(d / 'study.db').resolve()}",
+            "storage": self.cfg.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}",
             "config": self.cfg.model_dump(mode="json"),
         }
-        if run_file.is_file():
-            old = yaml.safe_load(run_file.read_text()) or {}
-            if old.get("config_fingerprint") != record["config_fingerprint"]:
-                if not force:
-                    raise EvomergeError(
-                        f"run folder {d} belongs to a different config ({old.get('config_path')}); "
-                        "use another --run-dir, or pass --force to start this config there afresh"
-                    )
-                for name in OWN_FILES:
-                    (d / name).unlink(missing_ok=True)
-            else:
-                record["storage"] = old.get("storage", record["storage"])
-                if old.get("study_ready"):
-                    record["study_ready"] = True
-        elif any(p.name != ".lock" for p in d.iterdir()) and not force:
-            raise EvomergeError(f"run folder {d} is not empty and holds no evomerge run; use an empty --run-dir")
-        self.storage_url = record["storage"]
-        tmp = run_file.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(record, sort_keys=False))
-        tmp.replace(run_file)
-
-    def _mark_study_ready(self) -> None:
-        # Readers (status, export) wait for this mark: opening an Optuna
-        # storage stamps its schema version, which would race the search's
-        # own stamping of a new database.
-        run_file = self.run_dir / RUN_FILE
-        record = yaml.safe_load(run_file.read_text())
-        if not record.get("study_ready"):
-            record["study_ready"] = True
-            tmp = run_file.with_suffix(".tmp")
-            tmp.write_text(yaml.safe_dump(record, sort_keys=False))
-            tmp.replace(run_file)
-
-    def _open_study(self):
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        own = self.cfg.storage is None
-        storage = self._rdb_storage(own)
         multi = self.cfg.driver.name == "nsga2"
-        directions = [o.direction for o in self.objectives] if multi else ["maximize"]
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
-        if own:
-            # This process holds the run folder's lock, so a RUNNING trial
-            # belongs to a process that died (kill -9): mark it failed.
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        else:
-            optuna.storages.fail_stale_trials(study)
-        study.set_user_attr("objectives", [o.name for o in self.objectives])
-        study.set_user_attr("space_fingerprint", self.space.fingerprint())
-        study.set_user_attr("config_fingerprint", self.cfg.fingerprint())
-        return study
+        return RunStore.create(
+            self.run_dir,
+            record,
+            shared=self.cfg.storage is not None,
+            directions=[o.direction for o in self.objectives] if multi else ["maximize"],
+            force=force,
+            attrs={"objectives": [o.name for o in self.objectives], **fingerprints},
+        )
 
-    def _rdb_storage(self, own: bool, attempts: int = 5):
-        import optuna
-        import sqlalchemy.exc
-
-        options = {} if own else {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)}
-        for attempt in range(attempts):
-            try:
-                return optuna.storages.RDBStorage(self.storage_url, **options)
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-                # Two drivers starting at once on a new shared database both
-                # create its tables and stamp its schema version; the loser
-                # finds them made when it tries again.
-                if own or attempt == attempts - 1:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _trials(self):
-        import optuna
-
-        return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    def open_executor(self, log=print) -> Executor:
+        """The run's executor (local, or Ray workers started now)."""
+        if self.executor is None:
+            self.executor = make_executor(self.cfg.executor, self.spec, self.worker, log=log)
+        return self.executor
 
     # -- scoring -----------------------------------------------------------
 
-    def _penalty(self) -> list[float]:
-        scored = [t for t in self._trials() if t.user_attrs.get("status") == "ok"]
-        if not scored:
-            return [0.0] * len(self.study.directions)
-        if len(self.study.directions) == 1:
-            return [min(t.values[0] for t in scored)]
-        out = []
-        for i, o in enumerate(self.objectives):
-            column = [t.values[i] for t in scored]
-            out.append(min(column) if o.direction == "maximize" else max(column))
-        return out
-
-    def _values(self, score) -> list[float]:
-        if len(self.study.directions) == 1:
+    def _values(self, score: Score) -> list[float]:
+        if len(self.store.directions) == 1:
             return [score.fitness(self.objectives)]
         return [score.values[o.name] for o in self.objectives]
 
     def _cached(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome | None:
         """A finished score of the same recipe, as a new trial's outcome (or None)."""
-        fp = recipe.fingerprint()
-        hit = self.cache.get(fp)
+        hit = self.cache.get(recipe.fingerprint())
         if hit is None:
             return None
-        attrs: dict[str, Any] = {"kind": kind, "fingerprint": fp, **({"name": name} if name else {})}
-        keep = ("status", "reason", "values", "metrics", "fitness", "recipe", "heldout", "heldout_fitness")
-        attrs.update({k: hit.attrs[k] for k in keep if k in hit.attrs})
-        attrs.update(cached=True, seconds=0.0, merge_seconds=0.0, eval_seconds=0.0)
-        return Outcome(list(hit.values), attrs)
+        r = hit.record
+        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint")
+        record = TrialRecord(kind=kind, name=name, cached=True, **{k: getattr(r, k) for k in keep})
+        record.heldout_values, record.heldout_fitness = r.heldout_values, r.heldout_fitness
+        return Outcome(list(hit.values), record)
 
-    def _outcome(self, recipe: Recipe, kind: str, name: str | None, result: dict[str, Any]) -> Outcome:
-        """Turn a worker's result into what the optimizer is told and the trial stores."""
-        from evomerge.evaluate import Score
-
+    def _outcome(self, recipe: Recipe, kind: str, name: str | None, score: Score) -> Outcome:
+        """Turn a worker's score into what the optimizer is told and the trial stores."""
         fp = recipe.fingerprint()
-        attrs: dict[str, Any] = {"kind": kind, "fingerprint": fp, **({"name": name} if name else {})}
-        attrs["recipe"] = recipe.model_dump(mode="json", exclude_none=True)
-        score = Score(
-            values=result["values"],
-            metrics=result["metrics"],
-            status=result["status"],
-            reason=result["reason"],
-            seconds=result["seconds"],
-            eval_seconds=result["eval_seconds"],
-        )
-        attrs.update(
+        record = TrialRecord(
+            kind=kind,
+            name=name,
+            fingerprint=fp,
+            recipe=recipe.model_dump(mode="json", exclude_none=True),
             status=score.status,
+            reason=score.reason,
+            non_finite=score.non_finite,
             values=score.values,
             metrics=score.metrics,
             seconds=score.seconds,
-            merge_seconds=result.get("merge_seconds", 0.0),
+            merge_seconds=score.merge_seconds,
             eval_seconds=score.eval_seconds,
+            attempts=score.attempts,
         )
-        if result.get("attempts", 1) > 1:
-            attrs["attempts"] = result["attempts"]
-        if score.status == "ok":
+        if score.ok:
             values = self._values(score)
-            attrs["fitness"] = score.fitness(self.objectives)
+            record.fitness = score.fitness(self.objectives)
             if not all(math.isfinite(v) for v in values):
-                score.status, score.reason = "failed", "non-finite fitness"
-        if score.status != "ok":
-            attrs.update(status="failed", reason=score.reason or "unknown")
-            values = self._penalty()
-            attrs.pop("fitness", None)
-        if "heldout" in result:
-            attrs.update(self._heldout_attrs(result["heldout"]))
-        outcome = Outcome(values, attrs)
-        if score.status == "ok" or (score.reason or "").startswith("non-finite"):
+                record.status, record.reason, record.non_finite, record.fitness = (
+                    "failed",
+                    "non-finite fitness",
+                    True,
+                    None,
+                )
+        if record.status != "ok":
+            record.status, record.reason = "failed", record.reason or "unknown"
+            values = self.store.penalty(self.store.directions)
+        if score.heldout is not None:
+            record = dataclasses.replace(record, **self._heldout_fields(score.heldout))
+        outcome = Outcome(values, record)
+        if record.status == "ok" or record.non_finite:
             self.cache[fp] = outcome
         return outcome
 
-    def _heldout_attrs(self, result: dict[str, Any]) -> dict[str, Any]:
-        from evomerge.evaluate import Score
-
-        if result["status"] != "ok":
-            return {"heldout_status": f"failed: {result['reason']}"[:300]}
-        score = Score(values=result["values"], metrics=result["metrics"])
-        return {
-            "heldout": score.values,
-            "heldout_fitness": score.fitness(list(self.cfg.heldout.objectives)),
-            "heldout_metrics": score.metrics,
-        }
-
-    def score_now(self, recipe: Recipe, which: str = "dev") -> dict[str, Any]:
-        """Score one recipe on the executor and wait for it (baselines, held-out)."""
-        self.executor.submit("now", recipe, which)
-        while True:
-            for key, result in self.executor.wait():
-                if key == "now":
-                    return result
+    def _heldout_fields(self, score: Score) -> dict[str, Any]:
+        if not score.ok:
+            return {"heldout_status": f"failed: {score.reason}"[:300]}
+        fitness = score.fitness(list(self.cfg.heldout.objectives))
+        return {"heldout_values": score.values, "heldout_fitness": fitness, "heldout_metrics": score.metrics}
 
     # -- baselines -----------------------------------------------------------
 
     def baseline_recipes(self) -> list[tuple[str, Recipe]]:
         """Every source alone, then the default merges the sources allow (in a
         routing run: as identity routes, and, for a fixed merge, that merge)."""
-        plain = self._plain_baselines()
+        common = {"dtype": self.space.dtype, "seed": self.cfg.seed}
+        plain = plain_baselines(self.cfg.base_model, self.cfg.models, common)
         if not self.routing:
             return plain
-        from evomerge.recipe import Route, RouteStep
-
-        def identity(model: str) -> Route:
-            return Route(layers=[RouteStep(model=model, layer=i) for i in range(self.depths[model])])
-
         can_merge = self.spec.template is not None and "method" in self.spec.template
-        out = []
-        for name, recipe in plain:
-            if recipe.method == "passthrough":
-                ref = recipe.sources[0].model
-                out.append((name, Recipe(sources=recipe.sources, route=identity(ref), **self._common())))
-            elif can_merge and self.fixed_merge is None:
-                out.append((name, recipe.model_copy(update={"route": identity(MERGED)})))
-        if self.fixed_merge is not None:
-            out.append(("the fixed merge", self.fixed_merge.model_copy(update={"route": identity(MERGED)})))
-        return out
-
-    def _plain_baselines(self) -> list[tuple[str, Recipe]]:
-        cfg = self.cfg
-        out: list[tuple[str, Recipe]] = []
-        refs = [*([cfg.base_model] if cfg.base_model else []), *cfg.models]
-        for r in refs:
-            out.append(
-                (f"source {Path(r).name}", Recipe(method="passthrough", sources=[Source(model=r)], **self._common()))
-            )
-        if len(cfg.models) < 2 and not cfg.base_model:
-            return out
-        every = [Source(model=m, parameters={"weight": 1.0}) for m in cfg.models]
-        out.append(("linear (equal weights)", Recipe(method="linear", sources=every, **self._common())))
-        if cfg.base_model:
-            base = [Source(model=cfg.base_model)]
-            ta = [Source(model=m, parameters={"weight": 1.0}) for m in cfg.models]
-            sparse = [Source(model=m, parameters={"weight": 1.0, "density": 0.5}) for m in cfg.models]
-            for name, method, srcs in (
-                ("task_arithmetic (weight 1)", "task_arithmetic", ta),
-                ("ties (density 0.5)", "ties", sparse),
-                ("dare_ties (density 0.5)", "dare_ties", sparse),
-            ):
-                out.append(
-                    (name, Recipe(method=method, sources=base + srcs, base_model=cfg.base_model, **self._common()))
-                )
-        return out
-
-    def _common(self) -> dict[str, Any]:
-        return {"dtype": self.space.dtype, "seed": self.cfg.seed}
+        return routed_baselines(plain, self.depths, common, can_merge=can_merge, fixed_merge=self.fixed_merge)
 
     def run_baselines(self, bar=None) -> list[tuple[str, Outcome, dict | None]]:
         """Score the baselines not yet in the study, on every free worker at
         once, recording each as it finishes."""
-        import optuna
-
         self.open_executor(log=bar.write if bar is not None else print)
-        done = {t.user_attrs.get("name") for t in self._trials() if t.user_attrs.get("kind") == "baseline"}
+        done = {r.name for r in self.store.trials("baseline")}
         todo = [(name, recipe) for name, recipe in self.baseline_recipes() if name not in done]
         which = "both" if self.cfg.heldout is not None else "dev"
-        dists = self.space.distributions()
         results = []
 
         def record(i: int, outcome: Outcome) -> None:
             name, recipe = todo[i]
             params = self.space.encode(recipe)
-            self.study.add_trial(
-                optuna.trial.create_trial(
-                    params=params or {},
-                    distributions={k: dists[k] for k in params or {}},
-                    values=outcome.values,
-                    user_attrs=outcome.attrs,
-                )
-            )
+            self.store.add(outcome.record, outcome.values, params or {}, self.space.distributions())
             if bar is not None:
-                bar.write(f"baseline {name}: {_fmt(outcome.attrs)}")
+                bar.write(f"baseline {name}: {describe(outcome.record)}")
             results.append((name, outcome, params))
 
-        queue = list(range(len(todo)))
-        inflight = 0
+        queue, inflight = list(range(len(todo))), 0
         while queue or inflight:
             while queue and self.executor.free() > 0:
                 i = queue.pop(0)
@@ -443,18 +292,27 @@ class Run:
                     self.executor.submit(i, todo[i][1], which)
                     inflight += 1
             if inflight:
-                for i, result in self.executor.wait():
+                for i, score in self.executor.wait():
                     inflight -= 1
-                    record(i, self._outcome(todo[i][1], "baseline", todo[i][0], result))
+                    record(i, self._outcome(todo[i][1], "baseline", todo[i][0], score))
         return results
+
+    def _baselines_are_mine(self, bar) -> bool:
+        """On a shared storage, one driver runs the baselines (see
+        :meth:`RunStore.claim_baselines`)."""
+        if self.cfg.storage is None or self.store.claim_baselines():
+            return True
+        bar.write("another driver runs the baselines")
+        return False
 
     # -- the loop ------------------------------------------------------------
 
-    def search(self) -> dict[str, Any]:
-        """Run (or continue) the search until the budget is spent."""
+    def search(self) -> TrialRecord | None:
+        """Run (or continue) the search until the budget is spent; return the
+        best trial (held-out scored, when the config has a held-out set)."""
         from tqdm.auto import tqdm
 
-        done = sum(1 for t in self._trials() if t.user_attrs.get("kind") == "search")
+        done = len(self.store.trials("search", heldout=False))
         bar = tqdm(
             total=self.cfg.budget.trials,
             initial=done,
@@ -464,17 +322,17 @@ class Run:
             dynamic_ncols=True,
         )
         self.open_executor(log=bar.write)
-        self._inflight: dict[int, Candidate] = {}
-        beat = _Heartbeat(self.study, self._inflight) if self.cfg.storage is not None else None
+        self._inflight = {}
+        beat = Heartbeat(self.store, self._inflight) if self.cfg.storage is not None else None
         try:
             if self.executor.workers > 1:
                 bar.write(f"{self.executor.name} executor: {self.executor.workers} workers")
             if self.cfg.baselines and self._baselines_are_mine(bar):
                 if beat is not None:
-                    beat.claim = self._claim  # stamped while the baselines run, however long one takes
+                    beat.stamping = True  # the claim stays alive however long one baseline takes
                 self.run_baselines(bar)
                 if beat is not None:
-                    beat.claim = None
+                    beat.stamping = False
             self._loop(bar, done)
             bar.close()
             return self.finish()
@@ -488,189 +346,77 @@ class Run:
             self.executor.close()
             self.executor = None
 
-    def _baselines_are_mine(self, bar) -> bool:
-        """On a shared storage, one driver runs the baselines: the one that
-        creates the claim (a second Optuna study, whose unique name makes the
-        claim atomic), or any driver once the claimer has been silent for
-        ``CLAIM_EXPIRES_S`` (it died before finishing them)."""
-        import optuna
-
-        if self.cfg.storage is None:
-            return True
-        name = f"{STUDY_NAME}-baselines"
-        try:
-            claim = optuna.create_study(storage=self.study._storage, study_name=name)
-        except optuna.exceptions.DuplicatedStudyError:
-            claim = optuna.load_study(study_name=name, storage=self.study._storage)
-            # The claimer stamps its claim just after creating it: a claim
-            # without a stamp yet is fresh, not dead. Wait for the stamp.
-            waited = time.monotonic()
-            while "alive" not in claim.user_attrs and time.monotonic() - waited < CLAIM_STAMP_S:
-                time.sleep(0.2)
-            if time.time() - float(claim.user_attrs.get("alive", 0)) < CLAIM_EXPIRES_S:
-                bar.write("another driver runs the baselines")
-                return False
-        self._claim = claim
-        claim.set_user_attr("alive", time.time())
-        return True
-
-    def open_executor(self, log=print) -> Executor:
-        """The run's executor (local, or Ray workers started now)."""
-        if self.executor is None:
-            self.executor = make_executor(self.cfg.executor, self.spec, self.worker, log=log)
-        return self.executor
-
-    def _loop(self, bar, done: int) -> None:
-        """Keep every worker busy until the budget is spent.
-
-        Asynchronous drivers (Optuna) are asked for a new candidate as soon as
-        a worker frees up. Generation drivers (pycma) hand out a whole
-        population, which the workers share; the next generation is asked
-        once the last candidate of this one is scored.
-        """
-        from evomerge.drivers import make_driver
-
-        budget = self.cfg.budget
-        elapsed0 = float(self.study.user_attrs.get("elapsed_s", 0.0))
-        t_start = time.monotonic()
-
-        def elapsed() -> float:
-            return elapsed0 + time.monotonic() - t_start
-
+    def _driver(self) -> Driver:
+        """The config's driver, started from the baselines the space can express."""
         shared = self.cfg.storage is not None  # other drivers may add trials to this study
         # Drivers sharing a study must not propose the same points: salt the seed.
         seed = self.cfg.seed + (os.getpid() if shared else 0)
-        driver = make_driver(self.cfg.driver, self.space, self.study, self.run_dir, seed, self.executor.workers)
-        starts = []
-        for t in sorted(self._trials(), key=lambda t: -t.user_attrs.get("fitness", -math.inf)):
-            if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("status") == "ok" and t.params:
-                starts.append(dict(t.params))
-        driver.start_from(starts)
+        driver = make_driver(self.cfg.driver, self.space, self.store, self.run_dir, seed, self.executor.workers)
+        driver.start_from([r.params for r in self.store.ranked("baseline") if r.params])
+        return driver
 
-        def spent(started: int) -> bool:
-            if budget.trials is not None and started >= budget.trials:
-                return True
-            return budget.minutes is not None and elapsed() >= budget.minutes * 60
+    def _known(self, driver: Driver, c: Candidate) -> tuple[Outcome, bool] | None:
+        """A candidate's result without scoring it, and whether it is to be
+        recorded: one the driver recorded before a crash, or a cached one."""
+        seen = driver.recorded(c)
+        if seen is not None:
+            return Outcome(*seen), False
+        hit = self._cached(c.recipe, "search")
+        return (hit, True) if hit is not None else None
 
-        best = self.best_fitness()
-        inflight = self._inflight
-        generation: list[Candidate] | None = None  # the population being scored (pycma)
-        scored: dict[int, Outcome] = {}  # its finished members, by index
-        queue: deque[int] = deque()  # its members not yet handed out
-        exhausted = False
-        keys = itertools.count()
-        saved = [time.monotonic()]  # when elapsed_s was last stored
-        others = 0  # trials other drivers sharing the study are scoring now
-
-        def finished(c: Candidate, outcome: Outcome, fresh: bool) -> None:
-            nonlocal done, best
-            if fresh:
-                driver.record(c, outcome.values, outcome.attrs)
-                done += 1
-                bar.update(1)
-            f = outcome.attrs.get("fitness")
-            if f is not None and (best is None or f > best):
-                best = f
-            last = _fmt(outcome.attrs)
-            bar.set_postfix_str(f"best {best:.4f}  last {last}" if best is not None else last)
-            if time.monotonic() - saved[0] >= ELAPSED_EVERY_S:  # a storage write; not per candidate
-                self.study.set_user_attr("elapsed_s", elapsed())
-                saved[0] = time.monotonic()
-
-        unrecorded: list[tuple[Candidate, Outcome]] = []  # scored, recorded after the next hand-out
+    def _loop(self, bar, done: int) -> None:
+        """Keep every worker busy until the budget is spent or the driver has
+        nothing more to ask."""
+        driver = self._driver()
+        schedule = make_schedule(driver)
+        tally = _Tally(bar, self.store, self.cfg.budget, done)
+        shared, inflight, keys, others = self.cfg.storage is not None, self._inflight, itertools.count(), 0
         while True:
-            if generation is not None and len(scored) == len(generation):
-                driver.tell(generation, [scored[i].values for i in range(len(generation))])
-                generation = None
+            schedule.tell_complete()
             if shared and self.executor.free() > 0:
                 # The budget counts every driver's trials, finished and running.
-                total, others = self._shared_count()
-                bar.update(max(0, total - done))
-                done = max(done, total)
-            while (
-                not exhausted
-                and self.executor.free() > 0
-                and not spent(done + len(unrecorded) + len(inflight) + others)
-            ):
-                if driver.asynchronous:
-                    if driver.should_stop():
-                        exhausted = True
-                        break
-                    c = driver.ask()[0]
-                else:
-                    if not queue:
-                        if generation is not None:
-                            break  # the rest of this generation is being scored
-                        asked = driver.ask()
-                        if not asked:
-                            exhausted = True
-                            break
-                        for i, member in enumerate(asked):
-                            member.extra["index"] = i
-                        generation, scored, queue = asked, {}, deque(range(len(asked)))
-                    c = generation[queue.popleft()]
-                seen = driver.recorded(c)
-                hit = None if seen is not None else self._cached(c.recipe, "search")
-                if seen is not None or hit is not None:
-                    if generation is not None:
-                        scored[c.extra["index"]] = Outcome(*seen) if seen is not None else hit
-                    finished(c, Outcome(*seen) if seen is not None else hit, fresh=seen is None)
+                others = tally.sync(*self.store.count_shared([c.trial for c in inflight.values() if c.trial]))
+            while self.executor.free() > 0 and not tally.spent(tally.done + schedule.held + len(inflight) + others):
+                c = schedule.next()
+                if c is None:
+                    break
+                known = self._known(driver, c)
+                if known is not None:
+                    schedule.known(c, known[0])
+                    tally.finished(driver, c, *known)
                     continue
                 key = next(keys)
                 inflight[key] = c
                 self.executor.submit(key, c.recipe, "dev")
                 if shared and c.trial is not None:  # stale (failed by others) only if this driver dies
-                    self.study._storage.record_heartbeat(c.trial._trial_id)
-            # A generation driver's results are recorded only now, after the
-            # workers got their next candidates: a generation's last result is
-            # told, and the next generation handed out, before the storage write.
-            for c, outcome in unrecorded:
-                finished(c, outcome, fresh=True)
-            unrecorded = []
-            if generation is not None and len(scored) == len(generation):
+                    self.store.heartbeat(c.trial)
+            for c, outcome in schedule.flush():
+                tally.finished(driver, c, outcome, True)
+            if schedule.complete():
                 continue  # (cached or recorded members completed it)
             if not inflight:
                 break
-            for key, result in self.executor.wait():
+            for key, score in self.executor.wait():
                 c = inflight.pop(key)
-                outcome = self._outcome(c.recipe, "search", None, result)
-                if driver.asynchronous:
-                    finished(c, outcome, fresh=True)  # the sampler learns it before the next ask
-                    continue
-                scored[c.extra["index"]] = outcome
-                unrecorded.append((c, outcome))
-        self.study.set_user_attr("elapsed_s", elapsed())
-        if exhausted and budget.trials is not None and done < budget.trials and not spent(done):
+                outcome = self._outcome(c.recipe, "search", None, score)
+                if schedule.take(c, outcome):
+                    tally.finished(driver, c, outcome, True)
+        tally.save()
+        trials = self.cfg.budget.trials
+        if schedule.exhausted and trials is not None and tally.done < trials and not tally.spent(tally.done):
             print(
-                f"the {self.cfg.driver.name} driver converged after {done} of {budget.trials} trials; "
+                f"the {self.cfg.driver.name} driver converged after {tally.done} of {trials} trials; "
                 "raise driver.restarts (cma) to keep searching",
                 file=sys.stderr,
             )
 
-    def _shared_count(self) -> tuple[int, int]:
-        """Search trials finished in the study, and trials running that this
-        driver is not scoring (other drivers' on a shared storage)."""
-        import optuna
-
-        mine = {c.trial._trial_id for c in self._inflight.values() if c.trial is not None}
-        finished = running = 0
-        for t in self.study.get_trials(deepcopy=False):
-            if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("kind") == "search":
-                finished += 1
-            elif t.state == optuna.trial.TrialState.RUNNING and t._trial_id not in mine:
-                running += 1
-        return finished, running
-
     def _interrupted(self) -> None:
         """Ctrl-C: mark the candidates being scored, so a resumed run is clean."""
-        import optuna
-
         marked = 0
         for c in self._inflight.values():
             if c.trial is not None:  # an Optuna trial: fail it, with the reason
                 try:
-                    c.trial.set_user_attr("status", "interrupted")
-                    self.study.tell(c.trial, state=optuna.trial.TrialState.FAIL)
+                    self.store.interrupt(c.trial)
                     marked += 1
                 except Exception:  # noqa: BLE001 - a second Ctrl-C mid-write; resume fails it as stale
                     pass
@@ -684,141 +430,100 @@ class Run:
             )
         self._inflight = {}
 
-    def best_fitness(self) -> float | None:
-        scored = [t.user_attrs["fitness"] for t in self._trials() if "fitness" in t.user_attrs]
-        return max(scored) if scored else None
+    # -- held-out ------------------------------------------------------------
 
-    def best_trial(self):
-        return best_trial(self.study)
-
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> TrialRecord | None:
         """Score the best recipe, and the ``budget.heldout_top`` best search
-        trials, on the held-out set (each once); return a summary."""
+        trials, on the held-out set (each once); return the best trial."""
         if self.cfg.heldout is not None:
             self._score_heldout(self._heldout_picks())
-        return {"best": best_trial(self.study), "study": self.study}
+        return self.store.best()
 
-    def _heldout_picks(self) -> list:
+    def _heldout_picks(self) -> list[TrialRecord]:
         """The best trial, then the best search trials by fitness, not yet
         scored on the held-out set."""
-        ok = [t for t in self._trials() if t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs]
-        ranked = sorted(
-            (t for t in ok if t.user_attrs.get("kind") == "search"), key=lambda t: (-t.user_attrs["fitness"], t.number)
-        )
-        best = self.best_trial()
-        picks = ([best] if best is not None else []) + ranked[: self.cfg.budget.heldout_top]
+        best = self.store.best()
+        picks = ([best] if best is not None else []) + self.store.ranked("search")[: self.cfg.budget.heldout_top]
         seen, out = set(), []
-        for t in picks:
-            if t.number not in seen and "heldout" not in trial_attrs(self.study, t):
-                seen.add(t.number)
-                out.append(t)
+        for r in picks:
+            if r.number not in seen and r.heldout_values is None:
+                seen.add(r.number)
+                out.append(r)
         return out
 
-    def _score_heldout(self, trials: list) -> None:
-        # Submitted together, so that every worker of a Ray run takes one. A
-        # finished Optuna trial cannot be updated: each held-out score goes
-        # into the study's attributes (read through trial_attrs).
-        if not trials:
+    def _score_heldout(self, picks: list[TrialRecord]) -> None:
+        # Submitted together, so that every worker of a Ray run takes one.
+        if not picks:
             return
         from tqdm.auto import tqdm
 
         self.open_executor()
-        for t in trials:
-            self.executor.submit(("heldout", t.number), Recipe.model_validate(t.user_attrs["recipe"]), "heldout")
-        with tqdm(total=len(trials), desc="held-out", unit="trial", disable=not self.progress) as bar:
+        for r in picks:
+            self.executor.submit(r.number, Recipe.model_validate(r.recipe), "heldout")
+        with tqdm(total=len(picks), desc="held-out", unit="trial", disable=not self.progress) as bar:
             while self.executor.pending():
-                for (_, number), result in self.executor.wait():
-                    self.study.set_user_attr(f"heldout_{number}", self._heldout_attrs(result))
+                for number, score in self.executor.wait():
+                    self.store.set_heldout(number, **self._heldout_fields(score))
                     bar.update()
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
-        self._lock.close()
+        self.store.close()
 
 
-class _Heartbeat:
-    """On a shared storage, beats for the Optuna trials being scored, so that
-    another driver's ``fail_stale_trials`` fails them only if this driver
-    dies (Optuna beats only inside ``study.optimize``, which we do not use),
-    and stamps the baseline claim while ``claim`` is set."""
+class _Tally:
+    """The loop's bookkeeping: finished search trials, the best fitness, the
+    time searched (stored every few seconds, for ``budget.minutes`` across
+    resumes) and the progress bar."""
 
-    def __init__(self, study, inflight: dict, every: float = HEARTBEAT_S):
-        import threading
+    def __init__(self, bar, store: RunStore, budget, done: int):
+        self.bar, self.store, self.budget, self.done = bar, store, budget, done
+        best = store.best()
+        self.best = best.fitness if best is not None else None
+        self.elapsed0, self.started = store.elapsed, time.monotonic()
+        self.saved = time.monotonic()
 
-        self.study, self.inflight, self.every = study, inflight, every
-        self.claim = None  # the baseline claim (an Optuna study) while this driver runs the baselines
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
-        self._thread.start()
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.monotonic() - self.started
 
-    def _run(self) -> None:
-        storage = self.study._storage
-        while not self._stop.wait(self.every):
-            claim = self.claim
-            if claim is not None:
-                try:
-                    claim.set_user_attr("alive", time.time())
-                except Exception:  # noqa: BLE001 - a busy storage; the next beat is soon
-                    pass
-            for c in list(self.inflight.values()):
-                if c.trial is not None:
-                    try:
-                        storage.record_heartbeat(c.trial._trial_id)
-                    except Exception:  # noqa: BLE001 - a trial finished meanwhile; the next beat is soon
-                        pass
+    def spent(self, started: int) -> bool:
+        """Whether ``started`` trials (finished or running) spend the budget."""
+        if self.budget.trials is not None and started >= self.budget.trials:
+            return True
+        return self.budget.minutes is not None and self.elapsed() >= self.budget.minutes * 60
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def sync(self, total: int, others: int) -> int:
+        """Count the search trials other drivers finished; return ``others``."""
+        self.bar.update(max(0, total - self.done))
+        self.done = max(self.done, total)
+        return others
 
+    def finished(self, driver: Driver, c: Candidate, outcome: Outcome, fresh: bool) -> None:
+        """One candidate done; ``fresh``: record it (not a resumed record)."""
+        if fresh:
+            driver.record(c, outcome.values, outcome.record)
+            self.done += 1
+            self.bar.update(1)
+        f = outcome.record.fitness
+        if f is not None and (self.best is None or f > self.best):
+            self.best = f
+        last = describe(outcome.record)
+        self.bar.set_postfix_str(f"best {self.best:.4f}  last {last}" if self.best is not None else last)
+        if time.monotonic() - self.saved >= ELAPSED_EVERY_S:  # a storage write; not per candidate
+            self.save()
 
-def trial_attrs(study, trial) -> dict[str, Any]:
-    """A trial's user attributes, with a held-out score added after it finished."""
-    return {**trial.user_attrs, **study.user_attrs.get(f"heldout_{trial.number}", {})}
-
-
-def best_trial(study):
-    """The complete, successful trial with the highest fitness (None if none)."""
-    import optuna
-
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs
-    ]
-    return max(trials, key=lambda t: (t.user_attrs["fitness"], -t.number)) if trials else None
+    def save(self) -> None:
+        self.store.save_elapsed(self.elapsed())
+        self.saved = time.monotonic()
 
 
-def _fmt(attrs: dict) -> str:
-    if attrs.get("status") != "ok":
-        return f"failed ({attrs.get('reason', '?')[:40]})"
-    text = f"{attrs['fitness']:.4f}"
-    return text + (" (cached)" if attrs.get("cached") else "")
+def describe(record: TrialRecord) -> str:
+    """A trial's score in a few characters, for the progress bar and log."""
+    if record.status != "ok":
+        return f"failed ({(record.reason or '?')[:40]})"
+    return f"{record.fitness:.4f}" + (" (cached)" if record.cached else "")
 
 
-def open_study(run_dir: str | Path):
-    """The study of an existing run folder, read-only use (status, export)."""
-    import optuna
-    import sqlalchemy.exc
-
-    run_dir = Path(run_dir)
-    run_file = run_dir / RUN_FILE
-    if not run_file.is_file():
-        raise EvomergeError(f"{run_dir} holds no evomerge run (no {RUN_FILE}); pass the --run-dir of a search")
-    record = yaml.safe_load(run_file.read_text())
-    if not record.get("study_ready"):
-        raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        # Readers never create tables: a reader that did, while a new search
-        # was creating them, could make that search fail.
-        storage = optuna.storages.RDBStorage(record["storage"], skip_table_creation=True)
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
-    except (KeyError, sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
-        raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first") from None
-    return study, record
-
-
-__all__ = ["Run", "SearchConfig", "best_trial", "open_study", "trial_attrs"]
+__all__ = ["Outcome", "Run", "describe"]

@@ -55,9 +55,9 @@ def trials(run_dir: Path, kind: str | None = None) -> list:
     """The complete trials of a run folder (of one kind: baseline, search)."""
     import optuna
 
-    from evomerge.search import open_study
+    from evomerge.store import RunStore
 
-    study, _ = open_study(run_dir)
+    study = RunStore.open(run_dir).study
     return [
         t
         for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
-from evomerge.demo import make_tiny_model
+from evomerge.tiny import make_tiny_model
 
 
 def _recipe(tmp_path: Path, data: dict) -> Path:

@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 
-from evomerge.demo import make_finetune, make_tiny_model
 from evomerge.devices import decoder_layers, parse_devices, plan_layers
 from evomerge.errors import EvomergeError
-from evomerge.merge import InPlaceMerger, build_model
+from evomerge.merge import InPlaceMerger
+from evomerge.plan import build_model
 from evomerge.recipe import Recipe
+from evomerge.tiny import make_finetune, make_tiny_model
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ import pytest
 import torch
 import transformers
 
-from evomerge.demo import make_tiny_model
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import EvalSpec, Evaluator, ObjectiveSpec, Score
+from evomerge.tiny import make_tiny_model
 
 N_DOCS = 40
 HELDOUT = "The quick brown fox jumps over the lazy dog. " * 30  # 1350 bytes: 5 full chunks of 256, and a tail
@@ -196,6 +196,7 @@ def test_non_finite_weights_fail_without_evaluating(tiny, root, model):
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     score = ev.score(model)
     assert (score.status, score.reason) == ("failed", "non-finite weights")
+    assert score.non_finite  # cached by the search like a success
     assert score.eval_seconds == 0
     assert list(score.values) == ["demo_a/acc", "perplexity:heldout.txt"]
     assert all(math.isnan(v) for v in score.values.values())
@@ -234,6 +235,7 @@ def test_non_finite_metric_fails(tiny, root, model):
     ev = _evaluator(tiny, root, [{"custom": "evomerge_test_objective:nan", "metric": "score"}])
     score = ev.score(model)
     assert (score.status, score.reason) == ("failed", "non-finite metric custom:evomerge_test_objective:nan/score")
+    assert score.non_finite
 
 
 def test_perplexity_is_exp_of_the_mean_token_nll_over_fixed_chunks(tiny, root, model):

@@ -177,7 +177,7 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
                 executor.submit(f"more{len(again)}", recipes[2], "dev")
             for key, result in executor.wait():
                 again[key] = result
-        assert {"a", "b"} <= set(again) and all(r["status"] == "ok" for r in again.values())
+        assert {"a", "b"} <= set(again) and all(r.status == "ok" for r in again.values())
         new = executor.pids()
         assert new[0] != pids[0] and new[1] == pids[1]
         assert executor.free() == 2 * (1 + settings.prefetch)  # both back in the pool
@@ -186,15 +186,15 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
     assert sorted(results) == list(range(len(recipes)))
     for i, mine in enumerate(local):
         theirs = results[i]
-        assert theirs["status"] == mine["status"] == "ok"
+        assert theirs.status == mine.status == "ok"
         for part in ("values", "heldout"):
-            a = mine[part] if part == "values" else mine[part]["values"]
-            b = theirs[part] if part == "values" else theirs[part]["values"]
+            a = mine.values if part == "values" else mine.heldout.values
+            b = theirs.values if part == "values" else theirs.heldout.values
             assert a.keys() == b.keys()
             for name in a:  # accuracies equal; perplexities up to the float sums' thread count
                 assert math.isclose(a[name], b[name], rel_tol=1e-5), (i, name, a[name], b[name])
     # the candidates really differ, so equal scores are not a coincidence
-    assert len({round(r["values"]["perplexity:tasks/sums.jsonl"], 6) for r in local}) > len(local) // 2
+    assert len({round(r.values["perplexity:tasks/sums.jsonl"], 6) for r in local}) > len(local) // 2
 
 
 @pytest.mark.slow
@@ -266,7 +266,7 @@ def test_a_worker_with_several_gpus_holds_them_in_a_placement_group_and_splits_i
         executor.close()
     assert placement_group_table(group)["state"] == "REMOVED"
     for i, mine in enumerate(local):
-        assert results[i]["status"] == mine["status"] == "ok"
-        assert results[i]["values"] == pytest.approx(mine["values"], rel=1e-6)
+        assert results[i].status == mine.status == "ok"
+        assert results[i].values == pytest.approx(mine.values, rel=1e-6)
     with pytest.raises(EvomergeError, match=r"^worker on .*cuda:all was given but no CUDA GPU is available"):
         RayExecutor(settings, run.spec, log=lambda _: None)

@@ -102,7 +102,7 @@ def single_run(experiment, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(run.worker.merger, "apply", flaky)
             run.search()
-        run.study.add_trial(
+        run.store.study.add_trial(
             optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"status": "interrupted"})
         )
     finally:

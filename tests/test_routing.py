@@ -30,11 +30,11 @@ import transformers
 import yaml
 from helpers import read_tensors
 
-from evomerge.demo import VOCAB_SIZE, make_finetune, make_tiny_model
 from evomerge.errors import EvomergeError
 from evomerge.merge import merge_to_disk
 from evomerge.recipe import Recipe, Route, RouteStep
 from evomerge.routing import RoutedLayer, RouteMerger, Router, load_live, route_to_passthrough
+from evomerge.tiny import VOCAB_SIZE, make_finetune, make_tiny_model
 
 ARCHS = ("llama", "qwen2")
 TOL = 1e-4  # exported vs routed logits

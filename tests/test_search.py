@@ -11,7 +11,8 @@ from helpers import trials, write_config
 from safetensors.torch import load_file
 
 from evomerge.cli import main
-from evomerge.search import Run, open_study
+from evomerge.search import Run
+from evomerge.store import RunStore
 
 
 @pytest.mark.slow
@@ -37,7 +38,7 @@ def test_every_driver_searches_end_to_end(experiment, tmp_path, driver):
     # the driver really proposed different points of the space
     assert len({json.dumps(t.params, sort_keys=True) for t in search}) > 1
     assert all(t.params for t in search)
-    study, _ = open_study(run_dir)
+    study = RunStore.open(run_dir).study
     assert len(study.directions) == (2 if driver == "nsga2" else 1)
     # baselines expressible in the space carry their point, for the samplers to learn from
     ta = next(t for t in baselines if t.user_attrs["name"].startswith("task_arithmetic"))
@@ -49,11 +50,8 @@ def test_scores_are_real_and_the_best_gets_a_heldout_score(experiment, tmp_path)
     run_dir = tmp_path / "run"
     run = Run(write_config(experiment), run_dir, progress=False)
     try:
-        result = run.search()
-        best = result["best"]
-        from evomerge.search import trial_attrs
-
-        assert "heldout_fitness" in trial_attrs(run.study, best)
+        best = run.search()
+        assert best.heldout_fitness is not None
         # re-scoring a recorded search trial's recipe gives its recorded fitness
         from evomerge.recipe import Recipe
 
@@ -73,7 +71,6 @@ def test_the_top_search_trials_get_heldout_scores_when_asked(experiment, tmp_pat
     # budget.heldout_top may be raised on a finished run (the budget is not
     # part of the run's identity): resuming scores only what is missing.
     from evomerge.recipe import Recipe
-    from evomerge.search import trial_attrs
 
     run_dir = tmp_path / "run"
     assert main(["search", str(write_config(experiment)), "--run-dir", str(run_dir), "--no-progress"]) == 0
@@ -84,9 +81,9 @@ def test_the_top_search_trials_get_heldout_scores_when_asked(experiment, tmp_pat
         score = run.worker.score
         run.worker.score = lambda recipe, which: calls.append(which) or score(recipe, which)
         run.search()
-        study = run.study
+        held = {r.number: r.heldout_fitness for r in run.store.trials("search")}
         ranked = sorted(trials(run_dir, "search"), key=lambda t: (-t.user_attrs["fitness"], t.number))
-        scored = [t for t in ranked if "heldout_fitness" in trial_attrs(study, t)]
+        scored = [t for t in ranked if held[t.number] is not None]
         assert [t.number for t in scored] == [t.number for t in ranked[:3]]
         # the best was scored by the first session; this one scored the next two only
         assert calls == ["heldout", "heldout"]
@@ -94,7 +91,7 @@ def test_the_top_search_trials_get_heldout_scores_when_asked(experiment, tmp_pat
         for t in scored:
             model = run.worker.merger.apply(Recipe.model_validate(t.user_attrs["recipe"]))
             again = run.worker.heldout.score(model).fitness(list(run.cfg.heldout.objectives))
-            assert again == trial_attrs(study, t)["heldout_fitness"]
+            assert again == held[t.number]
         calls.clear()
         run.finish()
         assert calls == []
@@ -278,7 +275,7 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
     assert all(after[n] == v for n, v in before.items())  # nothing completed was lost
     assert len(trials(run_dir, "search")) == 10  # and the run finished its budget
     assert len(trials(run_dir, "baseline")) == 7  # baselines were not re-run
-    study, _ = open_study(run_dir)
+    study = RunStore.open(run_dir).study
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     if driver == "cma":
         # the resumed strategy re-asked the killed generation, and took its finished candidates from the study
@@ -413,7 +410,7 @@ def test_ctrl_c_marks_the_candidate_being_scored_and_the_run_resumes(experiment,
             run.search()
     finally:
         run.close()
-    study, _ = open_study(run_dir)
+    study = RunStore.open(run_dir).study
     states = [t.state for t in study.get_trials() if t.user_attrs.get("kind") != "baseline"]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
     marked = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
@@ -448,7 +445,7 @@ def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
-    study, _ = open_study(tmp_path / "driver0")
+    study = RunStore.open(tmp_path / "driver0").study
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert sum(t.user_attrs["kind"] == "baseline" for t in complete) == 7  # run once, by one driver
     search = [t for t in complete if t.user_attrs["kind"] == "search"]
@@ -458,25 +455,26 @@ def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
     assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)
 
 
-def _claimer(storage, writes):
+def _claimer(storage, writes, folder):
     """A stand-in for a Run on a shared storage, enough for the baseline claim."""
     from types import SimpleNamespace
 
     study = optuna.create_study(storage=storage, study_name="evomerge", load_if_exists=True)
-    return SimpleNamespace(cfg=SimpleNamespace(storage=storage), study=study), SimpleNamespace(write=writes.append)
+    run = SimpleNamespace(cfg=SimpleNamespace(storage=storage), store=RunStore(folder, {}, study))
+    return run, SimpleNamespace(write=writes.append)
 
 
 def test_one_driver_claims_the_baselines_even_mid_claim(tmp_path, monkeypatch):
     import threading
     import time
 
-    import evomerge.search as search
+    import evomerge.store as store
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'claim.db'}")
     said = []
-    first, bar = _claimer(storage, said)
+    first, bar = _claimer(storage, said, tmp_path)
     assert Run._baselines_are_mine(first, bar)
-    second, bar = _claimer(storage, said)
+    second, bar = _claimer(storage, said, tmp_path)
     assert not Run._baselines_are_mine(second, bar)
     assert said == ["another driver runs the baselines"]
 
@@ -491,10 +489,10 @@ def test_one_driver_claims_the_baselines_even_mid_claim(tmp_path, monkeypatch):
     # A claim whose stamp never comes, or one left stale, belongs to a dead driver.
     optuna.delete_study(study_name="evomerge-baselines", storage=storage)
     optuna.create_study(storage=storage, study_name="evomerge-baselines")
-    monkeypatch.setattr(search, "CLAIM_STAMP_S", 0.3)
+    monkeypatch.setattr(store, "CLAIM_STAMP_S", 0.3)
     assert Run._baselines_are_mine(second, bar)
     stale = optuna.load_study(study_name="evomerge-baselines", storage=storage)
-    stale.set_user_attr("alive", time.time() - search.CLAIM_EXPIRES_S - 1)
+    stale.set_user_attr("alive", time.time() - store.CLAIM_EXPIRES_S - 1)
     assert Run._baselines_are_mine(first, bar)
 
 
@@ -503,19 +501,21 @@ def test_the_heartbeat_keeps_the_baseline_claim_alive(tmp_path):
     # the claimer runs them, its heartbeat stamps the claim, and stops after.
     import time
 
-    from evomerge.search import _Heartbeat
+    from evomerge.store import Heartbeat
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beat.db'}")
     study = optuna.create_study(storage=storage, study_name="evomerge")
     claim = optuna.create_study(storage=storage, study_name="evomerge-baselines")
     claim.set_user_attr("alive", 0.0)
-    beat = _Heartbeat(study, {}, every=0.05)
+    run_store = RunStore(tmp_path, {}, study)
+    run_store.claim = claim
+    beat = Heartbeat(run_store, {}, every=0.05)
     try:
         time.sleep(0.3)
-        assert claim.user_attrs["alive"] == 0.0  # no claim handed to the beat: nothing stamped
-        beat.claim = claim
+        assert claim.user_attrs["alive"] == 0.0  # not stamping (no baselines running): nothing stamped
+        beat.stamping = True
         time.sleep(0.3)
-        beat.claim = None
+        beat.stamping = False
         time.sleep(0.2)  # a beat that read the claim just before finishes its write
         stamped = claim.user_attrs["alive"]
         assert time.time() - stamped < 2.0
@@ -532,14 +532,14 @@ def test_a_shared_search_keeps_its_baseline_claim_alive_while_scoring_them(exper
     import evomerge.search as search
 
     config = write_config(experiment, "claim.yaml", budget={"trials": 1}, storage=f"sqlite:///{tmp_path / 'shared.db'}")
-    beat = search._Heartbeat
-    monkeypatch.setattr(search, "_Heartbeat", lambda study, inflight: beat(study, inflight, every=0.05))
+    beat = search.Heartbeat
+    monkeypatch.setattr(search, "Heartbeat", lambda store, inflight: beat(store, inflight, every=0.05))
     run = Run(config, tmp_path / "run", progress=False)
     real = run.worker.score
     stamps = []
 
     def slow_score(recipe, which="dev"):
-        claim = optuna.load_study(study_name="evomerge-baselines", storage=run.study._storage)
+        claim = optuna.load_study(study_name="evomerge-baselines", storage=run.store.study._storage)
         before = claim.user_attrs["alive"]
         time.sleep(0.3)  # six beats
         stamps.append((before, claim.user_attrs["alive"]))
@@ -557,13 +557,10 @@ def test_a_shared_search_keeps_its_baseline_claim_alive_while_scoring_them(exper
 
 
 def _open_shared_storage(url, queue):
-    from evomerge.search import Run
-
-    class Shared:
-        storage_url = url
+    from evomerge.store import _rdb_storage
 
     try:
-        Run._rdb_storage(Shared(), own=False)
+        _rdb_storage(url, shared=True)
         queue.put("ok")
     except Exception as e:  # noqa: BLE001 - the test reports what went wrong
         queue.put(f"{type(e).__name__}: {e}"[:200])

@@ -9,9 +9,9 @@ import yaml
 from helpers import trials, write_config
 
 from evomerge.cli import main
-from evomerge.demo import make_finetune, make_tiny_model
 from evomerge.recipe import load_recipe
 from evomerge.routing import RouteMerger, max_logit_difference
+from evomerge.tiny import make_finetune, make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """SearchSpace: points <-> recipes, names and bounds from the method declarations."""
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -114,6 +115,33 @@ def test_encode_refuses_what_the_space_cannot_express():
         }
     )
     assert s.encode(grad) is None
+
+
+def test_encode_says_why_a_recipe_is_outside_the_space():
+    s = space("task_arithmetic_layerwise")
+    own = s.decode([0.3] * s.dim)
+    assert s.try_encode(own) == (s.encode(own), None) and s.why_not(own) is None
+    other = space("ties_dare_layerwise").decode([0.5] * space("ties_dare_layerwise").dim)
+    assert s.encode(other) is None
+    assert s.why_not(other) == "its method 'dare_ties' is not one this space searches (task_arithmetic)"
+    stranger = own.model_copy(
+        update={"sources": [*own.sources[:2], own.sources[2].model_copy(update={"model": "m/c"})]}
+    )
+    assert s.try_encode(stranger) == (None, "it does not merge m/b, which this space does")
+    assert "differing at dtype" in s.why_not(own.model_copy(update={"dtype": "float16"}))
+    routes = space("dfs_paper")
+    assert routes.why_not(own) == "it has no route, and this space searches routing"
+
+
+def test_the_pair_rule_follows_the_declaration_not_the_name(monkeypatch):
+    # slerp's inputs (its base is one of the pair) come from base_is_endpoint
+    monkeypatch.setitem(METHODS, "pair", dataclasses.replace(METHODS["slerp"], name="pair"))
+    one = space({"methods": ["pair"], "search": {"t": None}}, models=("m/a",)).decode([0.25])
+    assert [src.model for src in one.sources] == ["m/base", "m/a"] and one.base_model == "m/base"
+    two = space({"methods": ["pair"], "search": {"t": None}}).decode([0.25])
+    assert [src.model for src in two.sources] == ["m/a", "m/b"] and two.base_model == "m/a"
+    with pytest.raises(EvomergeError, match="pair merges exactly two models"):
+        space({"methods": ["pair"], "search": {"t": None}}, models=("m/a", "m/b", "m/c"))
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ drivers, one value per objective in each objective's own direction); a failed
 candidate arrives with the penalty the search documents (the worst value seen
 so far), never as an exception.
 
-Every trial lives in the Optuna study: Optuna drivers ask the study for
-trials; the pycma driver adds finished trials to it and checkpoints its own
-state after every generation.
+Every trial lives in the run's store (:mod:`evomerge.store`, over an Optuna
+study): Optuna drivers ask its study for trials and finish them through the
+store; the pycma driver adds finished trials to it and checkpoints its own
+state after every generation. How asks and tells interleave with scoring is
+the search's schedule (:mod:`evomerge.schedulers`), chosen by ``asynchronous``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
+from evomerge.store import TrialRecord
 
 OPTUNA_SAMPLERS = ("tpe", "gp", "cmaes", "random", "nsga2")
 DRIVERS = ("cma", *OPTUNA_SAMPLERS)
@@ -50,11 +53,11 @@ class Driver:
         """The next candidates; an empty list when there is nothing to ask."""
         raise NotImplementedError
 
-    def record(self, candidate: Candidate, values: list[float], attrs: dict) -> None:
+    def record(self, candidate: Candidate, values: list[float], record: TrialRecord) -> None:
         """Store one finished candidate as a trial, as soon as it is scored."""
         raise NotImplementedError
 
-    def recorded(self, candidate: Candidate) -> tuple[list[float], dict] | None:
+    def recorded(self, candidate: Candidate) -> tuple[list[float], TrialRecord] | None:
         """A candidate this driver already stored (before a crash), or None."""
         return None
 
@@ -68,15 +71,15 @@ class Driver:
         """Hint: named points (the baselines the space can express), best first."""
 
 
-def make_driver(settings, space, study, run_dir: Path, seed: int, workers: int = 1) -> Driver:
+def make_driver(settings, space, store, run_dir: Path, seed: int, workers: int = 1) -> Driver:
     """Build the driver a config names, for ``workers`` parallel evaluations."""
     name = settings.name
     if name == "cma":
         from evomerge.drivers.cma_driver import CmaDriver
 
-        return CmaDriver(space, study, run_dir / "cma_state.pkl", settings, seed, workers)
+        return CmaDriver(space, store, run_dir / "cma_state.pkl", settings, seed, workers)
     if name in OPTUNA_SAMPLERS:
         from evomerge.drivers.optuna_driver import OptunaDriver
 
-        return OptunaDriver(space, study, settings, seed, workers)
+        return OptunaDriver(space, store, settings, seed, workers)
     raise EvomergeError(f"unknown driver {name!r}; use one of {', '.join(DRIVERS)}")

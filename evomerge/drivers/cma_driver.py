@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import pickle
 import random
 from pathlib import Path
 
 from evomerge.drivers import Candidate, Driver
+from evomerge.store import atomic_write
 
 
 class CmaDriver(Driver):
@@ -28,9 +29,9 @@ class CmaDriver(Driver):
 
     name = "cma"
 
-    def __init__(self, space, study, state_path: Path, settings, seed: int, workers: int = 1):
+    def __init__(self, space, store, state_path: Path, settings, seed: int, workers: int = 1):
         self.space = space
-        self.study = study
+        self.store = store
         self.state_path = Path(state_path)
         self.settings = settings
         self.seed = seed
@@ -48,9 +49,9 @@ class CmaDriver(Driver):
         self._x0 = space.x0()
         # Trials this driver recorded before a crash, by (generation, index).
         self._seen = {
-            (t.user_attrs["cma_generation"], t.user_attrs["cma_index"]): t
-            for t in study.get_trials(deepcopy=False)
-            if "cma_generation" in t.user_attrs
+            (r.extra["cma_generation"], r.extra["cma_index"]): r
+            for r in store.trials(heldout=False)
+            if "cma_generation" in r.extra
         }
         self._inject: list[list[float]] = []
 
@@ -105,26 +106,17 @@ class CmaDriver(Driver):
         self._save()
         return True
 
-    def record(self, candidate, values, attrs) -> None:
-        import optuna
-
-        dists = self.space.distributions()
-        self.study.add_trial(
-            optuna.trial.create_trial(
-                params=candidate.params,
-                distributions={k: dists[k] for k in candidate.params},
-                values=values,
-                user_attrs={**attrs, **candidate.extra},
-            )
-        )
+    def record(self, candidate, values, record) -> None:
+        record = dataclasses.replace(record, extra={**record.extra, **candidate.extra})
+        self.store.add(record, values, candidate.params, self.space.distributions())
 
     def recorded(self, candidate):
         # A resumed strategy asks the generation the killed one asked; the
         # candidates it finished are in the study already.
-        t = self._seen.get((candidate.extra["cma_generation"], candidate.extra["cma_index"]))
-        if t is None or t.user_attrs.get("fingerprint") != candidate.recipe.fingerprint():
+        r = self._seen.get((candidate.extra["cma_generation"], candidate.extra["cma_index"]))
+        if r is None or r.fingerprint != candidate.recipe.fingerprint():
             return None
-        return list(t.values), dict(t.user_attrs)
+        return list(r.told), r
 
     def tell(self, candidates, values) -> None:
         # pycma minimises; fitness is higher-is-better.
@@ -135,7 +127,4 @@ class CmaDriver(Driver):
         return self.es is not None and bool(self.es.stop()) and self.restarts >= self.settings.restarts
 
     def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump({"es": self.es, "restarts": self.restarts, "popsize": self.popsize}, f)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, pickle.dumps({"es": self.es, "restarts": self.restarts, "popsize": self.popsize}))

@@ -39,21 +39,20 @@ class OptunaDriver(Driver):
 
     asynchronous = True
 
-    def __init__(self, space, study, settings, seed: int, workers: int = 1):
+    def __init__(self, space, store, settings, seed: int, workers: int = 1):
         self.space = space
-        self.study = study
+        self.store = store
+        self.study = store.study  # Optuna's public API: ask, and the sampler
         self.name = settings.name
         self.multi_objective = settings.name == "nsga2"
         self.settings = settings
-        self.seed = seed + len(study.trials)
-        study.sampler = make_sampler(settings, self.seed, workers)
+        self.seed = seed + len(self.study.trials)
+        self.study.sampler = make_sampler(settings, self.seed, workers)
 
     def ask(self) -> list[Candidate]:
         trial = self.study.ask()
         recipe = self.space.suggest(trial)
         return [Candidate(recipe, dict(trial.params), trial=trial)]
 
-    def record(self, candidate, values, attrs) -> None:
-        for key, value in attrs.items():
-            candidate.trial.set_user_attr(key, value)
-        self.study.tell(candidate.trial, values if self.multi_objective else values[0])
+    def record(self, candidate, values, record) -> None:
+        self.store.tell(candidate.trial, record, values)

@@ -9,9 +9,9 @@ The search loop hands an executor recipes (``submit``) and collects scores
 - ``submit(key, recipe, which)``: start scoring ``recipe`` (``which`` is
   ``dev``, ``heldout`` or ``both``, as in :meth:`Worker.score`).
 - ``wait()``: block until at least one submitted candidate finishes; return
-  ``[(key, result)]``. A result is the worker's dict; a candidate that cannot
-  be scored at all (its worker kept dying) comes back as a failed result with
-  the reason, never as an exception.
+  ``[(key, score)]``, each score the worker's :class:`~evomerge.evaluate.Score`.
+  A candidate that cannot be scored at all (its worker kept dying) comes back
+  as a failed score with the reason, never as an exception.
 - ``close()``: stop the workers (and whatever the executor started).
 
 ``local`` (default) scores in the search's own process; ``ray`` scores on
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from evomerge.evaluate import Score
 from evomerge.executors.worker import Worker, WorkerSpec
 from evomerge.recipe import Recipe
 
@@ -39,7 +40,7 @@ class Executor:
     def submit(self, key: Any, recipe: Recipe, which: str = "dev") -> None:
         raise NotImplementedError
 
-    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
+    def wait(self) -> list[tuple[Any, Score]]:
         raise NotImplementedError
 
     def pending(self) -> int:
@@ -68,11 +69,11 @@ class LocalExecutor(Executor):
     def pending(self) -> int:
         return len(self._queue)
 
-    def wait(self):
+    def wait(self) -> list[tuple[Any, Score]]:
         key, recipe, which = self._queue[0]
-        result = self.worker.score(recipe, which)
+        score = self.worker.score(recipe, which)
         self._queue.popleft()  # only once scored: an interrupted candidate stays pending
-        return [(key, result)]
+        return [(key, score)]
 
 
 def make_executor(settings, spec: WorkerSpec, local_worker: Worker | None = None, log=print) -> Executor:

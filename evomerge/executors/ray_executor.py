@@ -2,9 +2,9 @@
 
 Each worker is a long-lived Ray actor holding a :class:`Worker` (the sources
 with their task vectors, one live model, the prebuilt lm-eval tasks). A
-candidate travels to it as a recipe (a few KB) and comes back as a score
-dict; weights never cross the network, and only the driver writes to the
-storage.
+candidate travels to it as a recipe (a few KB) and comes back as a
+:class:`~evomerge.evaluate.Score`; weights never cross the network, and only
+the driver writes to the storage.
 
 Fault tolerance: actors are created with ``max_restarts`` so Ray restarts a
 worker whose process dies (killed, out of memory, node lost). The candidate
@@ -17,6 +17,7 @@ left the run stops with an error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,8 +27,9 @@ from typing import Any
 
 from evomerge.devices import ALL
 from evomerge.errors import EvomergeError
+from evomerge.evaluate import Score
 from evomerge.executors import Executor
-from evomerge.executors.worker import Worker, WorkerSpec, _failed
+from evomerge.executors.worker import Worker, WorkerSpec
 
 REPROBE_S = 0.5  # how often to ask a restarting worker whether it is back
 
@@ -38,8 +40,6 @@ class _Actor:
     ``ready`` instead of crash-looping."""
 
     def __init__(self, spec: WorkerSpec):
-        import dataclasses
-
         import ray
 
         self.worker = None
@@ -67,14 +67,14 @@ class _Actor:
             "devices": [str(d) for d in self.worker.merger.devices] if self.worker else [],
         }
 
-    def score(self, recipe: dict, which: str) -> dict[str, Any]:
+    def score(self, recipe: dict, which: str) -> tuple[Score, tuple[float, float]]:
+        """The score, and when this worker started and finished it (for the executor's timeline)."""
         started = time.time()
         if self.worker is None:
-            out = _failed(f"worker could not start: {self.error}", 0.0)
+            score = Score.failed(f"worker could not start: {self.error}")
         else:
-            out = self.worker.score(recipe, which)
-        out["span"] = (started, time.time())  # for the executor's timeline
-        return out
+            score = self.worker.score(recipe, which)
+        return score, (started, time.time())
 
 
 @dataclass
@@ -280,7 +280,7 @@ class RayExecutor(Executor):
             self._busy[index].append(ref)
             self._jobs[ref] = (job, index)
 
-    def wait(self):
+    def wait(self) -> list[tuple[Any, Score]]:
         ray = self.ray
         out = []
         while not out:
@@ -308,15 +308,14 @@ class RayExecutor(Executor):
                 job, index = self._jobs.pop(ref)
                 self._busy[index].remove(ref)
                 try:
-                    result = ray.get(ref)
-                    self.timeline.append((index, *result.pop("span")))
-                    if job.attempts:
-                        result["attempts"] = job.attempts + 1
-                    out.append((job.key, result))
+                    score, span = ray.get(ref)
+                    self.timeline.append((index, *span))
+                    score.attempts = job.attempts + 1
+                    out.append((job.key, score))
                 except ray.exceptions.RayActorError as e:
                     self._lost(index, job, _reason(e), out)
                 except ray.exceptions.RayError as e:  # the call itself failed (e.g. a result too large)
-                    out.append((job.key, _failed(f"worker error: {_reason(e)}", 0.0)))
+                    out.append((job.key, Score.failed(f"worker error: {_reason(e)}")))
         return out
 
     def _lost(self, index: int, job: _Job, reason: str, out: list) -> None:
@@ -325,9 +324,8 @@ class RayExecutor(Executor):
         limit = self.settings.retries
         if job.attempts > limit:
             self.log(f"worker {index} died scoring a candidate ({reason}); {job.attempts} tries, recorded as failed")
-            result = _failed(f"worker died {job.attempts} times scoring this candidate (last: {reason})", 0.0)
-            result["attempts"] = job.attempts
-            out.append((job.key, result))
+            failed = Score.failed(f"worker died {job.attempts} times scoring this candidate (last: {reason})")
+            out.append((job.key, dataclasses.replace(failed, attempts=job.attempts)))
         else:
             self.log(f"worker {index} died ({reason}); retrying its candidate (try {job.attempts + 1} of {limit + 1})")
             self._queue.appendleft(job)

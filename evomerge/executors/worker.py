@@ -2,12 +2,14 @@
 
 A worker is built once from a :class:`WorkerSpec` (plain data, a few KB, the
 same for every worker) and then scores recipes one at a time: merge in place
-(and route), evaluate, return a plain dict. The local executor runs one in
-the search's own process; the Ray executor runs one per actor.
+(and route), evaluate, return a :class:`~evomerge.evaluate.Score`. The local
+executor runs one in the search's own process; the Ray executor runs one per
+actor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluate import Score
 from evomerge.recipe import Recipe
 
 WHICH = ("dev", "heldout", "both")
@@ -118,14 +121,13 @@ class Worker:
 
             self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside)
 
-    def score(self, recipe: Recipe | dict, which: str = "dev") -> dict[str, Any]:
+    def score(self, recipe: Recipe | dict, which: str = "dev") -> Score:
         """Merge ``recipe`` into the live model and score it.
 
         ``which``: ``dev`` (the search's objectives), ``heldout``, or ``both``
-        (held-out only when the dev score succeeded). Returns
-        ``{status, reason, values, metrics, seconds, merge_seconds,
-        eval_seconds}`` (``merge_seconds``: merging, or building a route), plus
-        ``heldout`` (the same keys) for ``both``.
+        (the held-out score goes in ``heldout``, and only when the dev score
+        succeeded). ``seconds`` counts the merge (``merge_seconds``) and the
+        evaluation.
         """
         if which not in WHICH:
             raise ValueError(which)
@@ -135,36 +137,14 @@ class Worker:
         try:
             model = self.merger.apply(recipe)
         except Exception as e:  # noqa: BLE001 - a failed candidate is data, not a crash
-            failed = _failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
-            return {**failed, "heldout": failed} if which == "both" else failed
+            failed = Score.failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+            return dataclasses.replace(failed, heldout=failed) if which == "both" else failed
         merge_seconds = time.perf_counter() - t0
         evaluator = self.heldout if which == "heldout" else self.dev
         if evaluator is None:
-            return _failed("the config has no heldout section", 0.0)
-        out = _as_dict(evaluator.score(model), merge_seconds)
-        if which == "both" and self.heldout is not None and out["status"] == "ok":
-            out["heldout"] = _as_dict(self.heldout.score(model), 0.0)
-        return out
-
-
-def _as_dict(score, merge_seconds: float) -> dict[str, Any]:
-    return {
-        "status": score.status,
-        "reason": score.reason,
-        "values": score.values,
-        "metrics": score.metrics,
-        "seconds": merge_seconds + score.seconds,
-        "merge_seconds": merge_seconds,
-        "eval_seconds": score.eval_seconds,
-    }
-
-
-def _failed(reason: str, seconds: float) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "reason": reason.splitlines()[0][:500] if reason else "unknown",
-        "values": {},
-        "metrics": {},
-        "seconds": seconds,
-        "eval_seconds": 0.0,
-    }
+            return Score.failed("the config has no heldout section")
+        evaluated = evaluator.score(model)
+        score = dataclasses.replace(evaluated, seconds=merge_seconds + evaluated.seconds, merge_seconds=merge_seconds)
+        if which == "both" and self.heldout is not None and score.ok:
+            score.heldout = self.heldout.score(model)
+        return score

@@ -110,6 +110,7 @@ def _build() -> dict[str, MergeMethod]:
             base="required",
             min_inputs=2,
             max_inputs=2,
+            base_is_endpoint=True,
         ),
         MergeMethod(
             "nuslerp",

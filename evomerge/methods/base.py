@@ -93,6 +93,10 @@ class MergeMethod:
     ``inputs.indices`` and ``inputs.non_base`` respectively. ``options`` are
     fixed keyword arguments, so one function serves several registered names
     (TIES, DARE and DELLA are all options of generalized task arithmetic).
+    ``base_is_endpoint`` marks a method whose base is one end of an
+    interpolation between its inputs rather than a reference the others are
+    measured from (slerp): a search space takes such a base from its models,
+    using the config's base only to complete the inputs.
     """
 
     name: str
@@ -102,6 +106,7 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     exact_non_base: int | None = None
+    base_is_endpoint: bool = False
     random: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     reference: str = ""

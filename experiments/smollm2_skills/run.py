@@ -158,16 +158,12 @@ def restore_run(name: str) -> bool:
 
 
 def best_search_trial(name: str):
-    """The best trial the search itself proposed (baselines excluded)."""
-    from evomerge.search import open_study
+    """The run's store, and the best trial the search itself proposed
+    (baselines excluded; None before any)."""
+    from evomerge.store import RunStore
 
-    study, _ = open_study(RUNS / name)
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get("kind") == "search" and t.user_attrs.get("status") == "ok" and "fitness" in t.user_attrs
-    ]
-    return study, max(done, key=lambda t: (t.user_attrs["fitness"], -t.number)) if done else None
+    store = RunStore.open(RUNS / name)
+    return store, store.best("search")
 
 
 def export_best_search(name: str) -> Path:
@@ -187,36 +183,34 @@ def reported_models(searches: list[str], here: list[str]) -> list[dict]:
     the first search ``here``, the ones with a study: every search scores the
     same ones), then each search's best recipe, with evaluations and wall time."""
     from evomerge.export import export_best
-    from evomerge.search import open_study
+    from evomerge.store import RunStore
 
     if not here:
         raise SystemExit("run.py: no search has run yet; run it without --table-only first")
-    study, _ = open_study(RUNS / here[0])
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("status") == "ok":
-            name = t.user_attrs["name"]
+    for t in RunStore.open(RUNS / here[0]).trials("baseline", everything=True):
+        if t.status == "ok":
             out = WORK / "recipes" / f"baseline_{t.number}.yaml"
             export_best(RUNS / here[0], out=out, trial=t.number, progress=False)
-            rows.append({"name": name, "recipe": out, "dev": t.user_attrs["metrics"][DEV_ACC]})
+            rows.append({"name": t.name, "recipe": out, "dev": t.metrics[DEV_ACC]})
     for name in searches:
         if name not in here:
             continue
-        study, trial = best_search_trial(name)
+        store, trial = best_search_trial(name)
         if trial is None:
             continue  # started, no candidate scored yet
-        search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
-        timing = [t.user_attrs for t in search if t.user_attrs.get("status") == "ok" and not t.user_attrs.get("cached")]
+        search = store.trials("search", everything=True)
+        timing = [t for t in search if t.status == "ok" and not t.cached]
         rows.append(
             {
                 "name": f"evolved: {name}",
                 "recipe": export_best_search(name),
-                "dev": trial.user_attrs["metrics"][DEV_ACC],
+                "dev": trial.metrics[DEV_ACC],
                 "trial": trial.number,
                 "evaluations": len(search),
-                "wall_min": study.user_attrs.get("elapsed_s", 0.0) / 60,
+                "wall_min": store.elapsed / 60,
                 "per_candidate": {
-                    k: _median([a.get(k, 0.0) for a in timing]) for k in ("seconds", "merge_seconds", "eval_seconds")
+                    k: _median([getattr(t, k) for t in timing]) for k in ("seconds", "merge_seconds", "eval_seconds")
                 },
             }
         )
@@ -398,23 +392,20 @@ def compare_with_cli(name: str = "ps_cma") -> dict:
 
 def overfit_table(here: list[str], carried: dict[str, str] | None = None) -> str:
     """Per search: the best trials by dev, their held-out scores, the gap."""
-    from evomerge.search import trial_attrs
-
     lines = [
         "| search | trials scored on held-out | mean dev acc | mean held-out acc | dev - held-out "
         "| every search trial: mean dev acc |",
         "|---|---|---|---|---|---|",
     ]
     for name in here:
-        study, _ = best_search_trial(name)
-        search = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search"]
-        ok = [t for t in search if t.user_attrs.get("status") == "ok"]
-        scored = [trial_attrs(study, t) for t in ok if "heldout_fitness" in trial_attrs(study, t)]
+        store, _ = best_search_trial(name)
+        ok = [t for t in store.trials("search", everything=True) if t.status == "ok"]
+        scored = [t for t in ok if t.heldout_fitness is not None]
         if not scored:
             continue
-        dev = sum(a["metrics"][DEV_ACC] for a in scored) / len(scored)
-        held = sum(a["heldout_fitness"] for a in scored) / len(scored)
-        every = sum(t.user_attrs["metrics"][DEV_ACC] for t in ok) / len(ok)
+        dev = sum(t.metrics[DEV_ACC] for t in scored) / len(scored)
+        held = sum(t.heldout_fitness for t in scored) / len(scored)
+        every = sum(t.metrics[DEV_ACC] for t in ok) / len(ok)
         lines.append(f"| {name} | {len(scored)} | {dev:.3f} | {held:.3f} | {dev - held:+.3f} | {every:.3f} |")
     lines += marked(carried)
     return "\n".join(lines) + "\n"
