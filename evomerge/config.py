@@ -13,17 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from evomerge.errors import EvomergeError, field_error
 from evomerge.evaluate import EvalSpec
+from evomerge.schema import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DriverSettings(_Strict):
+class DriverSettings(Strict):
     """Which optimizer proposes candidates, and its knobs."""
 
     name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
@@ -40,7 +37,7 @@ class DriverSettings(_Strict):
         return v
 
 
-class Budget(_Strict):
+class Budget(Strict):
     trials: int | None = None  # search trials (baselines not counted)
     minutes: float | None = None  # wall time, summed over resumed sessions
     # With a held-out set: how many of the best search trials (by dev fitness)
@@ -56,7 +53,7 @@ class Budget(_Strict):
         return v
 
 
-class ExecutorSettings(_Strict):
+class ExecutorSettings(Strict):
     """Where candidates are scored: ``local`` (in process) or ``ray``.
 
     Ray: ``address`` is ``auto`` (the cluster this node belongs to),
@@ -101,7 +98,7 @@ class ExecutorSettings(_Strict):
         return v
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """An experiment: sources, space, objectives, budget, driver, storage."""
 
     models: list[str]

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
 from evomerge.devices import parse_devices
 from evomerge.errors import EvomergeError, field_error
+from evomerge.schema import Strict
 
 PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
 PERPLEXITY_MAX_TOKENS = 65536  # tokens scored per perplexity file when `samples` is not set
@@ -39,11 +40,7 @@ _LOGITS_BUDGET = 2**28  # logits elements per perplexity forward pass (1 GiB in 
 _KINDS = ("task", "perplexity", "custom")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ObjectiveSpec(_Frozen):
+class ObjectiveSpec(Strict):
     """One term of the fitness: exactly one of
 
     - ``task``: an lm-eval task or group (built in, or from ``include_path``)
@@ -112,7 +109,7 @@ class ObjectiveSpec(_Frozen):
         return f"custom:{self.custom}/{self.metric}"
 
 
-class EvalSpec(_Frozen):
+class EvalSpec(Strict):
     """The ``eval`` section of a search config.
 
     ``samples``: a fixed, seeded subset of that many documents per lm-eval

@@ -239,4 +239,3 @@ def model_card(recipe: Recipe, plan: MergePlan) -> str:
         "",
     ]
     return "\n".join(lines)
-

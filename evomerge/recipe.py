@@ -18,20 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from evomerge.errors import EvomergeError, field_error
+from evomerge.schema import Strict
 
 Scalar = bool | int | float | str
 # A route's name for the recipe's own merge, as a routing source (a hybrid).
 MERGED = "merge"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Conditional(_Frozen):
+class Conditional(Strict):
     """A value that applies to tensors whose name contains ``filter``."""
 
     value: Scalar | list[Scalar]
@@ -44,7 +41,7 @@ Settings = dict[str, Setting]
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-class Source(_Frozen):
+class Source(Strict):
     """One input model. ``model`` is a folder (relative to the recipe's
     folder) or a Hugging Face id; ``sha256`` pins weight files by name."""
 
@@ -53,13 +50,13 @@ class Source(_Frozen):
     sha256: dict[str, str] | None = None
 
 
-class SliceSource(_Frozen):
+class SliceSource(Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: Settings | None = None
 
 
-class Slice(_Frozen):
+class Slice(Strict):
     """A run of output layers, merged from equally long layer ranges."""
 
     sources: list[SliceSource]
@@ -67,7 +64,7 @@ class Slice(_Frozen):
     parameters: Settings | None = None
 
 
-class RouteStep(_Frozen):
+class RouteStep(Strict):
     """One layer of a route: ``layer`` of ``model``, its input times ``scale``.
     ``model`` is a source, or ``merge`` for the recipe's own merge (a hybrid)."""
 
@@ -76,7 +73,7 @@ class RouteStep(_Frozen):
     scale: float = 1.0
 
 
-class Route(_Frozen):
+class Route(Strict):
     """A data-flow path through the layers of several models.
 
     The embeddings come from ``embed`` (default: the first step's model), the
@@ -93,7 +90,7 @@ class Route(_Frozen):
     models: list[Source] | None = None
 
 
-class Recipe(_Frozen):
+class Recipe(Strict):
     """A merge: method, sources, parameters, dtype and seed.
 
     Either ``sources`` lists the models merged over all their layers

@@ -17,17 +17,80 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
+
+from pydantic import field_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import MergeMethod, get_method
 from evomerge.recipe import MERGED, Conditional, Recipe, Route, RouteStep, Source
-
-if TYPE_CHECKING:
-    from evomerge.space import RoutingSpec, SearchedParam
+from evomerge.schema import Strict
 
 DIGITS = 6
 METHOD_GENE = "method"
+
+
+class SearchedParam(Strict):
+    """How one parameter is searched: its granularity, module groups and narrowed bounds."""
+
+    per: Literal["global", "layer", "block", "gradient"] = "global"
+    block: int | None = None
+    points: int | None = None
+    groups: list[str] | None = None
+    bounds: tuple[float, float] | None = None
+
+    @field_validator("block", "points")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+
+class PathSpec(Strict):
+    """The constrained routing variant: a path of fixed ``depth`` whose
+    position k runs layer k (scaled to each model's depth) of a chosen model."""
+
+    depth: int | None = None  # default: the first routing source's depth
+
+    @field_validator("depth")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+
+class RoutingSpec(Strict):
+    """Layer routing (the data-flow space of Akiba et al., 2024).
+
+    The layers of the ``sources`` (M models; default: the config's models,
+    after ``merge`` in a hybrid), repeated ``repeats`` times, are T slots in
+    order; each slot is included or skipped. ``scale`` multiplies each
+    included layer's input: one value per slot, one per transition between
+    models (the paper's M x M matrix; the first step is not scaled), or
+    none. ``first``/``last: forced`` always include the first and the last
+    slot, so that a route starts with the first source's first layer and ends
+    with the last source's last layer. ``path`` replaces the slots by the
+    constrained variant.
+    """
+
+    sources: list[str] | None = None
+    repeats: int = 3
+    scale: Literal["per_slot", "per_transition", "none"] = "per_transition"
+    scale_bounds: tuple[float, float] = (0.5, 1.5)
+    min_depth: int = 1
+    max_depth: int | None = None
+    first: Literal["forced", "free"] = "free"
+    last: Literal["forced", "free"] = "free"
+    path: PathSpec | None = None
+
+    @field_validator("repeats", "min_depth")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
 
 
 class NotInSpace(EvomergeError):
