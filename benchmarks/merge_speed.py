@@ -54,7 +54,7 @@ _LARGE = dict(
     vocab_size=32000,
 )
 SIZES = {
-    # name: (config overrides for evomerge.demo.tiny_config, storage and merge dtype)
+    # name: (config overrides for evomerge.tiny.tiny_config, storage and merge dtype)
     "tiny": (dict(layers=4, hidden=64), "float32"),
     "large": (_LARGE, "float32"),
     # bfloat16 merges round after every operation, as mergekit's do; the

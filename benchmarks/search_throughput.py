@@ -97,7 +97,7 @@ from evomerge.evaluate import write_choice_task  # noqa: E402
 from evomerge.tiny import make_finetune, make_tiny_model  # noqa: E402
 
 SIZES = {
-    # name: config overrides for evomerge.demo.tiny_config
+    # name: config overrides for evomerge.tiny.tiny_config
     "tiny": dict(layers=4, hidden=64),
     # SmolLM2-135M's shape; the byte-level demo tokenizer uses only 260 of the
     # 49152 embedding rows, which changes nothing for timing.

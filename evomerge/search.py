@@ -78,10 +78,8 @@ class Run:
         # Only now, with everything validated, touch the run folder.
         self.run_dir = Path(run_dir)
         self.store = self._open_store(force)
-        self.cache: dict[str, Outcome] = {}
-        for r in self.store.trials(heldout=False):
-            if r.fingerprint and (r.status == "ok" or r.non_finite):
-                self.cache.setdefault(r.fingerprint, Outcome(r.told, r))
+        heldout = list(self.cfg.heldout.objectives) if self.cfg.heldout is not None else []
+        self.outcomes = Outcomes(self.store, self.objectives, heldout)
 
     # -- assembly ------------------------------------------------------------
 
@@ -190,68 +188,6 @@ class Run:
             self.executor = make_executor(self.cfg.executor, self.spec, self.worker, log=log)
         return self.executor
 
-    # -- scoring -----------------------------------------------------------
-
-    def _values(self, score: Score) -> list[float]:
-        if len(self.store.directions) == 1:
-            return [score.fitness(self.objectives)]
-        return [score.values[o.name] for o in self.objectives]
-
-    def _cached(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome | None:
-        """A finished score of the same recipe, as a new trial's outcome (or None)."""
-        hit = self.cache.get(recipe.fingerprint())
-        if hit is None:
-            return None
-        r = hit.record
-        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint")
-        record = TrialRecord(kind=kind, name=name, cached=True, **{k: getattr(r, k) for k in keep})
-        record.heldout_values, record.heldout_fitness = r.heldout_values, r.heldout_fitness
-        return Outcome(list(hit.values), record)
-
-    def _outcome(self, recipe: Recipe, kind: str, name: str | None, score: Score) -> Outcome:
-        """Turn a worker's score into what the optimizer is told and the trial stores."""
-        fp = recipe.fingerprint()
-        record = TrialRecord(
-            kind=kind,
-            name=name,
-            fingerprint=fp,
-            recipe=recipe.model_dump(mode="json", exclude_none=True),
-            status=score.status,
-            reason=score.reason,
-            non_finite=score.non_finite,
-            values=score.values,
-            metrics=score.metrics,
-            seconds=score.seconds,
-            merge_seconds=score.merge_seconds,
-            eval_seconds=score.eval_seconds,
-            attempts=score.attempts,
-        )
-        if score.ok:
-            values = self._values(score)
-            record.fitness = score.fitness(self.objectives)
-            if not all(math.isfinite(v) for v in values):
-                record.status, record.reason, record.non_finite, record.fitness = (
-                    "failed",
-                    "non-finite fitness",
-                    True,
-                    None,
-                )
-        if record.status != "ok":
-            record.status, record.reason = "failed", record.reason or "unknown"
-            values = self.store.penalty(self.store.directions)
-        if score.heldout is not None:
-            record = dataclasses.replace(record, **self._heldout_fields(score.heldout))
-        outcome = Outcome(values, record)
-        if record.status == "ok" or record.non_finite:
-            self.cache[fp] = outcome
-        return outcome
-
-    def _heldout_fields(self, score: Score) -> dict[str, Any]:
-        if not score.ok:
-            return {"heldout_status": f"failed: {score.reason}"[:300]}
-        fitness = score.fitness(list(self.cfg.heldout.objectives))
-        return {"heldout_values": score.values, "heldout_fitness": fitness, "heldout_metrics": score.metrics}
-
     # -- baselines -----------------------------------------------------------
 
     def baseline_recipes(self) -> list[tuple[str, Recipe]]:
@@ -285,7 +221,7 @@ class Run:
         while queue or inflight:
             while queue and self.executor.free() > 0:
                 i = queue.pop(0)
-                hit = self._cached(todo[i][1], "baseline", todo[i][0])
+                hit = self.outcomes.cached(todo[i][1], "baseline", todo[i][0])
                 if hit is not None:
                     record(i, hit)
                 else:
@@ -294,7 +230,7 @@ class Run:
             if inflight:
                 for i, score in self.executor.wait():
                     inflight -= 1
-                    record(i, self._outcome(todo[i][1], "baseline", todo[i][0], score))
+                    record(i, self.outcomes.of(todo[i][1], "baseline", todo[i][0], score))
         return results
 
     def _baselines_are_mine(self, bar) -> bool:
@@ -361,7 +297,7 @@ class Run:
         seen = driver.recorded(c)
         if seen is not None:
             return Outcome(*seen), False
-        hit = self._cached(c.recipe, "search")
+        hit = self.outcomes.cached(c.recipe, "search")
         return (hit, True) if hit is not None else None
 
     def _loop(self, bar, done: int) -> None:
@@ -398,7 +334,7 @@ class Run:
                 break
             for key, score in self.executor.wait():
                 c = inflight.pop(key)
-                outcome = self._outcome(c.recipe, "search", None, score)
+                outcome = self.outcomes.of(c.recipe, "search", None, score)
                 if schedule.take(c, outcome):
                     tally.finished(driver, c, outcome, True)
         tally.save()
@@ -463,7 +399,7 @@ class Run:
         with tqdm(total=len(picks), desc="held-out", unit="trial", disable=not self.progress) as bar:
             while self.executor.pending():
                 for number, score in self.executor.wait():
-                    self.store.set_heldout(number, **self._heldout_fields(score))
+                    self.store.set_heldout(number, **self.outcomes.heldout_fields(score))
                     bar.update()
 
     def close(self) -> None:
@@ -471,6 +407,81 @@ class Run:
             self.executor.close()
             self.executor = None
         self.store.close()
+
+
+class Outcomes:
+    """Turns workers' scores into trial outcomes, and caches them by recipe
+    fingerprint (successes and non-finite failures: both are properties of
+    the recipe)."""
+
+    def __init__(self, store: RunStore, objectives: list, heldout_objectives: list):
+        self.store, self.objectives, self.heldout_objectives = store, objectives, heldout_objectives
+        self.cache: dict[str, Outcome] = {}
+        for r in store.trials(heldout=False):
+            if r.fingerprint and (r.status == "ok" or r.non_finite):
+                self.cache.setdefault(r.fingerprint, Outcome(r.told, r))
+
+    def _values(self, score: Score) -> list[float]:
+        if len(self.store.directions) == 1:
+            return [score.fitness(self.objectives)]
+        return [score.values[o.name] for o in self.objectives]
+
+    def cached(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome | None:
+        """A finished score of the same recipe, as a new trial's outcome (or None)."""
+        hit = self.cache.get(recipe.fingerprint())
+        if hit is None:
+            return None
+        r = hit.record
+        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint")
+        record = TrialRecord(kind=kind, name=name, cached=True, **{k: getattr(r, k) for k in keep})
+        record.heldout_values, record.heldout_fitness = r.heldout_values, r.heldout_fitness
+        return Outcome(list(hit.values), record)
+
+    def of(self, recipe: Recipe, kind: str, name: str | None, score: Score) -> Outcome:
+        """A worker's score as what the optimizer is told and the trial stores:
+        a failure (or a non-finite fitness) is told the penalty."""
+        fp = recipe.fingerprint()
+        record = TrialRecord(
+            kind=kind,
+            name=name,
+            fingerprint=fp,
+            recipe=recipe.model_dump(mode="json", exclude_none=True),
+            status=score.status,
+            reason=score.reason,
+            non_finite=score.non_finite,
+            values=score.values,
+            metrics=score.metrics,
+            seconds=score.seconds,
+            merge_seconds=score.merge_seconds,
+            eval_seconds=score.eval_seconds,
+            attempts=score.attempts,
+        )
+        if score.ok:
+            values = self._values(score)
+            record.fitness = score.fitness(self.objectives)
+            if not all(math.isfinite(v) for v in values):
+                record.status, record.reason, record.non_finite, record.fitness = (
+                    "failed",
+                    "non-finite fitness",
+                    True,
+                    None,
+                )
+        if record.status != "ok":
+            record.status, record.reason = "failed", record.reason or "unknown"
+            values = self.store.penalty(self.store.directions)
+        if score.heldout is not None:
+            record = dataclasses.replace(record, **self.heldout_fields(score.heldout))
+        outcome = Outcome(values, record)
+        if record.status == "ok" or record.non_finite:
+            self.cache[fp] = outcome
+        return outcome
+
+    def heldout_fields(self, score: Score) -> dict[str, Any]:
+        """A held-out score as ``TrialRecord``'s ``heldout_*`` fields."""
+        if not score.ok:
+            return {"heldout_status": f"failed: {score.reason}"[:300]}
+        fitness = score.fitness(self.heldout_objectives)
+        return {"heldout_values": score.values, "heldout_fitness": fitness, "heldout_metrics": score.metrics}
 
 
 class _Tally:
@@ -526,4 +537,4 @@ def describe(record: TrialRecord) -> str:
     return f"{record.fitness:.4f}" + (" (cached)" if record.cached else "")
 
 
-__all__ = ["Outcome", "Run", "describe"]
+__all__ = ["Outcome", "Outcomes", "Run", "describe"]
