@@ -100,7 +100,7 @@ def _read(run_dir: Path) -> _Run:
         directions=store.directions,
         baselines=store.trials("baseline"),
         search=search,
-        best=min(_Run.ok(search), key=rank_key, default=None),
+        best=store.best("search"),
         best_overall=store.best(),
         states=store.other_states(),
         elapsed=elapsed if isinstance(elapsed, (int, float)) else None,

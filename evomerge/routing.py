@@ -138,12 +138,7 @@ class Router:
                     f"routing sources {first_name} ({cfg.model_type}) and {name} ({other.model_type}) have "
                     "different architectures; route models of one architecture"
                 )
-            if other.hidden_size != cfg.hidden_size:
-                raise EvomergeError(
-                    f"routing sources {first_name} and {name} have different hidden sizes ({cfg.hidden_size} and "
-                    f"{other.hidden_size}); a route passes one hidden state between layers, so route models of "
-                    "one hidden size"
-                )
+            check_same_width({first_name: {"hidden_size": cfg.hidden_size}, name: {"hidden_size": other.hidden_size}})
             a, b = _plain(cfg), _plain(other)
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if diff:

@@ -9,7 +9,10 @@ genes, ``suggest`` (define-by-run), ``unit_to_params``/``params_to_unit``
 between the unit cube and named values, ``decode`` of named values into
 their part of a recipe, and ``encode`` of that part back, which raises
 :class:`NotInSpace` with the reason when the part cannot be expressed.
-``evomerge.space.SearchSpace`` validates a space file and composes the two.
+The parts of a space file the genes are built from (``SearchedParam``,
+``RoutingSpec``, ``PathSpec``) are declared here too, so this module needs
+nothing from ``evomerge.space``, which validates a whole space file and
+composes the two kinds of genes into a ``SearchSpace``.
 """
 
 from __future__ import annotations
