@@ -52,8 +52,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{m.name}  (base: {m.base}{', random' if m.random else ''})")
         for p in m.params:
             default = "required" if p.required else f"default {p.default}"
+            valid = f", valid {p.interval}" if p.interval else ""
             bounds = f", search {list(p.bounds)}" if p.bounds else ""
-            print(f"    {p.name:<18} {p.kind.__name__:<5} {p.scope:<9} {default}{bounds}")
+            print(f"    {p.name:<18} {p.kind.__name__:<5} {p.scope:<9} {default}{valid}{bounds}")
+    print(
+        "\nA recipe may set a number outside its search range, as mergekit allows (a negative weight, slerp t "
+        "outside [0, 1]);\nonly the 'valid' limits hold, and every number must be finite. A search stays inside "
+        "the search ranges,\nwhich are all non-negative (a search space may narrow them, not widen them)."
+    )
     return 0
 
 

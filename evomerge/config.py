@@ -13,27 +13,39 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
+from evomerge.drivers import DRIVER_SETTINGS, setting_problem
 from evomerge.errors import EvomergeError, field_error
 from evomerge.evaluate import EvalSpec
 from evomerge.schema import Strict
 
 
 class DriverSettings(Strict):
-    """Which optimizer proposes candidates, and its knobs."""
+    """Which optimizer proposes candidates, and its knobs.
+
+    Which driver reads which knob, its default and the values it accepts are
+    declared once, in ``evomerge.drivers.DRIVER_SETTINGS``; a value given for
+    a knob is checked against the named driver's declaration. The fields here
+    are the stored shape of the section (every config's dump, and so its
+    fingerprint, lists all of them): a knob the driver does not read keeps
+    its default, and ``popsize`` None stands for the driver's own default.
+    """
 
     name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
-    sigma0: float = 0.2  # cma: initial step, as a fraction of each range
-    popsize: int | None = None  # cma, cmaes, nsga2 (None: the optimizer's default)
-    restarts: int = 9  # cma: IPOP restarts when it converges, each doubling the population
-    startup_trials: int = 10  # tpe, gp: random trials before modelling
+    sigma0: float = DRIVER_SETTINGS["cma"]["sigma0"].default
+    popsize: int | None = None
+    restarts: int = DRIVER_SETTINGS["cma"]["restarts"].default
+    startup_trials: int = DRIVER_SETTINGS["tpe"]["startup_trials"].default
 
-    @field_validator("sigma0")
+    @field_validator("sigma0", "popsize", "restarts", "startup_trials")
     @classmethod
-    def _sigma(cls, v):
-        if not 0 < v <= 1:
-            raise ValueError("sigma0 is a fraction of each range; use a value in (0, 1]")
+    def _declared(cls, v, info: ValidationInfo):
+        name = info.data.get("name")  # absent when the name itself is refused
+        problem = setting_problem(name, info.field_name, v, cls.model_fields[info.field_name].default)
+        if problem:
+            raise PydanticCustomError("driver_setting", problem)
         return v
 
 

@@ -67,8 +67,11 @@ def status_table(run_dir: str | Path, top: int = 10) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     best = store.best()
     base_ok = [r.fitness for r in baselines if r.fitness is not None]
+    stopped = store.other_states().get("fail", 0)
+    unfinished = f", {stopped} stopped before finishing: interrupted or stale" if stopped else ""
     summary = (
-        f"{len(search)} search trials ({len(failed)} failed), {len(baselines)} baselines, {store.elapsed / 60:.1f} min"
+        f"{len(search)} search trials ({len(failed)} failed{unfinished}), {len(baselines)} baselines, "
+        f"{store.elapsed / 60:.1f} min"
     )
     if best is not None and base_ok:
         summary += f"; best trial {best.number}: {best.fitness:.4f} against best baseline {max(base_ok):.4f}"
@@ -161,7 +164,6 @@ def export_best(
     else:
         note = yaml.safe_dump({"evomerge": recipe.metadata["evomerge"]}, sort_keys=False)
         text = "".join(f"# {line}\n" for line in note.splitlines()) + mergekit_form.to_mergekit_yaml()
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, text)
     if merge_dir is not None:
         merge_to_disk(recipe, merge_dir, root=out_root, allow_outside=True, overwrite=overwrite, progress=progress)

@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 
 
 def check_output_folder(out_dir: Path | str, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite``."""
+    """Refuse a non-empty output folder unless ``overwrite``, and a file even then."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvomergeError(f"output {out_dir} is a file, not a folder; give the path of a new or empty folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise EvomergeError(f"output folder {out_dir} is not empty; choose another or pass --overwrite")
     return out_dir
 

@@ -131,6 +131,7 @@ def _write_shards(
         with _ShardWriter(out / fname, jobs) as writer:
             for job in jobs:
                 tensor = merge_tensor(job, plan.method, load, plan.recipe.seed, device)
+                _check_finite(job, tensor, load)
                 writer.write(job.name, tensor)
                 weight_map[job.name] = fname
                 bar.update(1)
@@ -144,6 +145,34 @@ def _write_shards(
     for fname in names:
         with safe_open(str(out / fname), framework="pt") as f:
             assert set(f.keys()) == {j.name for j in plan.jobs if weight_map[j.name] == fname}
+
+
+def _check_finite(job: TensorJob, tensor: torch.Tensor, load) -> None:
+    """Refuse an output tensor with NaN or inf values, naming the likely cause.
+
+    The in-place path skips this check: the search's evaluator already scores
+    a model with non-finite weights as a failed candidate."""
+    if bool(torch.isfinite(tensor).all()):
+        return
+    what = f"merged tensor {job.name} has NaN or inf values"
+    for ref, name in job.inputs:
+        source = load(ref, name)
+        if not bool(torch.isfinite(source).all()):
+            raise EvomergeError(f"{what}: source {ref} already has them in {name}; repair or re-download that model")
+        if not bool(torch.isfinite(source.to(job.compute_dtype)).all()):
+            raise EvomergeError(
+                f"{what}: {name} of {ref} exceeds the range of {_dtype_name(job.compute_dtype)}; "
+                "set the recipe's dtype to float32"
+            )
+    dtypes = dict.fromkeys(_dtype_name(d) for d in (job.compute_dtype, job.out_dtype))
+    raise EvomergeError(
+        f"{what} although its sources are finite: the parameters for it (a weight, lambda or scale) push values "
+        f"past the range of {' and '.join(dtypes)}; use smaller values"
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _shard(jobs: list[TensorJob], limit: int) -> list[list[TensorJob]]:

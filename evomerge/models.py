@@ -47,23 +47,32 @@ def is_pre_layer(name: str) -> bool:
 def resolve_model_path(ref: str, root: Path, allow_outside: bool = False) -> Path:
     """Turn a recipe's model reference into a local folder.
 
-    Relative paths resolve against ``root`` (the recipe's folder). A path that
-    leads outside ``root`` is refused unless ``allow_outside``. A reference
-    that is not a local folder but looks like ``org/name`` is looked up as a
-    Hugging Face id (from the local cache when offline).
+    Relative paths resolve against ``root`` (the folder of the recipe or
+    search config). A path that leads outside ``root`` is refused unless
+    ``allow_outside``. A reference that is not a local path but looks like
+    ``org/name`` is looked up as a Hugging Face id (from the local cache when
+    offline).
     """
     root = root.resolve()
     candidate = (root / ref).resolve() if not os.path.isabs(ref) else Path(ref).resolve()
     if candidate.is_dir():
         if not allow_outside and not candidate.is_relative_to(root):
             raise EvomergeError(
-                f"model path {ref!r} leads outside the recipe's folder {root}; "
+                f"model path {ref!r} leads outside {root}, the folder of the recipe or search config; "
                 "move the model inside it or pass --allow-outside-paths"
             )
         return candidate
+    if candidate.exists():
+        where = "" if Path(ref) == candidate else f" ({candidate})"
+        raise EvomergeError(
+            f"model {ref!r}{where} is a file, not a model folder; "
+            "give the folder that holds its config.json and *.safetensors files"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith("."):
         return _from_hub(ref)
-    raise EvomergeError(f"model {ref!r} not found (looked for folder {candidate}); fix the path in the recipe")
+    raise EvomergeError(
+        f"model {ref!r} not found (looked for folder {candidate}); fix the path in the recipe or search config"
+    )
 
 
 def _from_hub(repo_id: str) -> Path:

@@ -210,6 +210,8 @@ def plan_merge(recipe: Recipe, sources: dict[str, SourceModel]) -> MergePlan:
                 _resolve(method, in_names[i], _scopes(recipe, sl, refs[i]), t, f"{refs[i]} {in_names[i]}", p)
                 for i in idx
             ]
+        if method.check is not None:
+            method.check(out_name, params)
         first = sources[refs[0]]
         dtypes = [_TORCH_OF_ST.get(sources[r].dtype_name(n), torch.float32) for r, n in zip(refs, in_names)]
         c = compute or _promote(dtypes)

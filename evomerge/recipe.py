@@ -346,6 +346,10 @@ def _from_mergekit(data: dict, where: str) -> dict:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe (evomerge or mergekit YAML) from a file."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "recipe.yaml"
+        hint = f", e.g. {inside}" if inside.is_file() else ""
+        raise EvomergeError(f"recipe {path} is a folder, not a file; pass the recipe YAML file{hint}")
     if not path.is_file():
         raise EvomergeError(f"recipe file {path} does not exist; check the path")
     try:

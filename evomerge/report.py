@@ -79,7 +79,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
     figures = _figures(run)
     page = _page(run, figures, top)
     out = Path(out) if out is not None else run.run_dir / REPORT_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, page)
     return out
 

@@ -404,6 +404,12 @@ class RouteMerger:
         model = build_model(config, dtype, self.devices)
         model.load_state_dict(tensors, strict=not self.router.tied)
         model.tie_weights()
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise EvomergeError(
+                f"the routed model's tensor {bad} has NaN or inf values (a source has them, or the merge's "
+                "weights or the route's scales push values past the dtype's range); use smaller values"
+            )
         vocab = int(config["vocab_size"])
         diff = max_logit_difference(host, model, vocab, seed=recipe.seed)
         scale = _logit_scale(host, vocab, recipe.seed)

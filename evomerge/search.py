@@ -39,7 +39,7 @@ from evomerge.executors import Executor, make_executor
 from evomerge.executors.worker import Worker, WorkerSpec, build_evaluators, source_digests
 from evomerge.recipe import MERGED, Recipe, Source
 from evomerge.schedulers import make_schedule
-from evomerge.store import Heartbeat, RunStore, TrialRecord
+from evomerge.store import OWN_STORAGE, Heartbeat, RunStore, TrialRecord
 
 ELAPSED_EVERY_S = 5.0  # how often the search stores its elapsed time (for budget.minutes across resumes)
 
@@ -78,6 +78,12 @@ class Run:
         # Only now, with everything validated, touch the run folder.
         self.run_dir = Path(run_dir)
         self.store = self._open_store(force)
+        if self.store.stale:
+            print(
+                f"evomerge: {self.store.stale} trials left running by a driver that stopped were marked failed "
+                "(status: stale); new candidates are scored in their place",
+                file=sys.stderr,
+            )
         heldout = list(self.cfg.heldout.objectives) if self.cfg.heldout is not None else []
         self.outcomes = Outcomes(self.store, self.objectives, heldout)
 
@@ -169,7 +175,7 @@ class Run:
         record = {
             **fingerprints,
             "config_path": str(self.config_path.resolve()),
-            "storage": self.cfg.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}",
+            "storage": self.cfg.storage or OWN_STORAGE,
             "config": self.cfg.model_dump(mode="json"),
         }
         multi = self.cfg.driver.name == "nsga2"

@@ -32,18 +32,29 @@ OWN_FILES = (RUN_FILE, "study.db", "cma_state.pkl", "cma_state.pkl.tmp", "cma_st
 HEARTBEAT_S = 30.0  # on a shared storage; a trial is stale after 120 s without one
 CLAIM_EXPIRES_S = 600.0  # a baseline claim not renewed this long belongs to a dead driver
 CLAIM_STAMP_S = 30.0  # how long a new claim may go without its first stamp
+STALE_REASON = "its driver stopped (kill -9, a crash or a lost node) while it was being scored"
+INTERRUPTED_REASON = "the search was stopped (Ctrl-C) while it was being scored"
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` through a sibling temporary file and a rename,
-    so a reader (or a crash) never sees half a file."""
+    so a reader (or a crash) never sees half a file. A path that cannot be
+    written (a folder, no permission, a full disk) is an EvomergeError, and
+    leaves nothing behind."""
     path = Path(path)
+    if path.is_dir():
+        raise EvomergeError(f"{path} is a folder; give the path of a file to write")
     tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EvomergeError(f"cannot write {path} ({e.strerror or e}); pick a writable path") from None
 
 
 # -- the trial record ---------------------------------------------------------
@@ -181,8 +192,13 @@ class RunFolder:
         d = self.path
         if d.exists() and not d.is_dir():
             raise EvomergeError(f"run folder {d} is a file; pick another --run-dir")
-        d.mkdir(parents=True, exist_ok=True)
-        self._lock = open(d / ".lock", "w")
+        if not self.run_file.is_file() and d.is_dir() and any(p.name != ".lock" for p in d.iterdir()) and not force:
+            raise EvomergeError(f"run folder {d} is not empty and holds no evomerge run; use an empty --run-dir")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self._lock = open(d / ".lock", "w")
+        except OSError as e:
+            raise EvomergeError(f"cannot create run folder {d} ({e.strerror}); pick a writable --run-dir") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -201,8 +217,6 @@ class RunFolder:
                 record = {**record, "storage": old.get("storage", record["storage"])}
                 if old.get("study_ready"):
                     record["study_ready"] = True
-        elif any(p.name != ".lock" for p in d.iterdir()) and not force:
-            raise EvomergeError(f"run folder {d} is not empty and holds no evomerge run; use an empty --run-dir")
         self.write(record)
         return record
 
@@ -218,6 +232,19 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+OWN_STORAGE = "study.db"  # run.yaml's storage for a run's own database, in its folder
+
+
+def storage_url(run_dir: str | Path, record: dict[str, Any]) -> str:
+    """The storage URL of a run: the config's own storage (a shared database)
+    as given; otherwise the run folder's ``study.db``, wherever the folder is
+    now, so a copied or moved run uses its own database. (Runs written before
+    recorded an absolute path to their database; it is not used.)"""
+    if (record.get("config") or {}).get("storage"):
+        return record["storage"]
+    return f"sqlite:///{(Path(run_dir) / OWN_STORAGE).resolve()}"
 
 
 # -- the store ------------------------------------------------------------------
@@ -236,6 +263,7 @@ class RunStore:
         self.study = study  # the Optuna study (its public API: ask, tell, sampler)
         self.folder = folder  # the locked folder, for the search that owns it
         self.claim: Any = None  # the baseline claim (an Optuna study) while this driver holds it
+        self.stale = 0  # trials a dead driver left running, failed when this search opened the store
 
     # -- opening ------------------------------------------------------------
 
@@ -256,7 +284,7 @@ class RunStore:
         try:
             # Readers never create tables: a reader that did, while a new
             # search was creating them, could make that search fail.
-            storage = optuna.storages.RDBStorage(record["storage"], skip_table_creation=True)
+            storage = optuna.storages.RDBStorage(storage_url(run_dir, record), skip_table_creation=True)
             study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         except (KeyError, sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
             raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first") from None
@@ -286,17 +314,37 @@ class RunStore:
         folder = RunFolder(run_dir)
         record = folder.claim(record, force)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = _rdb_storage(record["storage"], shared)
+        storage = _rdb_storage(storage_url(run_dir, record), shared)
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
-        if shared:
-            optuna.storages.fail_stale_trials(study)
-        else:
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        store = cls(run_dir, record, study, folder)
+        store.stale = store._fail_stale(shared)
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         folder.mark_ready()
-        return cls(run_dir, record, study, folder)
+        return store
+
+    def _fail_stale(self, shared: bool) -> int:
+        """Fail the trials a dead driver left running, marked ``status:
+        stale`` with the reason; return how many. On the run's own storage
+        this process holds the folder's lock, so every running trial is
+        stale; on a shared one, those whose heartbeat stopped."""
+        import optuna
+
+        storage = self.study._storage
+        if shared:
+            ids = storage._get_stale_trial_ids(self.study._study_id)
+        else:
+            running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            ids = [t._trial_id for t in running]
+        failed = 0
+        for trial_id in ids:
+            try:
+                storage.set_trial_user_attr(trial_id, "status", "stale")
+                storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
+                failed += bool(storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL))
+            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                pass  # another driver failed or finished it meanwhile
+        return failed
 
     def close(self) -> None:
         if self.folder is not None:
@@ -421,6 +469,7 @@ class RunStore:
         import optuna
 
         trial.set_user_attr("status", "interrupted")
+        trial.set_user_attr("reason", INTERRUPTED_REASON)
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
     def set_heldout(self, number: int, **fields: Any) -> None:

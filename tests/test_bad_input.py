@@ -158,7 +158,8 @@ def test_paths_may_not_escape_the_recipe_folder(capsys, tmp_path, llama):
     recipe = _recipe(tmp_path, _ties(llama.base, llama.ft[0]))
     code = main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "outside the recipe's folder" in err and "--allow-outside-paths" in err
+    assert code == 2 and "leads outside" in err and "of the recipe or search config" in err
+    assert "--allow-outside-paths" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -195,3 +196,139 @@ def test_real_process_exit_code_and_debug_traceback(tmp_path, llama):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     proc = subprocess.run([*cmd, "--debug", "merge", str(recipe), str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+# -- non-finite parameters and outputs (issue 17, item 2) ---------------------
+
+
+def _linear(*models, weights, **shared) -> dict:
+    return {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)],
+        **({"parameters": shared} if shared else {}),
+    }
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan"])
+def test_non_finite_parameters_are_refused(capsys, tmp_path, llama, value):
+    data = _ties(llama.base, llama.ft[0], llama.ft[1])
+    data["models"][1]["parameters"]["weight"] = value
+    code, err, out = run_cli(capsys, tmp_path, data)
+    assert_refused(code, err, out, "'weight'", "not a finite number")
+
+
+@pytest.mark.parametrize("literal", [".nan", ".inf", "-.inf"])
+def test_yaml_nan_and_inf_literals_are_refused(capsys, tmp_path, llama, literal):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"merge_method: slerp\nbase_model: {llama.base}\nmodels: [{{model: {llama.ft[0]}}}]\n"
+        f"parameters: {{t: {literal}}}\n"
+    )
+    code, err, out = run_cli(capsys, tmp_path, recipe)
+    assert_refused(code, err, out, "'t'", "not a finite number")
+
+
+def test_non_finite_shared_parameter_is_refused(capsys, tmp_path, llama):
+    data = _ties(llama.base, llama.ft[0], llama.ft[1])
+    data["parameters"] = {"lambda": [1.0, float("inf")]}
+    code, err, out = run_cli(capsys, tmp_path, data)
+    assert_refused(code, err, out, "'lambda'", "not a finite number")
+
+
+def test_weights_that_cancel_out_under_normalize(capsys, tmp_path, llama):
+    code, err, out = run_cli(capsys, tmp_path, _linear(llama.ft[0], llama.ft[1], weights=[1.0, -1.0]))
+    assert_refused(code, err, out, "sum to 0", "normalize: true", "set normalize: false")
+    # Without normalising, the same weights are a plain (finite) difference.
+    data = _linear(llama.ft[0], llama.ft[1], weights=[1.0, -1.0], normalize=False)
+    code, _, out = run_cli(capsys, tmp_path, data)
+    assert code == 0 and all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())
+
+
+def test_weights_that_cancel_out_in_one_tensor_only(capsys, tmp_path, llama):
+    data = _linear(llama.ft[0], llama.ft[1], weights=[1.0, [{"filter": "mlp.up_proj", "value": -1.0}, {"value": 1.0}]])
+    code, err, out = run_cli(capsys, tmp_path, data)
+    assert_refused(code, err, out, "sum to 0", "mlp.up_proj")
+
+
+def test_overflowing_merge_is_not_written(capsys, tmp_path, llama):
+    # 1e39 is a finite parameter, but no float32 tensor holds it: every output would be inf or NaN.
+    data = _linear(llama.ft[0], llama.ft[1], weights=[1e39, 1e39], normalize=False)
+    code, err, out = run_cli(capsys, tmp_path, data)
+    assert_refused(code, err, out, "model.embed_tokens.weight", "NaN or inf", "smaller")
+
+
+def test_overflowing_routed_merge_is_not_written(capsys, tmp_path, llama):
+    # A hybrid: the merge overflows, and the route export must refuse it too.
+    data = {
+        "method": "linear",
+        "dtype": "float32",
+        "sources": [{"model": str(m), "parameters": {"weight": 1e39}} for m in llama.ft[:2]],
+        "parameters": {"normalize": False},
+        "route": {"layers": [{"model": "merge", "layer": 0}, {"model": "merge", "layer": 1}]},
+    }
+    code, err, out = run_cli(capsys, tmp_path, data)
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("Loading weights"))  # transformers' bar
+    assert_refused(code, err, out, "routed model", "NaN or inf", "smaller")
+
+
+def test_non_finite_source_tensor_is_named(capsys, tmp_path, llama):
+    bad = tmp_path / "nan_model"
+    shutil.copytree(llama.ft[1], bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    code, err, out = run_cli(capsys, tmp_path, _ties(llama.base, llama.ft[0], bad))
+    assert_refused(code, err, out, "model.norm.weight", "NaN or inf", str(bad))
+
+
+def test_methods_listing_says_recipes_may_leave_the_search_range(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "outside" in listing and "mergekit" in listing
+    assert "valid (0.0, 1.0]" in listing  # density's limits are shown
+    from evomerge.methods import METHODS
+
+    assert all(p.bounds[0] >= 0 for m in METHODS.values() for p in m.params if p.bounds)
+
+
+# -- messages that name the right problem (issue 17, item 7) ------------------
+
+
+def test_recipe_path_that_is_a_folder(capsys, tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    code, err, out = run_cli(capsys, tmp_path, folder)
+    assert_refused(code, err, out, "is a folder", "recipe YAML file")
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_output_path_that_is_a_file(capsys, tmp_path, llama, overwrite):
+    (tmp_path / "out").write_text("precious")
+    code, err, _ = run_cli(capsys, tmp_path, _ties(llama.base, llama.ft[0], llama.ft[1]), *overwrite)
+    assert code == 2 and err.count("\n") == 1 and "is a file" in err and "folder" in err, err
+    assert (tmp_path / "out").read_text() == "precious"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_model_path_that_is_a_file(capsys, tmp_path, llama):
+    data = _ties(llama.base, llama.ft[0], llama.ft[1])
+    data["models"][1]["model"] = str(llama.ft[1] / "config.json")
+    code, err, out = run_cli(capsys, tmp_path, data)
+    assert_refused(code, err, out, "is a file", "model folder")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "r.yaml", "out", "--seed", "abc"],
+        ["merge", "r.yaml", "out", "--shard-size", "lots"],
+        ["export", "run", "--format", "bogus"],
+    ],
+)
+def test_bad_option_values_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: evomerge") and "error:" in err and "Traceback" not in err

@@ -8,7 +8,9 @@ import pickle
 import random
 from pathlib import Path
 
-from evomerge.drivers import Candidate, Driver
+import numpy as np
+
+from evomerge.drivers import Candidate, Driver, setting
 from evomerge.store import atomic_write
 
 
@@ -42,7 +44,7 @@ class CmaDriver(Driver):
         else:
             self.es = None
             self.restarts = 0
-            self.popsize = settings.popsize
+            self.popsize = setting(settings, "popsize")
             if self.popsize is None and workers > 1:
                 default = 4 + int(3 * math.log(max(space.dim, 1)))
                 self.popsize = -(-default // workers) * workers
@@ -65,7 +67,7 @@ class CmaDriver(Driver):
         }
         if self.popsize:
             opts["popsize"] = self.popsize
-        es = cma.CMAEvolutionStrategy(x0, self.settings.sigma0, opts)
+        es = cma.CMAEvolutionStrategy(x0, setting(self.settings, "sigma0"), opts)
         self.popsize = es.popsize
         return es
 
@@ -97,7 +99,7 @@ class CmaDriver(Driver):
         ]
 
     def _restart(self) -> bool:
-        if self.restarts >= self.settings.restarts:
+        if self.restarts >= setting(self.settings, "restarts"):
             return False
         self.restarts += 1
         self.popsize = self.es.popsize * 2
@@ -119,12 +121,16 @@ class CmaDriver(Driver):
         return list(r.told), r
 
     def tell(self, candidates, values) -> None:
-        # pycma minimises; fitness is higher-is-better.
-        self.es.tell([c.x for c in candidates], [-v[0] for v in values])
+        # pycma minimises; fitness is higher-is-better. It finds the genotype
+        # of each solution it asked (and which were injected) by the solution
+        # array's bytes: pass arrays, never lists, or every solution counts as
+        # foreign (its genotype rebuilt and clipped), and every injected one
+        # as lost ("orphanated injected solution" warnings).
+        self.es.tell([np.asarray(c.x, dtype=float) for c in candidates], [-v[0] for v in values])
         self._save()
 
     def should_stop(self) -> bool:
-        return self.es is not None and bool(self.es.stop()) and self.restarts >= self.settings.restarts
+        return self.es is not None and bool(self.es.stop()) and self.restarts >= setting(self.settings, "restarts")
 
     def _save(self) -> None:
         atomic_write(self.state_path, pickle.dumps({"es": self.es, "restarts": self.restarts, "popsize": self.popsize}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evomerge.drivers import Candidate, Driver
+from evomerge.drivers import Candidate, Driver, setting
 
 
 def make_sampler(settings, seed: int, workers: int = 1):
@@ -13,18 +13,20 @@ def make_sampler(settings, seed: int, workers: int = 1):
 
     name = settings.name
     if name == "tpe":
+        startup = setting(settings, "startup_trials")
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, n_startup_trials=settings.startup_trials, constant_liar=workers > 1
+            seed=seed, multivariate=True, n_startup_trials=startup, constant_liar=workers > 1
         )
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=setting(settings, "startup_trials"))
     if name == "cmaes":
         # Optuna's own start (the centre) and step: its sigma0 and x0 arguments are deprecated.
-        return optuna.samplers.CmaEsSampler(seed=seed, popsize=settings.popsize, warn_independent_sampling=False)
+        popsize = setting(settings, "popsize")
+        return optuna.samplers.CmaEsSampler(seed=seed, popsize=popsize, warn_independent_sampling=False)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=settings.popsize or 16)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=setting(settings, "popsize"))
     raise ValueError(name)
 
 

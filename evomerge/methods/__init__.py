@@ -14,7 +14,9 @@ from evomerge.methods.base import MergeMethod, Param, TensorInputs
 __all__ = ["METHODS", "MergeMethod", "Param", "TensorInputs", "get_method"]
 
 # Search ranges follow the Evolutionary Model Merge paper: weights in [0, 1],
-# densities in (0, 1].
+# densities in (0, 1]. Every search range is non-negative. A recipe may go
+# outside them (a negative weight, slerp t < 0 or > 1) as mergekit allows;
+# only ``limits`` and finiteness (checked in Param.validate) hold there.
 _WEIGHT = Param("weight", float, "per_model", bounds=(0.0, 1.0), doc="scale of this model's task vector")
 _DENSITY = Param(
     "density",
@@ -102,6 +104,7 @@ def _build() -> dict[str, MergeMethod]:
                 Param("normalize", bool, default=True, doc="divide by the sum of the weights"),
             ),
             reference="https://arxiv.org/abs/2203.05482",
+            check=linear.check_weights,
         ),
         MergeMethod(
             "slerp",

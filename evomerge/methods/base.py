@@ -9,6 +9,7 @@ declarations; nothing lists a method's parameters a second time.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,8 +31,11 @@ class Param:
     """One declared parameter of a merge method.
 
     ``limits`` are hard validity bounds (a value outside is a user error);
-    ``bounds`` is the default range a search explores, narrowed by a search
-    space. ``open_low`` excludes the lower limit itself, e.g. density in (0, 1].
+    every number must also be finite, so NaN and infinity are refused for
+    all numeric parameters here. ``bounds`` is the default range a search
+    explores, narrowed by a search space; a recipe may set values outside
+    it (as mergekit allows), within ``limits``. ``open_low`` excludes the
+    lower limit itself, e.g. density in (0, 1].
     """
 
     name: str
@@ -46,6 +50,14 @@ class Param:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def interval(self) -> str | None:
+        """The validity limits as an interval, e.g. ``(0.0, 1.0]``; None when unlimited."""
+        if self.limits is None:
+            return None
+        lo, hi = self.limits
+        return f"{'(' if self.open_low else '['}{lo}, {hi}]"
 
     @property
     def searchable(self) -> bool:
@@ -70,14 +82,17 @@ class Param:
                     raise EvomergeError(
                         f"parameter {self.name!r}{at} must be a number, got {value!r}; fix it in the recipe"
                     ) from None
+            if not math.isfinite(value):
+                raise EvomergeError(
+                    f"parameter {self.name!r}{at} = {value} is not a finite number; give it a finite value in the recipe"
+                )
             value = self.kind(value)
             if self.limits is not None:
                 lo, hi = self.limits
                 too_low = value <= lo if self.open_low else value < lo
                 if too_low or value > hi:
-                    interval = f"{'(' if self.open_low else '['}{lo}, {hi}]"
                     raise EvomergeError(
-                        f"parameter {self.name!r}{at} = {value} is outside {interval}; "
+                        f"parameter {self.name!r}{at} = {value} is outside {self.interval}; "
                         f"set it inside that range in the recipe"
                     )
             return value
@@ -96,7 +111,10 @@ class MergeMethod:
     ``base_is_endpoint`` marks a method whose base is one end of an
     interpolation between its inputs rather than a reference the others are
     measured from (slerp): a search space takes such a base from its models,
-    using the config's base only to complete the inputs.
+    using the config's base only to complete the inputs. ``check(tensor
+    name, params)``, when set, refuses parameters that are valid one by one
+    but not together (linear's weights cancelling out under normalize);
+    planning calls it for every output tensor, before any tensor is read.
     """
 
     name: str
@@ -110,6 +128,7 @@ class MergeMethod:
     random: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     reference: str = ""
+    check: Callable[[str, dict], None] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.methods.base import TensorInputs
+
+# Weights whose sum is this small next to the largest weight cancel out.
+_CANCELLED = 1e-6
 
 
 def linear(x: TensorInputs, p: dict) -> torch.Tensor:
@@ -18,6 +24,18 @@ def linear(x: TensorInputs, p: dict) -> torch.Tensor:
     if p["normalize"]:
         out.div_(weights.sum())
     return out.to(first.dtype)
+
+
+def check_weights(name: str, p: dict) -> None:
+    """Refuse weights that cancel out when ``normalize`` divides by their sum:
+    the quotient would be NaN or inf, or noise scaled up by a huge factor."""
+    weights = p["weight"]
+    if p["normalize"] and abs(math.fsum(weights)) <= _CANCELLED * max(abs(w) for w in weights):
+        listed = ", ".join(f"{w:g}" for w in weights)
+        raise EvomergeError(
+            f"the weights of tensor {name} ({listed}) sum to 0, so normalize: true divides by zero; "
+            "change a weight or set normalize: false"
+        )
 
 
 def model_stock(x: TensorInputs, p: dict) -> torch.Tensor:
