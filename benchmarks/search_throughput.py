@@ -571,7 +571,7 @@ def bench_executors(workdir: Path, args: argparse.Namespace) -> list[dict]:
                 "space": "task_arithmetic_layerwise",
                 "eval": {"objectives": [{"custom": "sleep_objective:score", "metric": "mean"}]},
                 "budget": {"trials": args.executor_trials},
-                "driver": {"name": driver, "startup_trials": 5, **({"restarts": 9} if driver == "cma" else {})},
+                "driver": {"name": driver, **({"restarts": 9} if driver == "cma" else {"startup_trials": 5})},
                 "baselines": False,
                 "dtype": "float32",
                 "device": "cpu",

@@ -191,7 +191,7 @@ class Run:
     def open_executor(self, log=print) -> Executor:
         """The run's executor (local, or Ray workers started now)."""
         if self.executor is None:
-            self.executor = make_executor(self.cfg.executor, self.spec, self.worker, log=log)
+            self.executor = make_executor(self.cfg.executor, self.spec, self.worker, log=log, run_dir=self.run_dir)
         return self.executor
 
     # -- baselines -----------------------------------------------------------
@@ -365,8 +365,9 @@ class Run:
         # pycma candidates are not in the study until scored: a resumed run
         # asks the same generation again and scores only those.
         if self._inflight:
+            n = len(self._inflight)
             print(
-                f"evomerge: stopped with {len(self._inflight)} candidates being scored"
+                f"evomerge: stopped with {n} candidate{'s' if n != 1 else ''} being scored"
                 f"{f' ({marked} marked as interrupted)' if marked else ''}; run the same command to resume",
                 file=sys.stderr,
             )

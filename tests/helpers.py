@@ -63,3 +63,10 @@ def trials(run_dir: Path, kind: str | None = None) -> list:
         for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         if kind is None or t.user_attrs.get("kind") == kind
     ]
+
+
+def driver_settings(name: str, **wanted) -> dict:
+    """A driver section with those of ``wanted`` that the driver reads."""
+    from evomerge.drivers import DRIVER_SETTINGS
+
+    return {"name": name, **{k: v for k, v in wanted.items() if k in DRIVER_SETTINGS[name]}}

@@ -86,17 +86,21 @@ def test_valid_settings_pass_and_a_config_dump_reads_back(experiment):
         assert again.fingerprint() == cfg.fingerprint()
 
 
-def test_drivers_use_their_declared_defaults():
+def test_drivers_use_their_declared_defaults(monkeypatch):
+    import optuna
+
     from evomerge.drivers import DRIVER_SETTINGS, setting
     from evomerge.drivers.optuna_driver import make_sampler
 
-    assert setting(SearchConfig.model_validate(_minimal("nsga2")).driver, "popsize") == 16
-    sampler = make_sampler(SearchConfig.model_validate(_minimal("nsga2")).driver, seed=0)
-    assert sampler._population_size == DRIVER_SETTINGS["nsga2"]["popsize"].default
+    made = {}
+    monkeypatch.setattr(optuna.samplers, "NSGAIISampler", lambda **kw: made.update(kw))
+    nsga2 = SearchConfig.model_validate(_minimal("nsga2")).driver
+    make_sampler(nsga2, seed=0)
+    assert made["population_size"] == DRIVER_SETTINGS["nsga2"]["popsize"].default == 16
     cma = SearchConfig.model_validate(_minimal("cma")).driver
-    assert (cma.sigma0, cma.restarts) == (0.2, 9)
+    assert (setting(cma, "sigma0"), setting(cma, "popsize"), setting(cma, "restarts")) == (0.2, None, 9)
     with pytest.raises(KeyError):
-        setting(cma, "startup_trials")
+        setting(cma, "startup_trials")  # not a cma setting
 
 
 def _minimal(driver: str) -> dict:

@@ -270,3 +270,52 @@ def test_a_worker_with_several_gpus_holds_them_in_a_placement_group_and_splits_i
         assert results[i].values == pytest.approx(mine.values, rel=1e-6)
     with pytest.raises(EvomergeError, match=r"^worker on .*cuda:all was given but no CUDA GPU is available"):
         RayExecutor(settings, run.spec, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_its_ray_instance_to_the_next_search_in_its_folder(experiment, tmp_path):
+    # The driver starts Ray itself (a process of its own, not this module's
+    # instance); after kill -9 its Ray processes are recorded in the run
+    # folder, and the next search there ends exactly those.
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    config = ray_config(experiment, "ray_reap.yaml", budget={"trials": 40}, executor={"name": "ray", "workers": 1})
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    record = run_dir / "ray_instance.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not record.is_file() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.5)
+        assert record.is_file(), "the driver never recorded its Ray instance"
+        left = json.loads(record.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(entry["name"].startswith(("raylet", "gcs_server")) for entry in left)
+
+    def alive():
+        out = []
+        for entry in left:
+            try:
+                if abs(psutil.Process(entry["pid"]).create_time() - entry["created"]) < 0.01:
+                    out.append(entry["pid"])
+            except psutil.Error:
+                pass
+        return out
+
+    assert alive()  # kill -9 left them running
+    again = subprocess.run(
+        [*cmd[:-1], "--no-progress"], capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "1"}
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "processes of the Ray instance that a stopped driver of this run left running" in again.stdout + again.stderr
+    assert alive() == [] and not record.exists()  # ended, and the rerun shut down its own instance

@@ -7,7 +7,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from helpers import trials, write_config
+from helpers import driver_settings, trials, write_config
 from safetensors.torch import load_file
 
 from evomerge.cli import main
@@ -24,7 +24,7 @@ def test_every_driver_searches_end_to_end(experiment, tmp_path, driver):
     config = write_config(
         experiment,
         f"{driver}.yaml",
-        driver={"name": driver, "popsize": 4, "startup_trials": 2},
+        driver=driver_settings(driver, popsize=4, startup_trials=2),
         eval={"include_path": "tasks", "objectives": objectives, "batch_size": 32, "samples": 16},
     )
     run_dir = tmp_path / "run"
@@ -241,7 +241,7 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
         experiment,
         f"kill_{driver}.yaml",
         budget={"trials": 10},
-        driver={"name": driver, "popsize": 4, "startup_trials": 3},
+        driver=driver_settings(driver, popsize=4, startup_trials=3),
         eval=slow_eval(experiment),
     )
     run_dir = tmp_path / "run"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from helpers import trials, write_config
+from helpers import driver_settings, trials, write_config
 
 from evomerge.cli import main
 from evomerge.recipe import load_recipe
@@ -38,7 +38,7 @@ def test_routing_search_end_to_end(experiment, tmp_path, driver):
         experiment,
         f"dfs_{driver}.yaml",
         space="dfs_paper",
-        driver={"name": driver, "popsize": 4, "startup_trials": 2},
+        driver=driver_settings(driver, popsize=4, startup_trials=2),
         budget={"trials": 8},
     )
     run_dir = tmp_path / "run"

@@ -21,6 +21,7 @@ resident Ray actors (see :mod:`evomerge.executors.ray_executor`).
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from evomerge.evaluate import Score
@@ -76,12 +77,19 @@ class LocalExecutor(Executor):
         return [(key, score)]
 
 
-def make_executor(settings, spec: WorkerSpec, local_worker: Worker | None = None, log=print) -> Executor:
-    """The executor a config's ``executor`` section names."""
+def make_executor(
+    settings, spec: WorkerSpec, local_worker: Worker | None = None, log=print, run_dir: Path | None = None
+) -> Executor:
+    """The executor a config's ``executor`` section names. ``run_dir``: the
+    run folder, where a Ray executor records the Ray instance it starts (and
+    whose stopped driver's instance it ends first)."""
     if settings.name == "ray":
-        from evomerge.executors.ray_executor import RayExecutor
+        from evomerge.executors.ray_executor import RAY_RECORD, RayExecutor, reap
 
-        return RayExecutor(settings, spec, log=log)
+        record = Path(run_dir) / RAY_RECORD if run_dir is not None else None
+        if record is not None:
+            reap(record, log)
+        return RayExecutor(settings, spec, log=log, record=record)
     return LocalExecutor(local_worker if local_worker is not None else Worker(spec))
 
 

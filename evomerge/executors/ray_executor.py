@@ -13,16 +13,24 @@ worker (another one when there is one), up to ``retries`` times; after that
 it is returned as failed with the reason. A worker whose restart is refused
 (its restarts used up, or no node can take it) leaves the pool; when none is
 left the run stops with an error.
+
+A Ray instance the executor starts itself (no ``address``) is shut down on
+close, Ctrl-C included. A driver killed with kill -9 cannot do that, and the
+instance's processes (GCS, raylet, its agents and workers) outlive it; so the
+executor records their PIDs in the run folder (``RAY_RECORD``), and the next
+search in that folder ends exactly those before it starts (:func:`reap`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from evomerge.devices import ALL
@@ -31,6 +39,7 @@ from evomerge.evaluate import Score
 from evomerge.executors import Executor
 from evomerge.executors.worker import Worker, WorkerSpec
 
+RAY_RECORD = "ray_instance.json"  # in the run folder: the processes of the Ray instance a driver started
 REPROBE_S = 0.5  # how often to ask a restarting worker whether it is back
 
 
@@ -92,19 +101,22 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, settings, spec: WorkerSpec, log=print):
+    def __init__(self, settings, spec: WorkerSpec, log=print, record: Path | None = None):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
         self.ray = ray
         self.settings = settings
         self.log = log
+        self.record = record  # where to record the Ray instance this executor starts (None: nowhere)
         self._owns_ray = False
         self._groups: list = []
         self._actors: list = []
         self._connect()
         try:
             self._start_workers(spec)
+            if self._owns_ray and record is not None:
+                _record_instance(record)
         except BaseException:
             self.close()
             raise
@@ -242,6 +254,8 @@ class RayExecutor(Executor):
             self._groups = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+            if self.record is not None:
+                self.record.unlink(missing_ok=True)
         self._owns_ray = False
 
     def pids(self) -> list[int]:
@@ -361,3 +375,43 @@ def _reason(e: BaseException) -> str:
 
 
 __all__ = ["RayExecutor"]
+
+
+def _record_instance(path: Path) -> None:
+    """Record the processes of the Ray instance this process started (all its
+    descendants: GCS, raylet, agents, workers), with their start times."""
+    import psutil
+
+    from evomerge.store import atomic_write
+
+    procs = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            procs.append({"pid": p.pid, "created": p.create_time(), "name": p.name()})
+        except psutil.Error:
+            continue  # ended meanwhile
+    atomic_write(path, json.dumps(procs, indent=1) + "\n")
+
+
+def reap(path: Path, log=print) -> int:
+    """End the processes a stopped driver's Ray instance left running, as
+    recorded in ``path`` (only those: a PID whose start time differs was
+    reused by another process and is left alone); return how many ended."""
+    import psutil
+
+    if not path.is_file():
+        return 0
+    ended = []
+    for entry in json.loads(path.read_text()):
+        try:
+            p = psutil.Process(entry["pid"])
+            if abs(p.create_time() - entry["created"]) < 0.01:
+                p.kill()
+                ended.append(p)
+        except psutil.Error:
+            continue  # gone already, or not ours to end
+    psutil.wait_procs(ended, timeout=10)
+    path.unlink()
+    if ended:
+        log(f"ended {len(ended)} processes of the Ray instance that a stopped driver of this run left running")
+    return len(ended)
