@@ -63,13 +63,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.demo import run_demo
+    from evomerge.devices import free_core_threads
 
-    return run_demo(Path(args.workdir), progress=not args.no_progress)
+    with free_core_threads(log=_note):
+        return run_demo(Path(args.workdir), progress=not args.no_progress)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.devices import free_core_threads
     from evomerge.export import status_table
     from evomerge.search import Run
 
@@ -86,7 +93,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     try:
-        run.search()
+        with free_core_threads(log=_note):
+            run.search()
     finally:
         run.close()
     print(status_table(args.run_dir, top=args.top))

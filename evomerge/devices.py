@@ -17,10 +17,18 @@ Activations cross devices through a forward pre-hook on each placed block,
 which moves the block's tensor arguments to the block's device; the layer
 modules are plain torch modules, so a route that reuses a layer at several
 steps works unchanged.
+
+On the CPU, torch runs one thread per core; when other jobs keep cores busy,
+those threads oversubscribe them and every candidate slows down several
+times. :func:`free_core_threads` sizes torch's threads to the cores that are
+free when a long command starts, unless ``OMP_NUM_THREADS`` chooses.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -159,3 +167,34 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value
+
+
+def free_cores(sample_s: float = 0.5) -> int:
+    """Cores of this process's CPU set not kept busy by other work, measured
+    over ``sample_s`` seconds (at least 1)."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = psutil.cpu_percent(interval=sample_s) / 100 * (os.cpu_count() or cores)
+    return max(1, min(cores, round(cores - busy)))
+
+
+@contextmanager
+def free_core_threads(log=print) -> Iterator[int]:
+    """Run the block with one torch thread per free core (see :func:`free_cores`),
+    and restore the thread count after. ``OMP_NUM_THREADS`` set: left as it is."""
+    before = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        yield before
+        return
+    threads = min(before, free_cores())
+    if threads < before:
+        log(
+            f"evomerge: other work keeps {before - threads} of {before} cores busy; torch uses {threads} "
+            f"thread{'s' if threads != 1 else ''} (set OMP_NUM_THREADS to choose)"
+        )
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ tests at the end split a model over a GPU and the CPU, or over two GPUs,
 where there are GPUs."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -192,3 +193,38 @@ def test_a_model_split_over_real_devices_matches_one_device(models, arch, device
         got = split(ids.to(wanted[0])).logits
     assert got.device == wanted[0]
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_busy_core_is_not_counted_free():
+    import os
+    import subprocess
+    import sys
+
+    from evomerge.devices import free_cores
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs two cores")
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert 1 <= free_cores() <= cores - 1
+    finally:
+        loop.kill()
+        loop.wait()
+
+
+def test_torch_threads_follow_the_free_cores_and_come_back(monkeypatch):
+    import evomerge.devices as devices
+
+    before = torch.get_num_threads()
+    said = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices, "free_cores", lambda: 1)
+    with devices.free_core_threads(log=said.append) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert bool(said) == (before > 1)  # the reduction is said, in one line
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))  # the user's choice stands
+    with devices.free_core_threads(log=said.append) as threads:
+        assert threads == torch.get_num_threads() == before
