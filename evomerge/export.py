@@ -15,7 +15,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
-from evomerge.store import RunStore, TrialRecord, atomic_write, rank_key
+from evomerge.store import RunStore, TrialRecord, atomic_write, best_of, rank_key
 
 PACKAGES = ("evomerge", "torch", "transformers", "safetensors", "optuna", "cma", "lm_eval", "mergekit")
 
@@ -65,7 +65,7 @@ def status_table(run_dir: str | Path, top: int = 10) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    best = store.best()
+    best = best_of(baselines + search)
     base_ok = [r.fitness for r in baselines if r.fitness is not None]
     stopped = store.other_states().get("fail", 0)
     unfinished = f", {stopped} stopped before finishing: interrupted or stale" if stopped else ""

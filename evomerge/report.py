@@ -26,7 +26,7 @@ from typing import Any
 from evomerge.baselines import source_name
 from evomerge.errors import EvomergeError
 from evomerge.export import describe_recipe
-from evomerge.store import RunStore, TrialRecord, atomic_write, rank_key
+from evomerge.store import RunStore, TrialRecord, atomic_write, best_of, rank_key
 
 REPORT_FILE = "report.html"
 _PALETTE = [f"C{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]  # C3 (red) marks the search
@@ -91,16 +91,17 @@ def _read(run_dir: Path) -> _Run:
         raise EvomergeError(f"run folder {run_dir} does not exist; pass the --run-dir of a search")
     store = RunStore.open(run_dir)  # refuses folders without a run or whose study is not ready
     search = store.trials("search")
+    baselines = store.trials("baseline")
     elapsed = store.run_attr("elapsed_s")
     return _Run(
         run_dir=run_dir,
         record=store.record,
         objectives=store.objectives,
         directions=store.directions,
-        baselines=store.trials("baseline"),
+        baselines=baselines,
         search=search,
-        best=store.best("search"),
-        best_overall=store.best(),
+        best=best_of(search),
+        best_overall=best_of(baselines + search),
         states=store.other_states(),
         elapsed=elapsed if isinstance(elapsed, (int, float)) else None,
     )

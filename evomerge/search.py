@@ -385,8 +385,9 @@ class Run:
     def _heldout_picks(self) -> list[TrialRecord]:
         """The best trial, then the best search trials by fitness, not yet
         scored on the held-out set."""
-        best = self.store.best()
-        picks = ([best] if best is not None else []) + self.store.ranked("search")[: self.cfg.budget.heldout_top]
+        ranked = self.store.ranked()
+        search = [r for r in ranked if r.kind == "search"][: self.cfg.budget.heldout_top]
+        picks = ranked[:1] + search
         seen, out = set(), []
         for r in picks:
             if r.number not in seen and r.heldout_values is None:
@@ -475,7 +476,7 @@ class Outcomes:
                 )
         if record.status != "ok":
             record.status, record.reason = "failed", record.reason or "unknown"
-            values = self.store.penalty(self.store.directions)
+            values = self.store.penalty()
         if score.heldout is not None:
             record = dataclasses.replace(record, **self.heldout_fields(score.heldout))
         outcome = Outcome(values, record)

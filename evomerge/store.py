@@ -161,6 +161,12 @@ def rank_key(record: TrialRecord) -> tuple[float, int]:
     return (-record.fitness, record.number if record.number is not None else 0)
 
 
+def best_of(records: list[TrialRecord]) -> TrialRecord | None:
+    """The successful record with the highest fitness, the earliest among
+    equals; None when none succeeded."""
+    return min((r for r in records if r.ok), key=rank_key, default=None)
+
+
 # -- the run folder -----------------------------------------------------------
 
 
@@ -398,8 +404,7 @@ class RunStore:
     def best(self, kind: str | None = None) -> TrialRecord | None:
         """The successful trial (of one kind) with the highest fitness; the
         earliest among equals. None when there is none."""
-        ranked = self.ranked(kind)
-        return ranked[0] if ranked else None
+        return best_of(self.trials(kind))
 
     def ranked(self, kind: str | None = None) -> list[TrialRecord]:
         """The successful trials (of one kind), best first."""
@@ -408,9 +413,10 @@ class RunStore:
     def trial(self, number: int) -> TrialRecord | None:
         return next((r for r in self.trials() if r.number == number), None)
 
-    def penalty(self, directions: list[str]) -> list[float]:
+    def penalty(self) -> list[float]:
         """What the optimizer is told for a failed candidate: the worst value
-        seen so far, per optimizer value (``directions``), or 0 with none."""
+        seen so far, per optimizer value (in its direction), or 0 with none."""
+        directions = self.directions
         scored = [r.told for r in self.trials(heldout=False) if r.status == "ok"]
         if not scored:
             return [0.0] * len(directions)
@@ -563,4 +569,4 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-__all__ = ["Heartbeat", "RunFolder", "RunStore", "TrialRecord", "atomic_write", "rank_key"]
+__all__ = ["Heartbeat", "RunFolder", "RunStore", "TrialRecord", "atomic_write", "best_of", "rank_key"]
