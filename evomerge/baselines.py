@@ -20,6 +20,11 @@ def source_name(ref: str) -> str:
     return f"source {Path(ref).name}"
 
 
+def is_source(name: str | None) -> bool:
+    """Whether a baseline's name is a source alone's (else a default merge)."""
+    return bool(name) and name.startswith("source ")
+
+
 def plain_baselines(base: str | None, models: list[str], common: dict[str, Any]) -> list[tuple[str, Recipe]]:
     """``(name, recipe)`` for every source alone, then the default merges.
     ``common``: settings every recipe shares (dtype, seed)."""

@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from evomerge.drivers import DRIVER_SETTINGS, setting_problem
 from evomerge.errors import EvomergeError, field_error
-from evomerge.evaluate import EvalSpec
+from evomerge.evaluate import EvalSpec, ObjectiveSpec
 from evomerge.schema import Strict
 
 
@@ -110,6 +110,91 @@ class ExecutorSettings(Strict):
         return v
 
 
+class SelectSettings(Strict):
+    """The selection split and race (``select:``; see :mod:`evomerge.race`).
+
+    Documents the search never optimises on: ``objectives`` (default: the
+    ``eval`` section's) scored on each task's documents that ``eval`` does
+    not use, ``samples`` of them per task (default: all that are left),
+    drawn with ``seed``. ``include_path``, ``num_fewshot`` and
+    ``batch_size`` default to ``eval``'s. At the end of the budget the
+    ``top`` best search trials by dev fitness, and the baselines (unless
+    ``baselines: false``), race on these documents and the winner is the
+    exported best. Changing ``samples`` or ``top`` on a finished run and
+    running it again continues the race; the other settings start it anew.
+    """
+
+    objectives: list[ObjectiveSpec] | None = None
+    include_path: str | None = None
+    samples: int | None = None
+    seed: int = 0
+    num_fewshot: int | None = None
+    batch_size: int | None = None
+    top: int = 8
+    baselines: bool = True
+    min_docs: int = 16  # documents per task in the race's first round, at least
+
+    @field_validator("samples", "top", "batch_size", "min_docs")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be positive")
+        return v
+
+    def spec(self, dev: EvalSpec) -> EvalSpec:
+        """The selection documents' evaluation, with ``eval``'s defaults."""
+        return EvalSpec(
+            objectives=self.objectives or dev.objectives,
+            include_path=self.include_path if self.include_path is not None else dev.include_path,
+            samples=self.samples,
+            seed=self.seed,
+            num_fewshot=self.num_fewshot if self.num_fewshot is not None else dev.num_fewshot,
+            batch_size=self.batch_size or dev.batch_size,
+        )
+
+    def fingerprint(self, dev: EvalSpec) -> str:
+        """What the selection documents and their order depend on; not
+        ``samples`` (a larger one extends the same order) or ``top``."""
+        spec = self.spec(dev).model_dump(mode="json", exclude={"samples", "batch_size"})
+        data = {"select": spec, "eval": dev.model_dump(mode="json", exclude={"batch_size"})}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EarlyStop(Strict):
+    """Early stopping (``early_stop:``): a candidate's dev documents are
+    scored in steps, ending at the fractions ``looks`` of each task's
+    documents, and scoring stops once a one-sided paired test shows it worse
+    than the incumbent (the best fully scored trial so far) at level
+    ``alpha``. Needs per-document scores (lm-eval tasks with a mean metric)
+    and a single fitness (not NSGA-II); otherwise every candidate is scored
+    in full. See :class:`evomerge.evaluate.Versus` for the value a stopped
+    candidate is given."""
+
+    enabled: bool = False
+    alpha: float = 0.01
+    looks: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
+    min_docs: int = 16
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if not 0 < v < 1:
+            raise ValueError("must be between 0 and 1")
+        return v
+
+    @field_validator("looks")
+    @classmethod
+    def _looks(cls, v):
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError("give fractions between 0 and 1")
+        return sorted(v)
+
+    def versus(self, docs):
+        from evomerge.evaluate import Versus
+
+        return Versus(docs=docs, alpha=self.alpha, looks=tuple(self.looks), min_docs=self.min_docs)
+
+
 class SearchConfig(Strict):
     """An experiment: sources, space, objectives, budget, driver, storage."""
 
@@ -118,6 +203,8 @@ class SearchConfig(Strict):
     space: str | dict[str, Any]
     eval: EvalSpec
     heldout: EvalSpec | None = None
+    select: SelectSettings | None = None
+    early_stop: EarlyStop = Field(default_factory=EarlyStop)
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     driver: DriverSettings = Field(default_factory=DriverSettings)
     storage: str | None = None  # an Optuna RDB URL; default: SQLite in the run folder
@@ -139,7 +226,10 @@ class SearchConfig(Strict):
         return v
 
     def fingerprint(self) -> str:
-        data = self.model_dump(mode="json", exclude={"budget", "storage", "device", "executor"})
+        # Selection and early stopping decide how candidates are scored and
+        # chosen, not what is searched: a run may change them and continue.
+        exclude = {"budget", "storage", "device", "executor", "select", "early_stop"}
+        data = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

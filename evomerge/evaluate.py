@@ -32,12 +32,14 @@ from pydantic import ValidationError, model_validator
 
 from evomerge.devices import parse_devices
 from evomerge.errors import EvomergeError, field_error
+from evomerge.paired import Docs, paired, prefix, signed_weights
 from evomerge.schema import Strict
 
 PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
 PERPLEXITY_MAX_TOKENS = 65536  # tokens scored per perplexity file when `samples` is not set
 _LOGITS_BUDGET = 2**28  # logits elements per perplexity forward pass (1 GiB in float32)
 _KINDS = ("task", "perplexity", "custom")
+Part = dict[str, tuple[int, int]]  # task -> (first, end) positions in its document order
 
 
 class ObjectiveSpec(Strict):
@@ -167,6 +169,14 @@ class Score:
     a success. ``attempts`` counts the workers that tried the candidate (more
     than one when a worker died under it); ``heldout`` is the held-out score
     when a worker was asked for both.
+
+    ``docs`` holds the per-document scores (``{objective: [value per
+    document]}``, in the evaluator's document order, for the documents
+    scored) when every objective has them (lm-eval tasks whose metric is a
+    mean); ``documents`` counts the lm-eval documents scored. ``stopped``:
+    scoring stopped early, the candidate being clearly worse than the
+    incumbent it was scored against; its ``values`` are then estimates (see
+    :class:`Versus`).
     """
 
     values: dict[str, float]
@@ -179,6 +189,9 @@ class Score:
     merge_seconds: float = 0.0
     attempts: int = 1
     heldout: Score | None = None
+    docs: Docs | None = None
+    documents: int = 0
+    stopped: bool = False
 
     @classmethod
     def failed(cls, reason: str, seconds: float = 0.0) -> Score:
@@ -201,6 +214,37 @@ class Score:
         if self.status != "ok":
             raise ValueError(f"a failed score has no fitness ({self.reason}); apply the search's failure penalty")
         return sum(o.weight * self.values[o.name] * (1.0 if o.direction == "maximize" else -1.0) for o in objectives)
+
+
+@dataclass(frozen=True)
+class Versus:
+    """Early stopping: score a candidate's documents in steps and stop as soon
+    as it is significantly worse than the incumbent on the documents scored
+    so far.
+
+    ``docs`` are the incumbent's per-document scores on every document. The
+    steps end at the fractions ``looks`` of each task's documents (a look
+    that would compare fewer than ``min_docs`` documents of a task is
+    skipped), then at all of them. After each step but the last, a one-sided
+    paired test (:func:`evomerge.paired.paired`) of candidate against
+    incumbent on the same documents stops the candidate when its p-value is
+    below ``alpha``.
+
+    A stopped candidate's value per objective is the paired estimate of what
+    the full documents would have given: the incumbent's full mean plus the
+    candidate's difference to the incumbent on the documents scored. It
+    keeps the difference measured (the information the test used), and the
+    documents' own difficulty cancels, so stopped and complete candidates
+    rank on one scale, as the drivers need.
+
+    The incumbent's own recipe, scored against itself, never stops: its
+    differences are all zero.
+    """
+
+    docs: Docs
+    alpha: float = 0.01
+    looks: tuple[float, ...] = (0.125, 0.25, 0.5)
+    min_docs: int = 16
 
 
 class _Indices(list):
@@ -247,6 +291,7 @@ class Evaluator:
         device: str = "cpu",
         allow_test_sets: bool = False,
         allow_outside_paths: bool = False,
+        exclude: dict[str, Sequence[int]] | None = None,
     ):
         self.spec = spec
         self.objectives = list(spec.objectives)
@@ -260,8 +305,14 @@ class Evaluator:
         self._task_objectives: dict[str, _TaskObjective] = {}
         # The fixed documents each lm-eval task is scored on; a task absent here uses all.
         self.sample_indices: dict[str, list[int]] = {}
+        # Every lm-eval task's scored documents in scoring order (seeded): a
+        # step of early stopping, or a round of the selection race, scores
+        # the next ones.
+        self.order: dict[str, list[int]] = {}
+        # Objectives with per-document scores -> their task.
+        self.doc_tasks: dict[str, str] = {}
         if any(o.task for o in self.objectives):
-            self._prepare_tasks(allow_test_sets)
+            self._prepare_tasks(allow_test_sets, exclude or {})
         self._lm = None
         self._lm_model: torch.nn.Module | None = None
 
@@ -290,7 +341,13 @@ class Evaluator:
             raise EvomergeError(f"perplexity file {ref!r} has {len(ids)} tokens; give it some text")
         return torch.tensor(ids, dtype=torch.long)  # (N,) the whole file
 
-    def _prepare_tasks(self, allow_test_sets: bool) -> None:
+    @property
+    def per_doc(self) -> bool:
+        """Whether every objective has per-document scores, so that the
+        evaluator can score a part of its documents (and stop early)."""
+        return len(self.doc_tasks) == len(self.objectives)
+
+    def _prepare_tasks(self, allow_test_sets: bool, exclude: dict[str, Sequence[int]]) -> None:
         # Imported now, not in the first score(): its time, and its progress
         # bars (silenced only in modules already imported), belong here.
         import datasets
@@ -346,25 +403,64 @@ class Evaluator:
                 task.set_config(key="num_fewshot", value=self.spec.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-            n_docs = len(task.eval_docs)
-            if self.spec.samples is not None and self.spec.samples < n_docs:
-                rng = random.Random(self.spec.seed)
-                self.sample_indices[task_name] = sorted(rng.sample(range(n_docs), self.spec.samples))
+            self._choose_docs(task_name, len(task.eval_docs), exclude.get(task_name))
+
+        from lm_eval.api.metrics import mean
 
         for o in self.objectives:
             if o.task:
                 available = _reported_metrics(o.task, loaded)
                 self._task_objectives[o.name] = _TaskObjective(o.task, _metric_key(o, available))
+                task = loaded["tasks"].get(o.task)  # None for a group: no per-document scores
+                if task is not None and task.aggregation().get(o.metric.partition(",")[0]) is mean:
+                    self.doc_tasks[o.name] = o.task
         self._task_dict = loaded
+
+    def _choose_docs(self, task_name: str, n_docs: int, excluded: Sequence[int] | None) -> None:
+        """The task's documents, in scoring order: ``samples`` of them (or
+        all) drawn with the seed, never one of ``excluded``."""
+        rng = random.Random(self.spec.seed)
+        samples = self.spec.samples
+        if excluded is not None:
+            taken = set(excluded)
+            pool = [i for i in range(n_docs) if i not in taken]
+            if not pool:
+                raise EvomergeError(
+                    f"task {task_name!r} has no documents left for selection: eval scores all {n_docs}; "
+                    "set eval.samples below that, or give select its own tasks"
+                )
+            rng.shuffle(pool)  # a larger `samples` later extends the same order
+            order = pool[:samples]
+        elif samples is not None and samples < n_docs:
+            order = rng.sample(range(n_docs), samples)
+        else:
+            order = list(range(n_docs))
+            rng.shuffle(order)
+        self.order[task_name] = order
+        if len(order) < n_docs:
+            self.sample_indices[task_name] = sorted(order)
 
     # -- scoring -------------------------------------------------------------------
 
-    def score(self, model: torch.nn.Module) -> Score:
-        """Score the live ``model``; never raises for a bad candidate."""
+    def full_part(self) -> Part:
+        """Every document of every lm-eval task."""
+        return {task: (0, len(order)) for task, order in self.order.items()}
+
+    def score(self, model: torch.nn.Module, part: Part | None = None, versus: Versus | None = None) -> Score:
+        """Score the live ``model``; never raises for a bad candidate.
+
+        ``part``: only these documents (positions in :attr:`order`, per
+        task), for an evaluator with per-document scores (:attr:`per_doc`);
+        ``versus``: score in steps and stop early against an incumbent (see
+        :class:`Versus`; ignored without per-document scores).
+        """
+        if part is not None and not self.per_doc:
+            raise ValueError("a part of the documents needs per-document scores for every objective")
         t0 = time.perf_counter()
         values: dict[str, float] = {}
         metrics: dict[str, float] = {}
-        eval_seconds = 0.0
+        docs: Docs = {name: [] for name in self.doc_tasks} if self.per_doc else {}
+        eval_seconds, documents, stopped = 0.0, 0, False
         reason, non_finite = None, False
         with _quiet_lm_eval():
             try:
@@ -372,7 +468,24 @@ class Evaluator:
                     reason, non_finite = "non-finite weights", True
                 else:
                     model.eval()
-                    eval_seconds = self._evaluate(model, values, metrics)
+                    steps = self._steps(part, versus) if self.per_doc else [None]
+                    sums: dict[str, list[float]] = {}  # metric -> [weighted sum, weight]
+                    for i, step in enumerate(steps):
+                        got: dict[str, float] = {}
+                        seconds, counts = self._evaluate(model, values, got, step, docs)
+                        eval_seconds += seconds
+                        documents += sum(counts.values())
+                        for key, value in got.items():
+                            n = counts.get(key.partition("/")[0], 1)
+                            acc = sums.setdefault(key, [0.0, 0])
+                            acc[0] += n * value
+                            acc[1] += n
+                        if versus is not None and i < len(steps) - 1 and self._worse(docs, versus):
+                            stopped = True
+                            break
+                    metrics.update({key: total / n for key, (total, n) in sums.items() if n})
+                    if self.per_doc:
+                        values.update(self._values(docs, versus if stopped else None))
                     bad = [name for name, v in values.items() if not math.isfinite(v)]
                     if bad:
                         reason, non_finite = f"non-finite metric {bad[0]}", True
@@ -391,14 +504,70 @@ class Evaluator:
             non_finite=non_finite,
             seconds=time.perf_counter() - t0,
             eval_seconds=eval_seconds,
+            docs=docs if self.per_doc and reason is None else None,
+            documents=documents,
+            stopped=stopped,
         )
 
-    def _evaluate(self, model: torch.nn.Module, values: dict[str, float], metrics: dict[str, float]) -> float:
-        """Fill ``values`` and ``metrics``; return the seconds spent evaluating."""
+    def _steps(self, part: Part | None, versus: Versus | None) -> list[Part]:
+        """The parts scored one after another: ``part`` (default: all), in
+        steps at ``versus.looks`` when stopping early."""
+        whole = part if part is not None else self.full_part()
+        if versus is None:
+            return [whole]
+        ends = []  # per look, the end position of each task's documents
+        for f in sorted(versus.looks):
+            end = {t: lo + math.ceil(f * (hi - lo)) for t, (lo, hi) in whole.items()}
+            if all(versus.min_docs <= end[t] - lo and end[t] < hi for t, (lo, hi) in whole.items()):
+                ends.append(end)
+        ends.append({t: hi for t, (_, hi) in whole.items()})
+        steps, done = [], {t: lo for t, (lo, _) in whole.items()}
+        for end in ends:
+            step = {t: (done[t], e) for t, e in end.items() if e > done[t]}
+            if step:
+                steps.append(step)
+                done.update(end)
+        return steps
+
+    def _worse(self, docs: Docs, versus: Versus) -> bool:
+        """Whether the documents scored so far show the candidate worse than the incumbent."""
+        weights = signed_weights(self.objectives)
+        return paired(docs, versus.docs, weights).p_worse < versus.alpha
+
+    def _values(self, docs: Docs, versus: Versus | None) -> dict[str, float]:
+        """Objective values from per-document scores: their means, or for a
+        stopped candidate the paired estimate (see :class:`Versus`)."""
+        out = {}
+        for name, values in docs.items():
+            mean = sum(values) / len(values) if values else math.nan
+            if versus is not None:
+                mine = prefix(versus.docs, {name: len(values)})[name]
+                theirs = versus.docs[name]
+                mean = sum(theirs) / len(theirs) + mean - sum(mine) / len(mine)
+            out[name] = mean
+        return out
+
+    def _evaluate(
+        self,
+        model: torch.nn.Module,
+        values: dict[str, float],
+        metrics: dict[str, float],
+        part: Part | None = None,
+        docs: Docs | None = None,
+    ) -> tuple[float, dict[str, int]]:
+        """Fill ``values`` and ``metrics`` (and extend ``docs`` with the
+        per-document scores when it is given) from the documents of ``part``
+        (default: all); return the seconds spent evaluating and the number
+        of documents scored per task."""
         spent = 0.0
+        counts: dict[str, int] = {}
         if self._task_dict is not None:
             lm = self._hflm(model)
-            for task in self._task_dict["tasks"].values():
+            task_dict, samples = self._task_dict, self.sample_indices
+            if part is not None:
+                task_dict = {"tasks": {t: self._task_dict["tasks"][t] for t in part}, "groups": {}, "group_map": {}}
+                samples = {t: sorted(self.order[t][lo:hi]) for t, (lo, hi) in part.items()}
+            for task in task_dict["tasks"].values():
                 # The few-shot sampler's generator advances as it draws; reseeding
                 # gives every candidate the same prompts.
                 task.set_fewshot_seed(seed=self.spec.seed)
@@ -407,24 +576,27 @@ class Evaluator:
             t = time.perf_counter()
             out = evaluator.evaluate(
                 lm=lm,
-                task_dict=self._task_dict,
-                samples={k: _Indices(v) for k, v in self.sample_indices.items()} or None,
+                task_dict=task_dict,
+                samples={k: _Indices(v) for k, v in samples.items()} or None,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=docs is not None,
             )
             spent += time.perf_counter() - t
+            counts = {t: len(samples[t]) if t in samples else len(self.order[t]) for t in task_dict["tasks"]}
             results = out["results"]
             for name, row in results.items():
                 for key, value in row.items():
                     if "," in key and _is_number(value):
                         metrics[f"{name}/{key.removesuffix(',none')}"] = float(value)
             for o in self.objectives:
-                if o.task:
+                if o.task and o.task in results:
                     target = self._task_objectives[o.name]
                     value = results.get(target.result, {}).get(target.key)
                     if not _is_number(value):
                         raise RuntimeError(f"lm-eval reported no number for {target.result} {target.key}: {value!r}")
                     values[o.name] = float(value)
+            if docs is not None:
+                self._collect_docs(out["samples"], part or self.full_part(), docs)
 
         for o in self.objectives:
             t = time.perf_counter()
@@ -440,7 +612,18 @@ class Evaluator:
                 values[o.name] = float(out[o.metric])
                 metrics.update({f"custom:{o.custom}/{k}": float(v) for k, v in out.items() if _is_number(v)})
             spent += time.perf_counter() - t
-        return spent
+        return spent, counts
+
+    def _collect_docs(self, logged: dict[str, list[dict]], part: Part, docs: Docs) -> None:
+        """Append each objective's per-document scores of ``part`` (lm-eval's
+        logged samples) to ``docs``, in document order."""
+        for name, task in self.doc_tasks.items():
+            if task not in part:
+                continue
+            metric, _, filt = self._task_objectives[name].key.partition(",")
+            by_doc = {s["doc_id"]: float(s[metric]) for s in logged[task] if s.get("filter") == filt}
+            lo, hi = part[task]
+            docs[name].extend(by_doc[i] for i in self.order[task][lo:hi])
 
     def _hflm(self, model: torch.nn.Module):
         """lm-eval's wrapper around ``model``, built once per model object."""

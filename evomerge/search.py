@@ -36,7 +36,7 @@ from evomerge.drivers import Candidate, Driver, make_driver
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import Score
 from evomerge.executors import Executor, make_executor
-from evomerge.executors.worker import Worker, WorkerSpec, build_evaluators, source_digests
+from evomerge.executors.worker import Job, Worker, WorkerSpec, build_evaluators, source_digests
 from evomerge.recipe import MERGED, Recipe, Source
 from evomerge.schedulers import make_schedule
 from evomerge.store import OWN_STORAGE, Heartbeat, RunStore, TrialRecord
@@ -86,6 +86,10 @@ class Run:
             )
         heldout = list(self.cfg.heldout.objectives) if self.cfg.heldout is not None else []
         self.outcomes = Outcomes(self.store, self.objectives, heldout)
+        # Early stopping needs per-document dev scores and one fitness to compare.
+        self.early_stop = (
+            self.cfg.early_stop.enabled and self.dev_eval.per_doc and len(self.store.directions) == 1
+        )
 
     # -- assembly ------------------------------------------------------------
 
@@ -165,8 +169,9 @@ class Run:
         self.worker: Worker | None = None
         if cfg.executor.name == "local":
             self.worker = Worker(self.spec)
+            self.dev_eval, self.select_eval = self.worker.dev, self.worker.select
             return
-        build_evaluators(self.spec, "cpu")
+        _, self.dev_eval, _, self.select_eval = build_evaluators(self.spec, "cpu")
         used = [*self.refs, *(referenced(self.fixed_merge) if self.fixed_merge is not None else [])]
         self.spec = dataclasses.replace(self.spec, sha256=source_digests(used, root, allow_outside))
 
@@ -329,7 +334,7 @@ class Run:
                     continue
                 key = next(keys)
                 inflight[key] = c
-                self.executor.submit(key, c.recipe, "dev")
+                self.executor.submit(key, c.recipe, self._dev_job())
                 if shared and c.trial is not None:  # stale (failed by others) only if this driver dies
                     self.store.heartbeat(c.trial)
             for c, outcome in schedule.flush():
@@ -352,6 +357,13 @@ class Run:
                 file=sys.stderr,
             )
 
+    def _dev_job(self) -> Job:
+        """How a search candidate is scored: against the incumbent, with early stopping on."""
+        incumbent = self.outcomes.incumbent
+        if not self.early_stop or incumbent is None:
+            return Job("dev")
+        return Job("dev", versus=self.cfg.early_stop.versus(incumbent.docs))
+
     def _interrupted(self) -> None:
         """Ctrl-C: mark the candidates being scored, so a resumed run is clean."""
         marked = 0
@@ -373,21 +385,102 @@ class Run:
             )
         self._inflight = {}
 
-    # -- held-out ------------------------------------------------------------
+    # -- the end: selection race and held-out ---------------------------------
 
     def finish(self) -> TrialRecord | None:
-        """Score the best recipe, and the ``budget.heldout_top`` best search
-        trials, on the held-out set (each once); return the best trial."""
+        """Race the best candidates on the selection documents (with a
+        ``select`` section), then score the chosen best, the best by dev
+        fitness, the ``budget.heldout_top`` best search trials and the best
+        default merge on the held-out set (each once); return the chosen best."""
+        if self.cfg.select is not None:
+            self.race()
         if self.cfg.heldout is not None:
             self._score_heldout(self._heldout_picks())
-        return self.store.best()
+        return self.store.chosen()[0]
+
+    def _entrants(self) -> list[TrialRecord]:
+        """The race's entrants: the baselines (unless ``select.baselines`` is
+        off) and the ``select.top`` best search trials by dev fitness, one
+        per recipe."""
+        ranked = self.store.ranked()
+        baselines = [r for r in ranked if r.kind == "baseline"] if self.cfg.select.baselines else []
+        search = [r for r in ranked if r.kind == "search"]
+        out, seen = [], set()
+        for r in baselines + search:
+            if r.fingerprint in seen:
+                continue
+            if r.kind == "search" and len(out) - len(baselines) >= self.cfg.select.top:
+                break
+            seen.add(r.fingerprint)
+            out.append(r)
+        return out
+
+    def race(self) -> dict[str, Any] | None:
+        """Run (or continue) the selection race; store and return its summary."""
+        from tqdm.auto import tqdm
+
+        from evomerge.paired import signed_weights
+        from evomerge.race import Entrant, plan
+
+        sel, ev = self.cfg.select, self.select_eval
+        fp = sel.fingerprint(self.cfg.eval)
+        entrants = self._entrants()
+        records = {r.number: r for r in entrants}
+        sizes = {t: len(o) for t, o in ev.order.items()}
+        weights = signed_weights(ev.objectives)
+        doc_tasks = ev.doc_tasks if ev.per_doc else {}
+        runners = [Entrant(r.number, r.fitness) for r in entrants]
+        before = self.store.race() or {}
+        documents = int(before.get("documents", 0)) if before.get("fp") == fp else 0
+        bar = tqdm(total=0, desc="selection race", unit="candidate", disable=not self.progress)
+        try:
+            while True:
+                step = plan(runners, self.store.selections(fp), sizes, doc_tasks, weights, sel.min_docs)
+                if not step.needs:
+                    break
+                self.open_executor(log=bar.write)
+                for number, part in step.needs.items():
+                    self.executor.submit(number, Recipe.model_validate(records[number].recipe), Job("select", part))
+                bar.total += len(step.needs)
+                bar.refresh()
+                while self.executor.pending():
+                    for number, score in self.executor.wait():
+                        documents += score.documents
+                        self.store.set_selection(number, self._selection_entry(fp, number, score))
+                        self.store.set_race({"fp": fp, "documents": documents})  # no winner until it ends
+                        bar.update()
+        finally:
+            bar.close()
+        summary = {
+            "fp": fp,
+            "winner": step.winner,
+            "entrants": [r.number for r in entrants],
+            "rounds": step.rounds,
+            "documents": documents,
+        }
+        self.store.set_race(summary)
+        return summary
+
+    def _selection_entry(self, fp: str, number: int, score: Score) -> dict[str, Any]:
+        """A trial's stored selection scores with ``score`` (a part) added."""
+        if not score.ok:
+            return {"fp": fp, "failed": (score.reason or "unknown")[:300]}
+        if score.docs is None:
+            return {"fp": fp, "values": score.values}
+        before = self.store.selections(fp).get(number, {}).get("docs", {})
+        return {"fp": fp, "docs": {k: list(before.get(k, [])) + list(v) for k, v in score.docs.items()}}
 
     def _heldout_picks(self) -> list[TrialRecord]:
-        """The best trial, then the best search trials by fitness, not yet
+        """The chosen best, the best by dev fitness, the best search trials
+        by dev fitness and the best default merge by dev fitness, not yet
         scored on the held-out set."""
+        from evomerge.baselines import is_source
+
         ranked = self.store.ranked()
         search = [r for r in ranked if r.kind == "search"][: self.cfg.budget.heldout_top]
-        picks = ranked[:1] + search
+        defaults = [r for r in ranked if r.kind == "baseline" and not is_source(r.name)][:1]
+        winner = self.store.chosen()[0]
+        picks = [*([winner] if winner is not None else []), *ranked[:1], *search, *defaults]
         seen, out = set(), []
         for r in picks:
             if r.number not in seen and r.heldout_values is None:
@@ -425,9 +518,17 @@ class Outcomes:
     def __init__(self, store: RunStore, objectives: list, heldout_objectives: list):
         self.store, self.objectives, self.heldout_objectives = store, objectives, heldout_objectives
         self.cache: dict[str, Outcome] = {}
+        # The best trial scored on every dev document, with per-document
+        # scores: what early stopping compares a candidate with.
+        self.incumbent: TrialRecord | None = None
         for r in store.trials(heldout=False):
             if r.fingerprint and (r.status == "ok" or r.non_finite):
                 self.cache.setdefault(r.fingerprint, Outcome(r.told, r))
+            self._consider(r)
+
+    def _consider(self, record: TrialRecord) -> None:
+        if record.complete and record.docs and (self.incumbent is None or record.fitness > self.incumbent.fitness):
+            self.incumbent = record
 
     def _values(self, score: Score) -> list[float]:
         if len(self.store.directions) == 1:
@@ -440,9 +541,10 @@ class Outcomes:
         if hit is None:
             return None
         r = hit.record
-        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint")
+        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint", "stopped")
         record = TrialRecord(kind=kind, name=name, cached=True, **{k: getattr(r, k) for k in keep})
         record.heldout_values, record.heldout_fitness = r.heldout_values, r.heldout_fitness
+        record.heldout_docs = r.heldout_docs
         return Outcome(list(hit.values), record)
 
     def of(self, recipe: Recipe, kind: str, name: str | None, score: Score) -> Outcome:
@@ -463,6 +565,9 @@ class Outcomes:
             merge_seconds=score.merge_seconds,
             eval_seconds=score.eval_seconds,
             attempts=score.attempts,
+            docs=score.docs,
+            documents=score.documents,
+            stopped=score.stopped,
         )
         if score.ok:
             values = self._values(score)
@@ -482,6 +587,7 @@ class Outcomes:
         outcome = Outcome(values, record)
         if record.status == "ok" or record.non_finite:
             self.cache[fp] = outcome
+        self._consider(record)
         return outcome
 
     def heldout_fields(self, score: Score) -> dict[str, Any]:
@@ -489,7 +595,12 @@ class Outcomes:
         if not score.ok:
             return {"heldout_status": f"failed: {score.reason}"[:300]}
         fitness = score.fitness(self.heldout_objectives)
-        return {"heldout_values": score.values, "heldout_fitness": fitness, "heldout_metrics": score.metrics}
+        return {
+            "heldout_values": score.values,
+            "heldout_fitness": fitness,
+            "heldout_metrics": score.metrics,
+            "heldout_docs": score.docs,
+        }
 
 
 class _Tally:
@@ -525,7 +636,7 @@ class _Tally:
             driver.record(c, outcome.values, outcome.record)
             self.done += 1
             self.bar.update(1)
-        f = outcome.record.fitness
+        f = outcome.record.fitness if outcome.record.complete else None
         if f is not None and (self.best is None or f > self.best):
             self.best = f
         last = describe(outcome.record)

@@ -74,9 +74,24 @@ _SCALARS = (
     "seconds",
     "merge_seconds",
     "eval_seconds",
+    "docs",
+    "documents",
 )
-_HELDOUT = {"heldout": "heldout_values", "heldout_fitness": "heldout_fitness", "heldout_metrics": "heldout_metrics"}
-_KNOWN = {*_SCALARS, *_HELDOUT, "heldout_status", "attempts", "cached", "non_finite"}
+_HELDOUT = {
+    "heldout": "heldout_values",
+    "heldout_fitness": "heldout_fitness",
+    "heldout_metrics": "heldout_metrics",
+    "heldout_docs": "heldout_docs",
+}
+_KNOWN = {*_SCALARS, *_HELDOUT, "heldout_status", "attempts", "cached", "non_finite", "stopped"}
+
+
+def compact(docs: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+    """Per-document scores as stored: whole numbers as ints (accuracy is 0
+    or 1), others to 6 significant digits."""
+    if docs is None:
+        return None
+    return {k: [int(v) if float(v).is_integer() else float(f"{v:.6g}") for v in vs] for k, vs in docs.items()}
 
 
 @dataclass
@@ -98,9 +113,13 @@ class TrialRecord:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     attempts: int = 1  # workers that tried it (a Ray worker may die mid-candidate)
+    docs: dict[str, list[float]] | None = None  # per-document dev scores (evomerge.paired)
+    documents: int | None = None  # dev documents scored
+    stopped: bool = False  # stopped early: worse than the incumbent; values and fitness are estimates
     heldout_values: dict[str, float] | None = None
     heldout_fitness: float | None = None
     heldout_metrics: dict[str, float] | None = None
+    heldout_docs: dict[str, list[float]] | None = None
     heldout_status: str | None = None  # "failed: REASON" when the held-out scoring failed
     extra: dict[str, Any] = field(default_factory=dict)  # a driver's own keys (CMA-ES generation, index)
     # Filled in when read back from the study:
@@ -113,13 +132,21 @@ class TrialRecord:
         """Scored successfully (it has a fitness)."""
         return self.status == "ok" and self.fitness is not None
 
+    @property
+    def complete(self) -> bool:
+        """Scored successfully on every dev document (not stopped early)."""
+        return self.ok and not self.stopped
+
     def heldout_attrs(self) -> dict[str, Any]:
         """The held-out part of the stored form."""
         if self.heldout_status is not None:
             return {"heldout_status": self.heldout_status}
         if self.heldout_values is None:
             return {}
-        return {key: getattr(self, name) for key, name in _HELDOUT.items() if getattr(self, name) is not None}
+        out = {key: getattr(self, name) for key, name in _HELDOUT.items() if getattr(self, name) is not None}
+        if "heldout_docs" in out:
+            out["heldout_docs"] = compact(out["heldout_docs"])
+        return out
 
     def to_attrs(self) -> dict[str, Any]:
         """The stored form: Optuna user attributes (JSON values)."""
@@ -132,6 +159,10 @@ class TrialRecord:
             out["cached"] = True
         if self.non_finite:
             out["non_finite"] = True
+        if self.stopped:
+            out["stopped"] = True
+        if "docs" in out:
+            out["docs"] = compact(out["docs"])
         return {**out, **self.heldout_attrs(), **self.extra}
 
     @classmethod
@@ -144,6 +175,7 @@ class TrialRecord:
         record.attempts = int(attrs.get("attempts", 1))
         record.cached = bool(attrs.get("cached", False))
         record.non_finite = bool(attrs.get("non_finite", (record.reason or "").startswith("non-finite")))
+        record.stopped = bool(attrs.get("stopped", False))
         record.extra = {k: v for k, v in attrs.items() if k not in _KNOWN}
         return _with_heldout(record, attrs)
 
@@ -162,9 +194,19 @@ def rank_key(record: TrialRecord) -> tuple[float, int]:
 
 
 def best_of(records: list[TrialRecord]) -> TrialRecord | None:
-    """The successful record with the highest fitness, the earliest among
-    equals; None when none succeeded."""
-    return min((r for r in records if r.ok), key=rank_key, default=None)
+    """The complete record (scored on every dev document) with the highest
+    fitness, the earliest among equals; None when none succeeded."""
+    return min((r for r in records if r.complete), key=rank_key, default=None)
+
+
+def chosen(records: list[TrialRecord], race: dict | None) -> tuple[TrialRecord | None, str]:
+    """The run's exported best and the rule that chose it: the selection
+    race's winner (``race``, :meth:`RunStore.race`), or the best dev fitness."""
+    if race and race.get("winner") is not None:
+        winner = next((r for r in records if r.number == race["winner"]), None)
+        if winner is not None:
+            return winner, "race"
+    return best_of(records), "dev"
 
 
 # -- the run folder -----------------------------------------------------------
@@ -370,6 +412,20 @@ class RunStore:
         up = optuna.study.StudyDirection.MAXIMIZE
         return ["maximize" if d == up else "minimize" for d in self.study.directions]
 
+    def weights(self, section: str = "eval") -> dict[str, float]:
+        """Signed objective weights of a config section (``eval``,
+        ``heldout``, ``select``), for :mod:`evomerge.paired`; empty when
+        the run's config has no such section."""
+        from evomerge.config import SearchConfig
+        from evomerge.paired import signed_weights
+
+        try:
+            cfg = SearchConfig.model_validate(self.record.get("config") or {})
+        except Exception:  # noqa: BLE001 - a run written by an older version: no weights
+            return {}
+        spec = cfg.select.spec(cfg.eval) if section == "select" and cfg.select else getattr(cfg, section, None)
+        return signed_weights(spec.objectives) if spec is not None and hasattr(spec, "objectives") else {}
+
     def run_attr(self, name: str, default: Any = None) -> Any:
         """A study-level attribute: ``objectives``, ``space_fingerprint``,
         ``config_fingerprint``, ``elapsed_s``."""
@@ -407,8 +463,26 @@ class RunStore:
         return best_of(self.trials(kind))
 
     def ranked(self, kind: str | None = None) -> list[TrialRecord]:
-        """The successful trials (of one kind), best first."""
-        return sorted((r for r in self.trials(kind) if r.ok), key=rank_key)
+        """The complete trials (of one kind), best first."""
+        return sorted((r for r in self.trials(kind) if r.complete), key=rank_key)
+
+    def chosen(self) -> tuple[TrialRecord | None, str]:
+        """The exported best and the rule that chose it (see :func:`chosen`)."""
+        return chosen(self.trials(), self.race())
+
+    def selections(self, fingerprint: str) -> dict[int, dict[str, Any]]:
+        """Trial number -> its selection scores so far (``docs``, or
+        ``values`` without per-document scores, or ``failed``) for the
+        selection documents of ``fingerprint``."""
+        out = {}
+        for key, value in self.study.user_attrs.items():
+            if key.startswith("select_") and isinstance(value, dict) and value.get("fp") == fingerprint:
+                out[int(key.removeprefix("select_"))] = value
+        return out
+
+    def race(self) -> dict[str, Any] | None:
+        """The selection race's summary (winner, rounds), once it ran."""
+        return self.study.user_attrs.get("race")
 
     def trial(self, number: int) -> TrialRecord | None:
         return next((r for r in self.trials() if r.number == number), None)
@@ -482,6 +556,16 @@ class RunStore:
         """Add a held-out result (``TrialRecord``'s ``heldout_*`` fields) to a finished trial."""
         held = TrialRecord(kind="search", **fields)
         self.study.set_user_attr(f"heldout_{number}", held.heldout_attrs())
+
+    def set_selection(self, number: int, entry: dict[str, Any]) -> None:
+        """Store a trial's selection scores so far (see :meth:`selections`);
+        each write replaces the last, so a kill leaves the previous one."""
+        if "docs" in entry:
+            entry = {**entry, "docs": compact(entry["docs"])}
+        self.study.set_user_attr(f"select_{number}", entry)
+
+    def set_race(self, summary: dict[str, Any]) -> None:
+        self.study.set_user_attr("race", summary)
 
     def heartbeat(self, trial) -> None:
         """Mark a running Optuna trial alive (shared storage)."""
@@ -569,4 +653,4 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-__all__ = ["Heartbeat", "RunFolder", "RunStore", "TrialRecord", "atomic_write", "best_of", "rank_key"]
+__all__ = ["Heartbeat", "RunFolder", "RunStore", "TrialRecord", "atomic_write", "best_of", "chosen", "compact", "rank_key"]

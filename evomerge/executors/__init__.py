@@ -6,8 +6,9 @@ The search loop hands an executor recipes (``submit``) and collects scores
 - ``free()``: how many more candidates can start now without waiting. The
   search asks its driver for that many and submits them, so no worker sits
   idle while the driver could give it work.
-- ``submit(key, recipe, which)``: start scoring ``recipe`` (``which`` is
-  ``dev``, ``heldout`` or ``both``, as in :meth:`Worker.score`).
+- ``submit(key, recipe, job)``: start scoring ``recipe`` as the
+  :class:`~evomerge.executors.worker.Job` (or just its ``which``: ``dev``,
+  ``heldout``, ``both`` or ``select``) says, as in :meth:`Worker.score`.
 - ``wait()``: block until at least one submitted candidate finishes; return
   ``[(key, score)]``, each score the worker's :class:`~evomerge.evaluate.Score`.
   A candidate that cannot be scored at all (its worker kept dying) comes back
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.evaluate import Score
-from evomerge.executors.worker import Worker, WorkerSpec
+from evomerge.executors.worker import Job, Worker, WorkerSpec
 from evomerge.recipe import Recipe
 
 
@@ -38,7 +39,7 @@ class Executor:
     def free(self) -> int:
         raise NotImplementedError
 
-    def submit(self, key: Any, recipe: Recipe, which: str = "dev") -> None:
+    def submit(self, key: Any, recipe: Recipe, job: Job | str = "dev") -> None:
         raise NotImplementedError
 
     def wait(self) -> list[tuple[Any, Score]]:
@@ -64,15 +65,15 @@ class LocalExecutor(Executor):
     def free(self) -> int:
         return 0 if self._queue else 1
 
-    def submit(self, key, recipe, which="dev") -> None:
-        self._queue.append((key, recipe, which))
+    def submit(self, key, recipe, job="dev") -> None:
+        self._queue.append((key, recipe, job))
 
     def pending(self) -> int:
         return len(self._queue)
 
     def wait(self) -> list[tuple[Any, Score]]:
-        key, recipe, which = self._queue[0]
-        score = self.worker.score(recipe, which)
+        key, recipe, job = self._queue[0]
+        score = self.worker.score(recipe, job)
         self._queue.popleft()  # only once scored: an interrupted candidate stays pending
         return [(key, score)]
 
@@ -93,4 +94,4 @@ def make_executor(
     return LocalExecutor(local_worker if local_worker is not None else Worker(spec))
 
 
-__all__ = ["Executor", "LocalExecutor", "Worker", "WorkerSpec", "make_executor"]
+__all__ = ["Executor", "Job", "LocalExecutor", "Worker", "WorkerSpec", "make_executor"]

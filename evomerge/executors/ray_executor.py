@@ -76,13 +76,13 @@ class _Actor:
             "devices": [str(d) for d in self.worker.merger.devices] if self.worker else [],
         }
 
-    def score(self, recipe: dict, which: str) -> tuple[Score, tuple[float, float]]:
+    def score(self, recipe: dict, job) -> tuple[Score, tuple[float, float]]:
         """The score, and when this worker started and finished it (for the executor's timeline)."""
         started = time.time()
         if self.worker is None:
             score = Score.failed(f"worker could not start: {self.error}")
         else:
-            score = self.worker.score(recipe, which)
+            score = self.worker.score(recipe, job)
         return score, (started, time.time())
 
 
@@ -90,7 +90,7 @@ class _Actor:
 class _Job:
     key: Any
     recipe: dict
-    which: str
+    job: Any  # a worker Job, or its "which"
     attempts: int = 0
     last_worker: int | None = None
     errors: list[str] = field(default_factory=list)
@@ -278,8 +278,8 @@ class RayExecutor(Executor):
     def pending(self) -> int:
         return len(self._queue) + len(self._jobs)
 
-    def submit(self, key, recipe, which="dev") -> None:
-        self._queue.append(_Job(key, recipe.model_dump(mode="json", exclude_none=True), which))
+    def submit(self, key, recipe, job="dev") -> None:
+        self._queue.append(_Job(key, recipe.model_dump(mode="json", exclude_none=True), job))
         self._pump()
 
     def _pump(self) -> None:
@@ -289,7 +289,7 @@ class RayExecutor(Executor):
             # A retried candidate goes to another worker when one has room.
             index = next((i for i in slots if i != job.last_worker), slots[0])
             slots.remove(index)
-            ref = self._actors[index].score.remote(job.recipe, job.which)
+            ref = self._actors[index].score.remote(job.recipe, job.job)
             job.last_worker = index
             self._busy[index].append(ref)
             self._jobs[ref] = (job, index)

@@ -20,7 +20,27 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate import Score
 from evomerge.recipe import Recipe
 
-WHICH = ("dev", "heldout", "both")
+WHICH = ("dev", "heldout", "both", "select")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker does with a recipe: score it on the ``which`` documents
+    (``dev``, ``heldout``, ``both``: dev then held-out, or ``select``);
+    ``part``: only these documents (see :meth:`Evaluator.score`);
+    ``versus``: stop early against the incumbent (dev only)."""
+
+    which: str = "dev"
+    part: dict[str, tuple[int, int]] | None = None
+    versus: Any = None  # an evomerge.evaluate.Versus
+
+    def __post_init__(self):
+        if self.which not in WHICH:
+            raise ValueError(self.which)
+
+    @classmethod
+    def of(cls, job: Job | str) -> Job:
+        return job if isinstance(job, Job) else cls(job)
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,9 @@ def check_digests(spec: WorkerSpec) -> None:
 
 
 def build_evaluators(spec: WorkerSpec, device: str):
-    """The dev evaluator and the held-out one (or None)."""
+    """The config, the dev evaluator, the held-out one and the selection one
+    (None when the config has no such section). The selection evaluator
+    never scores a document the dev or held-out evaluator scores."""
     from evomerge.config import SearchConfig
     from evomerge.evaluate import Evaluator
 
@@ -91,7 +113,14 @@ def build_evaluators(spec: WorkerSpec, device: str):
     )
     dev = Evaluator(cfg.eval, spec.tokenizer, **common)
     heldout = Evaluator(cfg.heldout, spec.tokenizer, **common) if cfg.heldout else None
-    return cfg, dev, heldout
+    select = None
+    if cfg.select is not None:
+        taken: dict[str, list[int]] = {}
+        for ev in (dev, heldout):
+            for task, order in (ev.order if ev is not None else {}).items():
+                taken[task] = taken.get(task, []) + order
+        select = Evaluator(cfg.select.spec(cfg.eval), spec.tokenizer, exclude=taken, **common)
+    return cfg, dev, heldout, select
 
 
 class Worker:
@@ -102,7 +131,7 @@ class Worker:
         check_digests(spec)
         self.spec = spec
         device = spec.device  # None: the first GPU, or the CPU; a list splits the model (evomerge.devices)
-        self.cfg, self.dev, self.heldout = build_evaluators(spec, device)
+        self.cfg, self.dev, self.heldout, self.select = build_evaluators(spec, device)
         template = Recipe.model_validate(spec.template) if spec.template is not None else None
         root = Path(spec.root)
         if spec.routed is not None:
@@ -121,16 +150,16 @@ class Worker:
 
             self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside)
 
-    def score(self, recipe: Recipe | dict, which: str = "dev") -> Score:
-        """Merge ``recipe`` into the live model and score it.
+    def score(self, recipe: Recipe | dict, job: Job | str = "dev") -> Score:
+        """Merge ``recipe`` into the live model and score it as ``job`` says.
 
-        ``which``: ``dev`` (the search's objectives), ``heldout``, or ``both``
-        (the held-out score goes in ``heldout``, and only when the dev score
-        succeeded). ``seconds`` counts the merge (``merge_seconds``) and the
-        evaluation.
+        ``which``: ``dev`` (the search's objectives), ``heldout``, ``select``,
+        or ``both`` (the held-out score goes in ``heldout``, and only when the
+        dev score succeeded). ``seconds`` counts the merge (``merge_seconds``)
+        and the evaluation.
         """
-        if which not in WHICH:
-            raise ValueError(which)
+        job = Job.of(job)
+        which = job.which
         if isinstance(recipe, dict):
             recipe = Recipe.model_validate(recipe)
         t0 = time.perf_counter()
@@ -140,10 +169,11 @@ class Worker:
             failed = Score.failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
             return dataclasses.replace(failed, heldout=failed) if which == "both" else failed
         merge_seconds = time.perf_counter() - t0
-        evaluator = self.heldout if which == "heldout" else self.dev
+        evaluator = {"heldout": self.heldout, "select": self.select}.get(which, self.dev)
         if evaluator is None:
-            return Score.failed("the config has no heldout section")
-        evaluated = evaluator.score(model)
+            return Score.failed(f"the config has no {which} section")
+        versus = job.versus if evaluator.per_doc and which in ("dev", "both") else None
+        evaluated = evaluator.score(model, part=job.part if evaluator.per_doc else None, versus=versus)
         score = dataclasses.replace(evaluated, seconds=merge_seconds + evaluated.seconds, merge_seconds=merge_seconds)
         if which == "both" and self.heldout is not None and score.ok:
             score.heldout = self.heldout.score(model)
