@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge import demo_problem
 from evomerge.demo_problem import build_demo
 
 # The demo's search: what the README's first command runs.
@@ -35,8 +36,11 @@ def demo_config(workdir: Path) -> Path:
         "eval": {
             "include_path": rel(assets.tasks_dir),
             "batch_size": 64,
+            # Half of each dev task's documents; the other half are the selection race's.
+            "samples": demo_problem.DEV_DOCS // 2,
             "objectives": [{"task": t, "metric": "acc"} for t in assets.dev_tasks],
         },
+        "select": {"top": 8},
         "heldout": {
             "include_path": rel(assets.tasks_dir),
             "batch_size": 64,
@@ -54,7 +58,9 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     """Build (once) a tiny base and two experts on different synthetic skills,
     search for the best merge, and compare it with the sources and the
     default merges on the held-out split."""
+    from evomerge.baselines import is_source
     from evomerge.export import export_best, status_table
+    from evomerge.race import verdict
     from evomerge.search import Run
     from evomerge.store import RunStore
 
@@ -69,28 +75,38 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     print(status_table(run_dir, top=5))
     out, recipe = export_best(run_dir, out=workdir / "best_recipe.yaml")
 
-    rows = []
-    for r in RunStore.open(run_dir).trials():
-        if r.heldout_fitness is not None and r.ok:
-            what = r.name if r.kind == "baseline" else f"evolved (trial {r.number})"
-            rows.append((what, r.kind, r.fitness, r.heldout_fitness, r.heldout_values))
-    n = len(rows[0][4]) if rows else 1
-    print(f"\nheld-out accuracy (mean over {n} skills; the search never saw these documents):")
-    for what, _, dev, held, per in rows:
-        skills = "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in per.items())
-        print(f"  {what:<28} held-out {held / n:.3f}   dev {dev / n:.3f}   {skills}")
-    sources = [r for r in rows if r[0].startswith("source")]
-    defaults = [r for r in rows if r[1] == "baseline" and not r[0].startswith("source")]
-    evolved = [r for r in rows if r[1] == "search"]
-    print(f"\nbest recipe: {out}")
-    if not (sources and defaults and evolved):
-        print("the best recipe is a baseline: the search did not beat it on the dev set")
+    store = RunStore.open(run_dir)
+    winner, rule = store.chosen()
+    if winner is None:
+        print("no candidate was scored successfully; see the status table above")
         return 1
-    best_source = max(sources, key=lambda r: r[3])
-    best_default = max(defaults, key=lambda r: r[3])
-    held = evolved[0][3]
+    rows = []
+    for r in store.trials():
+        if r.heldout_fitness is not None and r.complete:
+            what = r.name if r.kind == "baseline" else f"evolved (trial {r.number})"
+            if r is winner or r.number == winner.number:
+                what += " *"
+            rows.append((what, r, r.heldout_values))
+    n = len(rows[0][2]) if rows else 1
+    print(f"\nheld-out accuracy (mean over {n} skills; the search never saw these documents):")
+    for what, r, per in rows:
+        skills = "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in per.items())
+        print(f"  {what:<30} held-out {r.heldout_fitness / n:.3f}   dev {r.fitness / n:.3f}   {skills}")
+    chose = "the selection race" if rule == "race" else "the best dev score"
+    print(f"* the exported best, chosen by {chose}: {out}")
+    sources = [r for _, r, _ in rows if r.kind == "baseline" and is_source(r.name)]
+    defaults = [r for _, r, _ in rows if r.kind == "baseline" and not is_source(r.name)]
+    judged = verdict(store.trials(), store.race(), store.weights("heldout"))
+    if judged is not None:
+        print(judged.line())
+    if winner.kind != "search" or not (sources and defaults):
+        print(f"the exported best is a baseline ({winner.name}): no evolved recipe beat it")
+        return 1
+    best_source = max(sources, key=lambda r: r.heldout_fitness)
+    best_default = max(defaults, key=lambda r: r.heldout_fitness)
+    held = winner.heldout_fitness
     print(
-        f"evolved {held / n:.3f} vs best source {best_source[3] / n:.3f} ({best_source[0]}) "
-        f"and best default merge {best_default[3] / n:.3f} ({best_default[0]}) on held-out"
+        f"evolved {held / n:.3f} vs best source {best_source.heldout_fitness / n:.3f} ({best_source.name}) "
+        f"and best default merge {best_default.heldout_fitness / n:.3f} ({best_default.name}) on held-out"
     )
-    return 0 if held > best_source[3] and held > best_default[3] else 1
+    return 0 if held > best_source.heldout_fitness and held > best_default.heldout_fitness else 1

@@ -87,9 +87,7 @@ class Run:
         heldout = list(self.cfg.heldout.objectives) if self.cfg.heldout is not None else []
         self.outcomes = Outcomes(self.store, self.objectives, heldout)
         # Early stopping needs per-document dev scores and one fitness to compare.
-        self.early_stop = (
-            self.cfg.early_stop.enabled and self.dev_eval.per_doc and len(self.store.directions) == 1
-        )
+        self.early_stop = self.cfg.early_stop.enabled and self.dev_eval.per_doc and len(self.store.directions) == 1
 
     # -- assembly ------------------------------------------------------------
 

@@ -653,4 +653,14 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-__all__ = ["Heartbeat", "RunFolder", "RunStore", "TrialRecord", "atomic_write", "best_of", "chosen", "compact", "rank_key"]
+__all__ = [
+    "Heartbeat",
+    "RunFolder",
+    "RunStore",
+    "TrialRecord",
+    "atomic_write",
+    "best_of",
+    "chosen",
+    "compact",
+    "rank_key",
+]
