@@ -122,8 +122,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     meta = recipe.metadata["evomerge"]
     held = meta["heldout"]["fitness"] if meta.get("heldout") else None
+    rule = {"race": "chosen by the selection race", "dev": "chosen by best dev fitness"}.get(meta.get("chosen_by"))
     print(
-        f"wrote {out} (trial {meta['trial']}, dev fitness {meta['dev']['fitness']:.4f}"
+        f"wrote {out} (trial {meta['trial']}{f', {rule}' if rule else ''}, dev fitness {meta['dev']['fitness']:.4f}"
         + (f", held-out {held:.4f}" if held is not None else "")
         + ")"
     )

@@ -52,12 +52,15 @@ class DriverSettings(Strict):
 class Budget(Strict):
     trials: int | None = None  # search trials (baselines not counted)
     minutes: float | None = None  # wall time, summed over resumed sessions
+    # Dev documents scored by search trials (early stopping scores fewer per
+    # trial, so more trials fit); baselines and the selection race not counted.
+    documents: int | None = None
     # With a held-out set: how many of the best search trials (by dev fitness)
     # are scored on it at the end, besides the best trial. More than one shows
     # how far the dev ranking carries over to unseen data.
     heldout_top: int = 1
 
-    @field_validator("trials", "minutes", "heldout_top")
+    @field_validator("trials", "minutes", "heldout_top", "documents")
     @classmethod
     def _positive(cls, v):
         if v is not None and v <= 0:
@@ -171,7 +174,7 @@ class EarlyStop(Strict):
     candidate is given."""
 
     enabled: bool = False
-    alpha: float = 0.01
+    alpha: float = 0.05
     looks: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
     min_docs: int = 16
 

@@ -242,7 +242,7 @@ class Versus:
     """
 
     docs: Docs
-    alpha: float = 0.01
+    alpha: float = 0.05
     looks: tuple[float, ...] = (0.125, 0.25, 0.5)
     min_docs: int = 16
 
@@ -472,7 +472,7 @@ class Evaluator:
                     sums: dict[str, list[float]] = {}  # metric -> [weighted sum, weight]
                     for i, step in enumerate(steps):
                         got: dict[str, float] = {}
-                        seconds, counts = self._evaluate(model, values, got, step, docs)
+                        seconds, counts = self._evaluate(model, values, got, step, docs if self.per_doc else None)
                         eval_seconds += seconds
                         documents += sum(counts.values())
                         for key, value in got.items():

@@ -7,15 +7,21 @@ earlier versions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import textwrap
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.race import Estimate, Verdict, estimate, selection_estimate, verdict
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore, TrialRecord, atomic_write, best_of, rank_key
+from evomerge.store import chosen as chosen_of
 
 PACKAGES = ("evomerge", "torch", "transformers", "safetensors", "optuna", "cma", "lm_eval", "mergekit")
 
@@ -38,44 +44,152 @@ def describe_recipe(recipe: dict) -> str:
     return " + ".join(parts)
 
 
-def _row(record: TrialRecord, objectives: list[str]) -> list[str]:
+@dataclass
+class Scores:
+    """A run's trials with what judges them, read once for status, export
+    and report: the chosen best and its rule, the race, the objective
+    weights of the dev, selection and held-out sets, and the verdict."""
+
+    records: list[TrialRecord]
+    chosen: TrialRecord | None
+    rule: str  # "race" or "dev"
+    race: dict[str, Any] | None
+    selections: dict[int, dict[str, Any]]  # trial number -> its entry in the race's selection scores
+    weights: dict[str, dict[str, float]]  # "eval", "select", "heldout" -> signed objective weights
+    verdict: Verdict | None
+
+    def dev(self, record: TrialRecord) -> Estimate | None:
+        """Dev fitness, with its standard error from per-document scores."""
+        return estimate(record.docs, record.fitness, self.weights["eval"])
+
+    def selection(self, record: TrialRecord) -> Estimate | None:
+        """Selection fitness on the documents the race scored it on; None
+        for a trial that did not race."""
+        return selection_estimate(self.selections.get(record.number), self.weights["select"])
+
+    def heldout(self, record: TrialRecord) -> Estimate | None:
+        return estimate(record.heldout_docs, record.heldout_fitness, self.weights["heldout"])
+
+    @property
+    def raced(self) -> bool:
+        """A race ran to its end (it may have no winner: every entrant failed)."""
+        return bool(self.race) and "rounds" in self.race
+
+    def rule_text(self) -> str:
+        """How the exported best was chosen, in words."""
+        if self.rule == "race":
+            entrants = len(self.race.get("entrants", []))
+            return f"chosen by the selection race ({entrants} entrants)"
+        if self.race and not self.raced:
+            return "chosen by best dev fitness (the selection race has not finished: run the search again)"
+        if self.raced:
+            return "chosen by best dev fitness (every selection race entrant failed)"
+        return "chosen by best dev fitness"
+
+
+def read_scores(store: RunStore) -> Scores:
+    """Everything :class:`Scores` holds, from an open run store."""
+    records = store.trials()
+    race = store.race()
+    best, rule = chosen_of(records, race)
+    weights = {section: store.weights(section) for section in ("eval", "select", "heldout")}
+    selections = store.selections(race["fp"]) if race and race.get("fp") else {}
+    judged = verdict(records, race, weights["heldout"])
+    return Scores(records, best, rule, race, selections, weights, judged)
+
+
+def _se(value: Estimate | None) -> dict[str, float]:
+    """``{"se": ...}`` when the estimate has a standard error."""
+    return {"se": value.se} if value is not None and value.se is not None else {}
+
+
+def _cell(value: Estimate | None) -> str:
+    return str(value) if value is not None else "-"
+
+
+def _row(record: TrialRecord, objectives: list[str], scores: Scores) -> list[str]:
+    mark = "*" if scores.chosen is not None and record.number == scores.chosen.number else ""
+    mark = mark or ("~" if record.stopped else "")
     what = record.name if record.kind == "baseline" else f"search ({describe_recipe(record.recipe)})"
     if record.status != "ok":
-        return [str(record.number), what, "failed", (record.reason or "")[:60]]
+        return [mark, str(record.number), what, "failed", (record.reason or "")[:60]]
     return [
+        mark,
         str(record.number),
         what,
-        f"{record.fitness:.4f}",
+        _cell(scores.dev(record)),
         *[f"{record.values[o]:.4f}" if o in record.values else "-" for o in objectives],
-        f"{record.heldout_fitness:.4f}" if record.heldout_fitness is not None else "-",
+        _cell(scores.selection(record)),
+        _cell(scores.heldout(record)),
     ]
 
 
 def status_table(run_dir: str | Path, top: int = 10) -> str:
-    """The baselines and the top search trials of a run, as a text table."""
+    """The baselines and the top search trials of a run, as a text table.
+
+    Search trials scored on every dev document come first, by dev fitness;
+    trials stopped early (their fitness an estimate on part of the
+    documents) follow while ``top`` allows. The exported best is always
+    shown, marked ``*``; a stopped trial is marked ``~``.
+    """
     store = RunStore.open(run_dir)
+    scores = read_scores(store)
     objectives = store.objectives
-    baselines = store.trials("baseline")
-    search = store.trials("search")
+    baselines = [r for r in scores.records if r.kind == "baseline"]
+    search = [r for r in scores.records if r.kind == "search"]
     failed = [r for r in search if r.status != "ok"]
-    ranked = sorted((r for r in search if r.status == "ok"), key=rank_key)
-    header = ["trial", "what", "fitness", *objectives, "held-out"]
-    rows = [_row(r, objectives) for r in [*baselines, *ranked[:top]]]
+    stopped = [r for r in search if r.ok and r.stopped]
+    shown = [*sorted((r for r in search if r.complete), key=rank_key), *sorted(stopped, key=rank_key)][:top]
+    best = scores.chosen
+    if best is not None and best.kind == "search" and best.number not in {r.number for r in shown}:
+        shown.append(best)
+    header = ["", "trial", "what", "dev", *objectives, "selection", "held-out"]
+    rows = [_row(r, objectives, scores) for r in [*baselines, *shown]]
     widths = [max(len(r[i]) for r in [header, *rows] if i < len(r)) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    best = best_of(baselines + search)
-    base_ok = [r.fitness for r in baselines if r.fitness is not None]
-    stopped = store.other_states().get("fail", 0)
-    unfinished = f", {stopped} stopped before finishing: interrupted or stale" if stopped else ""
-    summary = (
-        f"{len(search)} search trials ({len(failed)} failed{unfinished}), {len(baselines)} baselines, "
-        f"{store.elapsed / 60:.1f} min"
-    )
-    if best is not None and base_ok:
-        summary += f"; best trial {best.number}: {best.fitness:.4f} against best baseline {max(base_ok):.4f}"
-    return "\n".join([summary, *lines])
+    table = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    table.append("  ".join(("-" if h else " ") * w for h, w in zip(header, widths)))
+    table += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+    unfinished = store.other_states().get("fail", 0)
+    counts = [f"{len(failed)} failed"]
+    early = ((store.record.get("config") or {}).get("early_stop") or {}).get("enabled")
+    if stopped or early:
+        counts.append(f"{len(stopped)} stopped early")
+    if unfinished:
+        counts.append(f"{unfinished} stopped before finishing: interrupted or stale")
+    summary = [
+        f"{len(search)} search trials ({', '.join(counts)}), {len(baselines)} baselines, {store.elapsed / 60:.1f} min"
+    ]
+    if best is not None:
+        what = f"trial {best.number}" + (f" ({best.name})" if best.kind == "baseline" else "")
+        line = f"exported best: {what}, {scores.rule_text()}; dev {best.fitness:.4f}"
+        top_base = best_of(baselines)
+        if top_base is not None:
+            line += f" against best baseline {top_base.fitness:.4f}"
+        summary.append(line)
+    notes = []
+    if best is not None:
+        notes.append("* exported best")
+    if any(r.stopped for r in [*baselines, *shown]):
+        notes.append("~ stopped early (dev fitness estimated on part of the documents)")
+    if any("±" in c for r in rows for c in r):
+        notes.append("± 95% interval")
+    if scores.selections:
+        notes.append("selection: on the documents each entrant reached in the race")
+    footer = ["; ".join(notes)] if notes else []
+    if scores.verdict is not None:
+        footer.append(f"verdict: {scores.verdict.line()}")
+    return "\n".join([*_wrap(summary), *table, *_wrap(footer)])
+
+
+def _wrap(lines: list[str], width: int = 120) -> list[str]:
+    """Lines of prose folded to ``width`` columns, continued indented; never
+    inside ``p = 0.01`` or ``1.2 ±0.1`` (held by no-break spaces meanwhile)."""
+    out = []
+    for line in lines:
+        line = line.replace(" = ", "\xa0=\xa0").replace(" ±", "\xa0±")
+        out += [part.replace("\xa0", " ") for part in textwrap.wrap(line, width, subsequent_indent="  ")]
+    return out
 
 
 def export_best(
@@ -87,12 +201,17 @@ def export_best(
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Path, Recipe]:
-    """Write the best (or the given) trial's recipe, pinned and annotated.
+    """Write the run's chosen best (or the given) trial's recipe, pinned and annotated.
 
-    The recipe names its sources by sha256, carries the seed, package
-    versions, the search-space fingerprint and the dev and held-out scores in
-    ``metadata``. Model paths are written relative to the recipe's folder
-    when they lie inside it, absolute otherwise.
+    The chosen best is the selection race's winner when a race ran, else the
+    best dev fitness (:meth:`RunStore.chosen`). The recipe names its sources
+    by sha256, carries the seed, package versions, the search-space
+    fingerprint, which rule chose it (``chosen_by``: race, dev, or trial for
+    a given ``trial``), the dev, selection and held-out scores (with their
+    standard errors where per-document scores exist) and the paired
+    held-out verdict against the best default merge in ``metadata``. Model
+    paths are written relative to the recipe's folder when they lie inside
+    it, absolute otherwise.
     """
     from evomerge.merge import merge_to_disk, open_sources, pinned
 
@@ -100,14 +219,20 @@ def export_best(
         raise EvomergeError(f"unknown export format {fmt!r}; use evomerge or mergekit")
     run_dir = Path(run_dir)
     store = RunStore.open(run_dir)
+    scores = read_scores(store)
     if trial is None:
-        chosen = store.best()
+        chosen, rule, judged = scores.chosen, scores.rule, scores.verdict
         if chosen is None:
             raise EvomergeError(f"run {run_dir} has no successful trial yet; run the search longer")
     else:
-        chosen = store.trial(trial)
+        chosen = next((r for r in scores.records if r.number == trial), None)
         if chosen is None or chosen.status != "ok":
             raise EvomergeError(f"trial {trial} is not a successful trial of {run_dir}; see `evomerge status`")
+        rule = "trial"
+        # The verdict of this trial, as if it were the run's chosen best.
+        judged = verdict(scores.records, {"winner": trial}, scores.weights["heldout"])
+        judged = dataclasses.replace(judged, rule=rule) if judged is not None else None
+    dev, selection, heldout = scores.dev(chosen), scores.selection(chosen), scores.heldout(chosen)
     recipe = Recipe.model_validate(chosen.recipe)
     root = Path(store.record["config_path"]).parent
     sources = open_sources(recipe, root, allow_outside=True)
@@ -136,10 +261,19 @@ def export_best(
                     "space_fingerprint": store.run_attr("space_fingerprint"),
                     "config_fingerprint": store.run_attr("config_fingerprint"),
                     "seed": recipe.seed,
-                    "dev": {"fitness": chosen.fitness, "objectives": chosen.values},
-                    "heldout": {"fitness": chosen.heldout_fitness, "objectives": chosen.heldout_values}
+                    "chosen_by": rule,
+                    "dev": {
+                        "fitness": chosen.fitness,
+                        **_se(dev),
+                        **({"documents": chosen.documents} if chosen.documents is not None else {}),
+                        **({"stopped": True} if chosen.stopped else {}),
+                        "objectives": chosen.values,
+                    },
+                    **({"selection": {"fitness": selection.value, **_se(selection)}} if selection else {}),
+                    "heldout": {"fitness": chosen.heldout_fitness, **_se(heldout), "objectives": chosen.heldout_values}
                     if chosen.heldout_values is not None
                     else None,
+                    **({"verdict": judged.as_dict()} if judged is not None else {}),
                     "versions": _versions(),
                 }
             },

@@ -109,6 +109,24 @@ def plan(
     return Plan(winner=alive[0].number, rounds=log)
 
 
+def cost(entrants: int, sizes: dict[str, int], min_docs: int = 16) -> int:
+    """The documents a race of ``entrants`` scores (with per-document
+    scores, and none failing): what it adds to a search's budget."""
+    field = [Entrant(i, dev=-i) for i in range(entrants)]
+    stored: dict[int, dict[str, Any]] = {}
+    doc_tasks = {t: t for t in sizes}
+    total = 0
+    while True:
+        step = plan(field, stored, sizes, doc_tasks, {t: 1.0 for t in sizes}, min_docs)
+        if not step.needs:
+            return total
+        for number, part in step.needs.items():
+            docs = stored.setdefault(number, {"docs": {t: [] for t in sizes}})["docs"]
+            for t, (lo, hi) in part.items():
+                docs[t] += [0.0] * (hi - lo)
+                total += hi - lo
+
+
 def _have(entry: dict[str, Any] | None, doc_tasks: dict[str, str]) -> dict[str, int] | None:
     """Documents scored so far per task; None for a failed entrant."""
     if entry is None:
@@ -220,4 +238,4 @@ def verdict(records: list, race: dict | None, weights: dict[str, float]) -> Verd
     return Verdict(**{**out.as_dict(), "diff": winner.heldout_fitness - default.heldout_fitness})
 
 
-__all__ = ["Entrant", "Estimate", "Plan", "Verdict", "estimate", "plan", "selection_estimate", "verdict"]
+__all__ = ["Entrant", "Estimate", "cost", "Plan", "Verdict", "estimate", "plan", "selection_estimate", "verdict"]

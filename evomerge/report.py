@@ -1,13 +1,15 @@
 """`evomerge report`: one self-contained HTML page about a run.
 
-The page holds the search's progress against the baselines, dev against
-held-out scores, the Pareto front (multi-objective runs), the best search
-recipe's parameters per layer and per source, its route (data-flow runs), the
-top trials and the run's metadata. Figures are PNGs drawn with matplotlib's
-Agg renderer and embedded as data URIs: the file reads offline, in any
-browser, with JavaScript off. A small inline script only records, for tests
-and the curious, how many images rendered (``body[data-images]``) and any
-script errors (``html[data-errors]``).
+The page holds the exported best (the selection race's winner, or the best
+dev fitness) beside the best default merge, with their dev, selection and
+held-out scores and the paired held-out verdict; the search's progress
+against the baselines, dev against held-out scores, the Pareto front
+(multi-objective runs), the best search recipe's parameters per layer and per
+source, its route (data-flow runs), the top trials and the run's metadata.
+Figures are PNGs drawn with matplotlib's Agg renderer and embedded as data
+URIs: the file reads offline, in any browser, with JavaScript off. A small
+inline script only records, for tests and the curious, how many images
+rendered (``body[data-images]``) and any script errors (``html[data-errors]``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from evomerge.baselines import source_name
+from evomerge.baselines import is_source, source_name
 from evomerge.errors import EvomergeError
-from evomerge.export import describe_recipe
+from evomerge.export import Scores, describe_recipe, read_scores
 from evomerge.store import RunStore, TrialRecord, atomic_write, best_of, rank_key
 
 REPORT_FILE = "report.html"
@@ -43,8 +45,9 @@ class _Run:
     directions: list[str]  # per optimizer value: "maximize" or "minimize"
     baselines: list[TrialRecord]  # complete baseline trials, by number
     search: list[TrialRecord]  # complete search trials, by number
-    best: TrialRecord | None  # the best search trial
-    best_overall: TrialRecord | None  # the best trial, baselines included
+    best: TrialRecord | None  # the best search trial by dev fitness
+    best_overall: TrialRecord | None  # the best trial by dev fitness, baselines included
+    scores: Scores  # the exported best, its rule, the selection race, the verdict
     states: dict[str, int]  # trials the study holds that are not complete, by state
     elapsed: float | None  # seconds searched, over every session (None: not recorded)
 
@@ -90,8 +93,9 @@ def _read(run_dir: Path) -> _Run:
     if not run_dir.is_dir():
         raise EvomergeError(f"run folder {run_dir} does not exist; pass the --run-dir of a search")
     store = RunStore.open(run_dir)  # refuses folders without a run or whose study is not ready
-    search = store.trials("search")
-    baselines = store.trials("baseline")
+    scores = read_scores(store)
+    search = [r for r in scores.records if r.kind == "search"]
+    baselines = [r for r in scores.records if r.kind == "baseline"]
     elapsed = store.run_attr("elapsed_s")
     return _Run(
         run_dir=run_dir,
@@ -102,6 +106,7 @@ def _read(run_dir: Path) -> _Run:
         search=search,
         best=best_of(search),
         best_overall=best_of(baselines + search),
+        scores=scores,
         states=store.other_states(),
         elapsed=elapsed if isinstance(elapsed, (int, float)) else None,
     )
@@ -147,12 +152,24 @@ def _progress(run: _Run) -> tuple[str, bytes | None]:
         return "No search trial has finished yet.", None
     fig = _figure(9, 4.2)
     ax = fig.add_subplot()
-    xs = [r.number for r in ok]
-    ys = [r.fitness for r in ok]
-    if ok:
+    full = [r for r in ok if r.complete]
+    xs = [r.number for r in full]
+    ys = [r.fitness for r in full]
+    if full:
         ax.scatter(xs, ys, s=14, color="0.55", label="search trial", zorder=2)
         running = [max(ys[: i + 1]) for i in range(len(ys))]
         ax.step(xs, running, where="post", color="C3", lw=2, label="best so far", zorder=3)
+    stopped = [r for r in ok if r.stopped]
+    if stopped:
+        ax.scatter(
+            [r.number for r in stopped],
+            [r.fitness for r in stopped],
+            s=14,
+            facecolors="none",
+            edgecolors="0.55",
+            label="stopped early (estimate)",
+            zorder=2,
+        )
     colors = _colors(run)
     for r in run.ok(run.baselines):
         ax.axhline(r.fitness, ls="--", lw=1, color=colors[_name(r)], label=_name(r, r.number))
@@ -169,6 +186,7 @@ def _progress(run: _Run) -> tuple[str, bytes | None]:
     caption = f"{len(run.search)} search trials; the line is the best fitness so far"
     caption += ", dashed lines are the baselines." if run.baselines else "."
     caption += f" {len(failed)} failed trials sit on the bottom axis." if failed else ""
+    caption += f" {len(stopped)} trials stopped early (hollow): their fitness is estimated." if stopped else ""
     return caption, _png(fig)
 
 
@@ -194,7 +212,8 @@ def _heldout(run: _Run) -> tuple[str, bytes | None]:
         if r.kind == "baseline":
             ax.scatter([x], [y], marker="s", s=40, color=colors[_name(r)], label=r.name, zorder=3)
         else:
-            ax.scatter([x], [y], marker="*", s=180, color="C3", label=f"search trial {r.number}", zorder=4)
+            label = f"search trial {r.number}" + (" (exported)" if _is_chosen(run, r) else "")
+            ax.scatter([x], [y], marker="*", s=180, color="C3", label=label, zorder=4)
     ax.set_xlabel("dev fitness")
     ax.set_ylabel("held-out fitness")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
@@ -363,6 +382,9 @@ def _heatmap(run: _Run, recipe: dict | None) -> tuple[str, bytes | None]:
     caption = (
         f"Search trial {run.best.number} ({method}): each row is one parameter of one source, resolved at every layer."
     )
+    chosen = run.scores.chosen
+    if chosen is not None and chosen.number != run.best.number:
+        caption += f" The exported best is trial {chosen.number}, {run.scores.rule_text()}."
     top = run.best_overall
     if top is not None and top.number != run.best.number:
         than = "higher than" if top.fitness > run.best.fitness else "as high as"
@@ -487,16 +509,30 @@ def _score_cells(run: _Run, record: TrialRecord) -> list[tuple[str, bool]]:
     cells = [(_num(record.fitness), True)]
     if len(run.objectives) > 1:
         cells += [(_num(record.values.get(o)), True) for o in run.objectives]
+    selection = run.scores.selection(record)
+    cells.append((_num(selection.value if selection is not None else None), True))
     cells.append((_num(record.heldout_fitness), True))
     return cells
 
 
 def _score_header(run: _Run) -> list[str]:
-    return ["fitness", *(run.objectives if len(run.objectives) > 1 else []), "held-out"]
+    return ["fitness", *(run.objectives if len(run.objectives) > 1 else []), "selection", "held-out"]
+
+
+def _is_chosen(run: _Run, record: TrialRecord) -> bool:
+    return run.scores.chosen is not None and record.number == run.scores.chosen.number
+
+
+def _row_attrs(run: _Run, record: TrialRecord) -> str:
+    return f' data-trial="{record.number}"' + (' class="best"' if _is_chosen(run, record) else "")
 
 
 def _top_table(run: _Run, top: int) -> str:
-    ranked = sorted(run.ok(run.search), key=rank_key)[:top]
+    # Trials scored on every dev document first; those stopped early (their
+    # fitness an estimate) after them.
+    ok = run.ok(run.search)
+    ranked = [*sorted((r for r in ok if r.complete), key=rank_key), *sorted((r for r in ok if r.stopped), key=rank_key)]
+    ranked = ranked[:top]
     if not ranked:
         return "<p>No successful search trial yet.</p>"
     front = set()
@@ -509,10 +545,10 @@ def _top_table(run: _Run, top: int) -> str:
         cells = [(str(rank), True), (str(r.number), True), *_score_cells(run, r)]
         if run.multi:
             cells.append(("yes" if r.number in front else "", False))
-        cells += [("ok (cached)" if r.cached else "ok", False), (describe_recipe(r.recipe), False)]
-        attrs = f' data-trial="{r.number}"' + (' class="best"' if rank == 1 else "")
-        rows.append((attrs, cells))
-    return _table(header, rows)
+        status = "stopped early" if r.stopped else "ok"
+        cells += [(status + (" (cached)" if r.cached else ""), False), (describe_recipe(r.recipe), False)]
+        rows.append((_row_attrs(run, r), cells))
+    return _table(header, rows) + _highlight_note(run, ranked)
 
 
 def _baseline_table(run: _Run) -> str:
@@ -524,8 +560,14 @@ def _baseline_table(run: _Run) -> str:
             cells = [*_score_cells(run, r), ("ok", False)]
         else:
             cells = [("-", True)] * len(_score_header(run)) + [(f"failed: {_reason(r)[:80]}", False)]
-        rows.append((f' data-trial="{r.number}"', [(str(r.number), True), (_name(r), False), *cells]))
-    return _table(["trial", "baseline", *_score_header(run), "status"], rows)
+        rows.append((_row_attrs(run, r), [(str(r.number), True), (_name(r), False), *cells]))
+    return _table(["trial", "baseline", *_score_header(run), "status"], rows) + _highlight_note(run, run.baselines)
+
+
+def _highlight_note(run: _Run, records: list[TrialRecord]) -> str:
+    if not any(_is_chosen(run, r) for r in records):
+        return ""
+    return f"<p>The highlighted row is the exported best (trial {run.scores.chosen.number}).</p>"
 
 
 def _failed_table(run: _Run, limit: int = 20) -> str:
@@ -542,7 +584,12 @@ def _summary(run: _Run) -> str:
     ok = run.ok(run.search)
     cached = sum(1 for r in ok if r.cached)
     failed = len(run.search) - len(ok)
+    stopped = sum(1 for r in ok if r.stopped)
     items = [f"{len(run.search)} search trials: {len(ok)} scored ({cached} from the cache), {failed} failed"]
+    if stopped or ((run.record.get("config") or {}).get("early_stop") or {}).get("enabled"):
+        items[0] += f", {stopped} stopped early" + (
+            " (their fitness estimated on part of the documents)" if stopped else ""
+        )
     states = run.states
     if states:
         items.append(
@@ -552,13 +599,64 @@ def _summary(run: _Run) -> str:
         )
     base_ok = [r.fitness for r in run.ok(run.baselines)]
     items.append(f"{len(run.baselines)} baselines" + (f", best {max(base_ok):.4f}" if base_ok else ""))
+    scores, chosen = run.scores, run.scores.chosen
+    if chosen is not None:
+        items.append(f"exported best: {_who(chosen)}, {scores.rule_text()}; {_estimates(run, chosen)}")
     best = run.best
-    if best is not None:
-        text = f"best search trial {best.number}: fitness {best.fitness:.4f}"
+    if best is not None and (chosen is None or best.number != chosen.number):
+        text = f"best search trial by dev fitness: trial {best.number}, fitness {best.fitness:.4f}"
         if best.heldout_fitness is not None:
             text += f", held-out {best.heldout_fitness:.4f}"
         items.append(text)
+    if scores.verdict is not None:
+        items.append(f"verdict: {scores.verdict.line()}")
     return "<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
+
+
+def _who(record: TrialRecord) -> str:
+    return f"trial {record.number}" + (f" ({record.name})" if record.kind == "baseline" else "")
+
+
+def _estimates(run: _Run, record: TrialRecord) -> str:
+    """Dev, selection and held-out fitness, with their 95% intervals where known."""
+    scores = run.scores
+    parts = [
+        ("dev", scores.dev(record)),
+        ("selection", scores.selection(record)),
+        ("held-out", scores.heldout(record)),
+    ]
+    return ", ".join(f"{name} {value if value is not None else '-'}" for name, value in parts)
+
+
+def _chosen_section(run: _Run) -> str:
+    """The exported best beside the best default merge (and the best search
+    trial by dev fitness when the race chose another), with intervals."""
+    scores, chosen = run.scores, run.scores.chosen
+    if chosen is None:
+        return "<p>No trial has been scored on every dev document yet.</p>"
+    default = best_of([r for r in run.baselines if not is_source(r.name)])
+    picks = [("exported best", chosen)]
+    if default is not None:
+        picks.append(("best default merge (by dev fitness)", default))
+    if run.best is not None:
+        picks.append(("best search trial by dev fitness", run.best))
+    rows, seen = [], set()
+    for role, r in picks:
+        if r.number in seen:
+            continue
+        seen.add(r.number)
+        what = _name(r) if r.kind == "baseline" else f"search ({describe_recipe(r.recipe)})"
+        cells = [(role, False), (str(r.number), True), (what, False)]
+        for value in (scores.dev(r), scores.selection(r), scores.heldout(r)):
+            cells.append((str(value) if value is not None else "-", True))
+        rows.append((' class="best"' if _is_chosen(run, r) else "", cells))
+    table = _table(["", "trial", "what", "dev", "selection", "held-out"], rows)
+    text = f"<p>Trial {chosen.number} is exported, {_esc(scores.rule_text())}. "
+    text += "Scores are fitness with its 95% interval where per-document scores exist"
+    text += (
+        "; a selection score is on the documents the trial reached in the race.</p>" if scores.selections else ".</p>"
+    )
+    return text + table
 
 
 def _duration(seconds: float) -> str:
@@ -597,6 +695,8 @@ def _metadata(run: _Run) -> str:
         ("elapsed", _duration(run.elapsed) if run.elapsed is not None else "unknown"),
         ("dev objectives", objectives(cfg.get("eval"))),
         ("held-out objectives", objectives(cfg.get("heldout"))),
+        ("selection race", compact(cfg["select"]) if cfg.get("select") else "none"),
+        ("early stopping", compact(cfg["early_stop"]) if (cfg.get("early_stop") or {}).get("enabled") else "off"),
         ("executor", (cfg.get("executor") or {}).get("name")),
         ("seed", cfg.get("seed")),
         ("storage", rec.get("storage")),
@@ -634,6 +734,8 @@ def _page(run: _Run, figures, top: int) -> str:
 <p>Run folder <code>{_esc(run.run_dir.resolve())}</code>; written {_esc(time.strftime("%Y-%m-%d %H:%M"))}
 by evomerge {_esc(evomerge.__version__)}.</p>
 {_summary(run)}
+<h2 id="chosen">Exported best</h2>
+{_chosen_section(run)}
 {"".join(parts)}
 <h2 id="top">Top search trials</h2>
 {_top_table(run, top)}

@@ -314,7 +314,8 @@ class Run:
         nothing more to ask."""
         driver = self._driver()
         schedule = make_schedule(driver)
-        tally = _Tally(bar, self.store, self.cfg.budget, done)
+        per_candidate = sum(len(order) for order in self.dev_eval.order.values())
+        tally = _Tally(bar, self.store, self.cfg.budget, done, per_candidate)
         shared, inflight, keys, others = self.cfg.storage is not None, self._inflight, itertools.count(), 0
         while True:
             schedule.tell_complete()
@@ -606,8 +607,11 @@ class _Tally:
     time searched (stored every few seconds, for ``budget.minutes`` across
     resumes) and the progress bar."""
 
-    def __init__(self, bar, store: RunStore, budget, done: int):
+    def __init__(self, bar, store: RunStore, budget, done: int, per_candidate: int = 0):
         self.bar, self.store, self.budget, self.done = bar, store, budget, done
+        # Dev documents scored by search trials, and what one candidate scores at most.
+        self.documents = sum(r.documents or 0 for r in store.trials("search", heldout=False) if not r.cached)
+        self.per_candidate = per_candidate
         best = store.best()
         self.best = best.fitness if best is not None else None
         self.elapsed0, self.started = store.elapsed, time.monotonic()
@@ -620,6 +624,10 @@ class _Tally:
         """Whether ``started`` trials (finished or running) spend the budget."""
         if self.budget.trials is not None and started >= self.budget.trials:
             return True
+        if self.budget.documents is not None:
+            # Running candidates count in full: the budget is never overshot.
+            if self.documents + (started - self.done) * self.per_candidate >= self.budget.documents:
+                return True
         return self.budget.minutes is not None and self.elapsed() >= self.budget.minutes * 60
 
     def sync(self, total: int, others: int) -> int:
@@ -633,6 +641,7 @@ class _Tally:
         if fresh:
             driver.record(c, outcome.values, outcome.record)
             self.done += 1
+            self.documents += 0 if outcome.record.cached else outcome.record.documents or 0
             self.bar.update(1)
         f = outcome.record.fitness if outcome.record.complete else None
         if f is not None and (self.best is None or f > self.best):

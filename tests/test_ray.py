@@ -18,6 +18,7 @@ from helpers import trials, write_config
 
 from evomerge.errors import EvomergeError
 from evomerge.executors.worker import Worker
+from evomerge.recipe import Recipe
 from evomerge.search import Run
 
 ray = pytest.importorskip("ray")
@@ -319,3 +320,57 @@ def test_a_killed_driver_leaves_its_ray_instance_to_the_next_search_in_its_folde
     assert again.returncode == 0, again.stderr[-2000:]
     assert "processes of the Ray instance that a stopped driver of this run left running" in again.stdout + again.stderr
     assert alive() == [] and not record.exists()  # ended, and the rerun shut down its own instance
+
+
+@pytest.mark.slow
+def test_selection_race_and_early_stopping_run_on_ray_workers(experiment, tmp_path, local_ray):
+    from evomerge.store import RunStore
+
+    config = write_config(
+        experiment,
+        "ray_select.yaml",
+        eval={
+            "include_path": "tasks",
+            "objectives": [{"task": "sums", "metric": "acc"}],
+            "batch_size": 32,
+            "samples": 20,
+        },
+        select={"top": 3, "min_docs": 2},
+        early_stop={"enabled": True, "alpha": 0.45, "looks": [0.25, 0.5], "min_docs": 2},
+        driver={"name": "random"},
+        budget={"trials": 10},
+        executor={"name": "ray", "workers": 2, "num_cpus": 1},
+    )
+    run = Run(config, tmp_path / "run", progress=False)
+    try:
+        best = run.search()
+    finally:
+        run.close()
+    store = RunStore.open(tmp_path / "run")
+    race = store.race()
+    assert race["winner"] == best.number and len(race["rounds"]) >= 2
+    scored = store.selections(race["fp"])
+    assert set(race["entrants"]) <= set(scored) and all("docs" in e for e in scored.values())
+    search = [r for r in store.trials("search") if not r.cached]
+    assert all(len(r.docs["sums/acc"]) == r.documents for r in search)
+
+    # The workers take the job's part and its incumbent: against a perfect
+    # incumbent, a candidate stops at the first look.
+    from evomerge.evaluate import Versus
+    from evomerge.executors.ray_executor import RayExecutor
+    from evomerge.executors.worker import Job
+
+    executor = RayExecutor(run.cfg.executor, run.spec, log=lambda line: None)
+    recipe = Recipe.model_validate(store.trial(best.number).recipe)
+    perfect = Versus({"sums/acc": [1.0] * 20}, alpha=0.05, looks=(0.5,), min_docs=4)
+    try:
+        executor.submit("stop", recipe, Job("dev", versus=perfect))
+        executor.submit("part", recipe, Job("select", part={"sums": (1, 3)}))
+        got = {}
+        while executor.pending():
+            got.update(executor.wait())
+    finally:
+        executor.close()
+    assert got["stop"].stopped and got["stop"].documents == 10
+    assert len(got["part"].docs["sums/acc"]) == 2 and got["part"].documents == 2
+    assert got["part"].docs["sums/acc"] == scored[best.number]["docs"]["sums/acc"][1:3]
