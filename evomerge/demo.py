@@ -60,7 +60,6 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     default merges on the held-out split."""
     from evomerge.baselines import is_source
     from evomerge.export import export_best, status_table
-    from evomerge.race import verdict
     from evomerge.search import Run
     from evomerge.store import RunStore
 
@@ -96,9 +95,6 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     print(f"* the exported best, chosen by {chose}: {out}")
     sources = [r for _, r, _ in rows if r.kind == "baseline" and is_source(r.name)]
     defaults = [r for _, r, _ in rows if r.kind == "baseline" and not is_source(r.name)]
-    judged = verdict(store.trials(), store.race(), store.weights("heldout"))
-    if judged is not None:
-        print(judged.line())
     if winner.kind != "search" or not (sources and defaults):
         print(f"the exported best is a baseline ({winner.name}): no evolved recipe beat it")
         return 1
