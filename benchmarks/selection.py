@@ -25,8 +25,11 @@ the documents scored per candidate, and candidates per hour. Results go to
 and a summary table (mean and standard error over seeds) to stdout::
 
     .venv/bin/python benchmarks/selection.py [--problems demo,gen] [--seeds 0,1,2,3,4]
-        [--arms plain,select,select_es] [--docs 30000] [--workdir /tmp/evomerge_selection]
+        [--arms plain,select,select_es] [--docs 30000] [--threads 1] [--workdir /tmp/evomerge_selection]
         [--out benchmarks/selection.jsonl]
+
+Each problem can run in its own process (``--problems demo`` and ``--problems
+gen`` with two ``--out`` files) at one thread each.
 
 Problems, splits, arms and budgets were fixed before any held-out number was
 seen; do not tune them to the method.
@@ -188,8 +191,15 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=30000, help="documents scored per run (search and race)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge_selection"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/selection.jsonl"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--summary-only", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args()
+    # One torch thread per run: runs are comparable, and two benchmark
+    # processes (one per problem) share a 2-core machine without slowing
+    # each other's threads down.
+    import torch
+
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []

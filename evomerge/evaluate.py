@@ -32,7 +32,7 @@ from pydantic import ValidationError, model_validator
 
 from evomerge.devices import parse_devices
 from evomerge.errors import EvomergeError, field_error
-from evomerge.paired import Docs, paired, prefix, signed_weights
+from evomerge.paired import Docs, paired, signed_weights
 from evomerge.schema import Strict
 
 PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
@@ -541,8 +541,8 @@ class Evaluator:
         for name, values in docs.items():
             mean = sum(values) / len(values) if values else math.nan
             if versus is not None:
-                mine = prefix(versus.docs, {name: len(values)})[name]
                 theirs = versus.docs[name]
+                mine = theirs[: len(values)]
                 mean = sum(theirs) / len(theirs) + mean - sum(mine) / len(mine)
             out[name] = mean
         return out

@@ -115,13 +115,18 @@ def test_early_stopping_never_stops_the_incumbents_own_rescore(experiment):
 
 
 def test_early_stopping_stops_a_clearly_worse_candidate_with_the_paired_estimate(experiment):
-    ev = Evaluator(_spec(), experiment / "models" / "base", root=experiment)
-    perfect = {"sums/acc": [1.0] * N_DOCS}  # an incumbent that gets every document right
-    score = ev.score(_model(experiment), versus=Versus(perfect, alpha=0.05, looks=(0.5,), min_docs=4))
-    part = score.docs["sums/acc"]
-    assert score.stopped and len(part) == N_DOCS // 2 and score.documents == N_DOCS // 2
-    # the incumbent's full mean plus the paired difference on the documents scored
-    assert score.values["sums/acc"] == pytest.approx(1.0 + sum(part) / len(part) - 1.0)
+    two = [{"task": "sums", "metric": "acc"}, {"task": "sums_heldout", "metric": "acc", "weight": 0.5}]
+    ev = Evaluator(EvalSpec(include_path="tasks", objectives=two), experiment / "models" / "base", root=experiment)
+    # an incumbent that gets every document right on one task, and every other one on the other
+    incumbent = {"sums/acc": [1.0] * N_DOCS, "sums_heldout/acc": [float(i % 2) for i in range(N_DOCS)]}
+    score = ev.score(_model(experiment), versus=Versus(incumbent, alpha=0.05, looks=(0.5,), min_docs=4))
+    assert score.stopped and score.documents == N_DOCS  # half of each task's documents
+    for name, theirs in incumbent.items():
+        part = score.docs[name]
+        assert len(part) == N_DOCS // 2
+        # the incumbent's full mean plus the paired difference on the documents scored
+        expected = sum(theirs) / N_DOCS + sum(part) / len(part) - sum(theirs[: len(part)]) / len(part)
+        assert score.values[name] == pytest.approx(expected)
 
 
 def test_paired_test_and_fitness():
