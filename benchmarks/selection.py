@@ -12,6 +12,9 @@ search trials plus the selection race; baselines are the same for all):
 
 - ``plain``: today's behaviour without a ``select`` section: the search
   optimises on all 300 dev documents per skill and exports the best dev score;
+- ``plain_half``: the same on the 150 documents the select arms search on
+  (the other 150 unused): how much of a difference is the race's, and how
+  much the search's documents';
 - ``select``: the search optimises on 150 of them and the best candidates and
   the baselines race on the other 150 (``select``); the race winner is exported;
 - ``select_es``: as ``select``, with early stopping (``early_stop``, defaults).
@@ -25,7 +28,7 @@ the documents scored per candidate, and candidates per hour. Results go to
 and a summary table (mean and standard error over seeds) to stdout::
 
     .venv/bin/python benchmarks/selection.py [--problems demo,gen] [--seeds 0,1,2,3,4]
-        [--arms plain,select,select_es] [--docs 30000] [--threads 1] [--workdir /tmp/evomerge_selection]
+        [--arms plain,plain_half,select,select_es] [--docs 30000] [--threads 1] [--workdir /tmp/evomerge_selection]
         [--out benchmarks/selection.jsonl]
 
 Each problem can run in its own process (``--problems demo`` and ``--problems
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEV_DOCS = 300  # per skill, in both problems
 SEARCH_DOCS = 150  # of them, what the select arms search on
 TOP = 8  # search candidates in the race
-ARMS = ("plain", "select", "select_es")
+ARMS = ("plain", "plain_half", "select", "select_es")
 
 
 def build(problem: str, workdir: Path):
@@ -85,6 +88,7 @@ def config(problem: str, assets, arm: str, seed: int, docs: int, root: Path) -> 
     }
     if arm != "plain":
         cfg["eval"]["samples"] = SEARCH_DOCS
+    if arm in ("select", "select_es"):
         cfg["select"] = {"top": TOP}
         baselines = 7  # the sources (3) and default merges (4) of a base and two experts
         sizes = {t: DEV_DOCS - SEARCH_DOCS for t in assets.dev_tasks}

@@ -139,7 +139,7 @@ def test_duplicate_candidates_are_served_from_the_cache(experiment, tmp_path, mo
     run = Run(config, tmp_path / "run", progress=False)
     scored = []
     real = run.worker.dev.score
-    monkeypatch.setattr(run.worker.dev, "score", lambda model: scored.append(1) or real(model))
+    monkeypatch.setattr(run.worker.dev, "score", lambda model, **kw: scored.append(1) or real(model, **kw))
     try:
         run.search()
     finally:
@@ -285,7 +285,8 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
 
 def _fails_cleanly(capsys, argv, fragment):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    # (on a busy machine the command first says how many torch threads it takes)
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if "other work keeps" not in line)
     assert len(err.splitlines()) == 1 and fragment in err, err
 
 
