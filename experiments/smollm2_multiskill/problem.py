@@ -183,3 +183,56 @@ def write_tasks(folder: Path, items: dict | None = None) -> dict[str, dict[str, 
             write_choice_task(folder, name, docs, metadata={"version": VERSION})
             names.setdefault(skill, {})[split] = name
     return names
+
+
+# -- build -----------------------------------------------------------------------
+
+FINETUNE = {skill: dict(steps=150, lr=5e-5, batch=16) for skill in SKILLS}  # per expert, as a user would
+_STAMP = "problem.json"
+
+
+def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
+    """Build (once) the base, the three experts (``expert_<skill>``) and the
+    tasks under ``workdir``; returns their paths."""
+    import json
+    import time
+
+    import torch
+
+    from evomerge.demo_problem import train_answers
+
+    workdir = Path(workdir).resolve()
+    models = workdir / "models"
+    paths = {"base": models / "base", **{f"expert_{s}": models / f"expert_{s}" for s in SKILLS}}
+    stamp = workdir / _STAMP
+    try:
+        built = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        built = {}
+    items = eval_items()
+    if built.get("version") != VERSION or not all((p / "model.safetensors").is_file() for p in paths.values()):
+        stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
+        timings = {}
+        for skill, settings in FINETUNE.items():
+            model, tok = load_base()
+            if not (paths["base"] / "model.safetensors").is_file():
+                model.save_pretrained(paths["base"])
+                tok.save_pretrained(paths["base"])
+            torch.manual_seed(SEED)
+            steps, batch = settings["steps"], settings["batch"]
+            batches = training_batches(skill, steps, batch, items)
+            t0 = time.perf_counter()
+            train_answers(model, tok, batches, steps, settings["lr"], True, f"fine-tuning expert_{skill}", progress)
+            timings[skill] = round(time.perf_counter() - t0, 1)
+            model.save_pretrained(paths[f"expert_{skill}"])
+            tok.save_pretrained(paths[f"expert_{skill}"])
+        built = {"version": VERSION, "finetune_seconds": timings}
+    write_tasks(workdir / "tasks", items)
+    stamp.write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
+    return {**paths, "tasks": workdir / "tasks"}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build(Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "work")))
