@@ -130,16 +130,6 @@ def task_name(skill: str, split: str) -> str:
 # -- training data ---------------------------------------------------------------
 
 
-def _french_pair(n: int, rng: random.Random) -> tuple[str, str]:
-    form = rng.randrange(3)
-    if form == 0:
-        return f"Q: Écris {french(n)} en chiffres.\nA:", str(n)
-    if form == 1:
-        return f"Q: Écris {n} en lettres.\nA:", french(n)
-    m = n % 999
-    return f"Q: Quel nombre vient après {french(m)} ?\nA:", french(m + 1)
-
-
 def training_batches(skill: str, steps: int, batch: int, items: dict | None = None):
     """``steps`` batches of (prompt, answer) pairs for the ``skill`` expert,
     none of them an evaluation document."""
@@ -154,7 +144,7 @@ def training_batches(skill: str, steps: int, batch: int, items: dict | None = No
             return SKILLS_PROBLEM.sum_prompt(str(a), str(b)), str(a + b)
 
     elif skill == "french":
-        make = lambda: _french_pair(rng.randrange(1000), rng)  # noqa: E731
+        make = lambda: SKILLS_PROBLEM._french_pair(rng.randrange(1000), rng, french, 1000)  # noqa: E731
     elif skill == "rev":
         used = {d["s"] for docs in items["rev"].values() for d in docs}
 

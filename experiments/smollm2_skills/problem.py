@@ -134,14 +134,15 @@ def _math_batches(steps: int, batch: int, exclude: set[tuple[int, int]]):
         yield [(sum_prompt(str(a), str(b)), str(a + b)) for a, b in (rng.choice(allowed) for _ in range(batch))]
 
 
-def _french_pair(n: int, rng: random.Random) -> tuple[str, str]:
+def _french_pair(n: int, rng: random.Random, words=french, top: int = 100) -> tuple[str, str]:
+    """A French training pair for ``n`` (0 <= n < top), spelled by ``words``."""
     form = rng.randrange(3)
     if form == 0:
-        return f"Q: Écris {french(n)} en chiffres.\nA:", str(n)
+        return f"Q: Écris {words(n)} en chiffres.\nA:", str(n)
     if form == 1:
-        return f"Q: Écris {n} en lettres.\nA:", french(n)
-    m = n % 99
-    return f"Q: Quel nombre vient après {french(m)} ?\nA:", french(m + 1)
+        return f"Q: Écris {n} en lettres.\nA:", words(n)
+    m = n % (top - 1)
+    return f"Q: Quel nombre vient après {words(m)} ?\nA:", words(m + 1)
 
 
 def _french_batches(steps: int, batch: int):
