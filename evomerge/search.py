@@ -434,7 +434,8 @@ class Run:
         bar = tqdm(total=0, desc="selection race", unit="candidate", disable=not self.progress)
         try:
             while True:
-                step = plan(runners, self.store.selections(fp), sizes, doc_tasks, weights, sel.min_docs)
+                stored = self.store.selections(fp)
+                step = plan(runners, stored, sizes, doc_tasks, weights, sel.min_docs)
                 if not step.needs:
                     break
                 self.open_executor(log=bar.write)
@@ -445,7 +446,7 @@ class Run:
                 while self.executor.pending():
                     for number, score in self.executor.wait():
                         documents += score.documents
-                        self.store.set_selection(number, self._selection_entry(fp, number, score))
+                        self.store.set_selection(number, _selection_entry(fp, stored.get(number), score))
                         self.store.set_race({"fp": fp, "documents": documents})  # no winner until it ends
                         bar.update()
         finally:
@@ -459,15 +460,6 @@ class Run:
         }
         self.store.set_race(summary)
         return summary
-
-    def _selection_entry(self, fp: str, number: int, score: Score) -> dict[str, Any]:
-        """A trial's stored selection scores with ``score`` (a part) added."""
-        if not score.ok:
-            return {"fp": fp, "failed": (score.reason or "unknown")[:300]}
-        if score.docs is None:
-            return {"fp": fp, "values": score.values}
-        before = self.store.selections(fp).get(number, {}).get("docs", {})
-        return {"fp": fp, "docs": {k: list(before.get(k, [])) + list(v) for k, v in score.docs.items()}}
 
     def _heldout_picks(self) -> list[TrialRecord]:
         """The chosen best, the best by dev fitness, the best search trials
@@ -507,6 +499,16 @@ class Run:
             self.executor.close()
             self.executor = None
         self.store.close()
+
+
+def _selection_entry(fp: str, stored: dict[str, Any] | None, score: Score) -> dict[str, Any]:
+    """A trial's selection scores (``stored``, before this round) with ``score`` (a part) added."""
+    if not score.ok:
+        return {"fp": fp, "failed": (score.reason or "unknown")[:300]}
+    if score.docs is None:
+        return {"fp": fp, "values": score.values}
+    before = (stored or {}).get("docs", {})
+    return {"fp": fp, "docs": {k: list(before.get(k, [])) + list(v) for k, v in score.docs.items()}}
 
 
 class Outcomes:
