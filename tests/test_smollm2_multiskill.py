@@ -103,3 +103,39 @@ def test_tasks_load_through_the_evaluator(problem, items, tmp_path):
 
     score = ev.score(transformers.AutoModelForCausalLM.from_pretrained(model_dir))
     assert score.ok and all(0 <= v <= 1 for v in score.values.values())
+
+
+RUN_PY = PROBLEM.parent / "run.py"
+
+
+@pytest.fixture(scope="module")
+def run_py():
+    spec = importlib.util.spec_from_file_location("smollm2_multiskill_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_searches_share_documents_and_a_budget(run_py, tmp_path, monkeypatch):
+    """Every search optimises the same dev subset, never a selection or
+    held-out document; the mergekit-evolve-style search gets the race's
+    documents as search documents, so that all spend the same."""
+    from evomerge.config import load_config
+    from evomerge.race import cost
+
+    monkeypatch.setattr(run_py, "WORK", tmp_path)
+    configs = {name: load_config(run_py.write_config(name))[0] for name in run_py.SEARCHES}
+    sizes = {run_py.problem.task_name(s, "select"): run_py.problem.DOCS["select"] for s in run_py.SKILLS}
+    assert run_py.RACE_DOCUMENTS == cost(16, sizes)
+    for name, cfg in configs.items():
+        select = run_py.SEARCHES[name][1]
+        assert [o.task for o in cfg.eval.objectives] == [f"multi_{s}_dev" for s in run_py.SKILLS]
+        assert [o.task for o in cfg.heldout.objectives] == [f"multi_{s}_heldout" for s in run_py.SKILLS]
+        assert abs(sum(o.weight for o in cfg.eval.objectives) - 1) < 1e-9  # fitness: the mean accuracy
+        assert cfg.eval.samples == run_py.DEV_SAMPLES
+        spent = cfg.budget.documents + (run_py.RACE_DOCUMENTS if select else 0)
+        assert spent == run_py.DOCUMENTS + run_py.RACE_DOCUMENTS
+        assert (cfg.select is not None) == select == cfg.early_stop.enabled
+        if select:
+            assert [o.task for o in cfg.select.objectives] == [f"multi_{s}_select" for s in run_py.SKILLS]
+            assert cfg.select.top + len(run_py.SKILLS) + 1 + 4 == 16  # top 8, 4 sources, 4 default merges

@@ -177,13 +177,22 @@ def write_tasks(folder: Path, items: dict | None = None) -> dict[str, dict[str, 
 
 # -- build -----------------------------------------------------------------------
 
-FINETUNE = {skill: dict(steps=150, lr=5e-5, batch=16) for skill in SKILLS}  # per expert, as a user would
+# Per expert, as a user would: a normal learning rate, a few hundred steps at
+# most. Reversing letters takes longer to learn than the other two: at 150
+# steps its expert reached 0.79 held-out, under the 0.8 the experiment asks of
+# every expert, so it trains for 300 (chosen before any merge was scored).
+FINETUNE = {
+    "math": dict(steps=150, lr=5e-5, batch=16),
+    "french": dict(steps=150, lr=5e-5, batch=16),
+    "rev": dict(steps=300, lr=5e-5, batch=16),
+}
 _STAMP = "problem.json"
 
 
 def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
     """Build (once) the base, the three experts (``expert_<skill>``) and the
-    tasks under ``workdir``; returns their paths."""
+    tasks under ``workdir``; returns their paths. An expert is trained again
+    only when it is missing or its ``FINETUNE`` settings changed."""
     import json
     import time
 
@@ -199,24 +208,30 @@ def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
         built = json.loads(stamp.read_text())
     except (OSError, ValueError):
         built = {}
+    if built.get("version") != VERSION or not isinstance(built.get("experts"), dict):
+        built = {"version": VERSION, "experts": {}}
     items = eval_items()
-    if built.get("version") != VERSION or not all((p / "model.safetensors").is_file() for p in paths.values()):
-        stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
-        timings = {}
-        for skill, settings in FINETUNE.items():
-            model, tok = load_base()
-            if not (paths["base"] / "model.safetensors").is_file():
-                model.save_pretrained(paths["base"])
-                tok.save_pretrained(paths["base"])
-            torch.manual_seed(SEED)
-            steps, batch = settings["steps"], settings["batch"]
-            batches = training_batches(skill, steps, batch, items)
-            t0 = time.perf_counter()
-            train_answers(model, tok, batches, steps, settings["lr"], True, f"fine-tuning expert_{skill}", progress)
-            timings[skill] = round(time.perf_counter() - t0, 1)
-            model.save_pretrained(paths[f"expert_{skill}"])
-            tok.save_pretrained(paths[f"expert_{skill}"])
-        built = {"version": VERSION, "finetune_seconds": timings}
+    for skill, settings in FINETUNE.items():
+        path = paths[f"expert_{skill}"]
+        done = built["experts"].get(skill, {})
+        if (path / "model.safetensors").is_file() and done.get("settings") == settings:
+            continue
+        built["experts"].pop(skill, None)  # an interrupted build must not look finished
+        stamp.write_text(json.dumps(built) + "\n")
+        model, tok = load_base()
+        if not (paths["base"] / "model.safetensors").is_file():
+            model.save_pretrained(paths["base"])
+            tok.save_pretrained(paths["base"])
+        torch.manual_seed(SEED)
+        steps, batch = settings["steps"], settings["batch"]
+        batches = training_batches(skill, steps, batch, items)
+        t0 = time.perf_counter()
+        train_answers(model, tok, batches, steps, settings["lr"], True, f"fine-tuning expert_{skill}", progress)
+        seconds = round(time.perf_counter() - t0, 1)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        built["experts"][skill] = {"settings": settings, "seconds": seconds}
+        stamp.write_text(json.dumps(built) + "\n")
     write_tasks(workdir / "tasks", items)
     stamp.write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
     return {**paths, "tasks": workdir / "tasks"}

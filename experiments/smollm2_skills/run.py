@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -38,8 +37,11 @@ RESULTS = HERE / "results"
 ARCHIVE = RESULTS / "studies"
 HELDOUT_SCORES = RESULTS / "heldout_per_doc.json"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
+import common  # noqa: E402
 import problem  # noqa: E402
+from common import ENV, evomerge_cli, mean_se, splice_table  # noqa: E402
 
 TARGET = "fr_math"
 # Parameter space: the paper's layer-wise DARE-TIES (a weight and a density
@@ -70,11 +72,6 @@ SEARCHES = {  # name -> (space, driver, uses the fixed merge of ps_cma)
 DEV_METRIC = {"ps_cma_brier": {"metric": "brier_score", "direction": "minimize"}}
 HELDOUT_TASKS = [problem.task_name(t, "test") for t in (TARGET, "math", "french")]
 DEV_ACC = f"{problem.task_name(TARGET, 'dev')}/acc"  # the column every search is compared on
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def evomerge_cli() -> str:
-    return str(Path(sys.executable).parent / "evomerge")
 
 
 def write_config(name: str) -> Path:
@@ -121,40 +118,14 @@ def run_search(name: str) -> None:
 
 
 def archive_run(name: str) -> None:
-    """Copy a finished search's study into ARCHIVE (a consistent SQLite backup)."""
-    import sqlite3
-
-    dst = ARCHIVE / name
-    dst.mkdir(parents=True, exist_ok=True)
-    tmp = dst / "study.db.tmp"
-    tmp.unlink(missing_ok=True)
-    src, out = sqlite3.connect(RUNS / name / "study.db"), sqlite3.connect(tmp)
-    with out:
-        src.backup(out)
-    src.close()
-    out.close()
-    tmp.replace(dst / "study.db")
-    shutil.copy2(RUNS / name / "run.yaml", dst / "run.yaml")
+    """Copy a finished search's study into ARCHIVE."""
+    common.archive_run(RUNS / name, ARCHIVE / name)
 
 
 def restore_run(name: str) -> bool:
     """Put an archived study back under RUNS when RUNS lacks it (a fresh
     checkout), pointing its storage at the copy. True if the run is there."""
-    import yaml
-
-    run = RUNS / name
-    if (run / "run.yaml").is_file():
-        return True
-    src = ARCHIVE / name
-    if not (src / "study.db").is_file():
-        return False
-    run.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / "study.db", run / "study.db")
-    record = yaml.safe_load((src / "run.yaml").read_text())
-    record["storage"] = f"sqlite:///{(run / 'study.db').resolve()}"
-    record["config_path"] = str((WORK / f"search_{name}.yaml").resolve())
-    (run / "run.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    return True
+    return common.restore_run(RUNS / name, ARCHIVE / name, WORK / f"search_{name}.yaml")
 
 
 def best_search_trial(name: str):
@@ -210,16 +181,12 @@ def reported_models(searches: list[str], here: list[str]) -> list[dict]:
                 "evaluations": len(search),
                 "wall_min": store.elapsed / 60,
                 "per_candidate": {
-                    k: _median([getattr(t, k) for t in timing]) for k in ("seconds", "merge_seconds", "eval_seconds")
+                    k: common.median([getattr(t, k) for t in timing])
+                    for k in ("seconds", "merge_seconds", "eval_seconds")
                 },
             }
         )
     return rows
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else float("nan")
 
 
 def score_heldout(recipe: Path, cache: dict) -> dict[str, list[float]]:
@@ -250,22 +217,6 @@ def score_heldout(recipe: Path, cache: dict) -> dict[str, list[float]]:
     shutil.rmtree(out)
     cache[key] = per_doc
     return per_doc
-
-
-def splice_table(doc: Path, table: str) -> None:
-    """Replace the table between RESULTS.md's markers with the new one."""
-    start, end = "<!-- table: results/table.md -->\n", "<!-- end table -->"
-    text = doc.read_text()
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        doc.write_text(head + start + table + rest[rest.index(end) :])
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)
-    return m, math.sqrt(var / n)
 
 
 def mcnemar_p(a: list[float], b: list[float]) -> float:
