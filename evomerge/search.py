@@ -394,7 +394,7 @@ class Run:
         if self.cfg.select is not None:
             self.race()
         if self.cfg.heldout is not None:
-            self.score_heldout(self._heldout_picks())
+            self._score_heldout(self._heldout_picks())
         return self.store.chosen()[0]
 
     def _entrants(self) -> list[TrialRecord]:
@@ -479,10 +479,7 @@ class Run:
                 out.append(r)
         return out
 
-    def score_heldout(self, picks: list[TrialRecord]) -> None:
-        """Score these trials on the held-out set (each once, together), storing
-        each score as it arrives; ``finish`` calls it with its picks, an
-        experiment with any trials it wants held-out numbers for."""
+    def _score_heldout(self, picks: list[TrialRecord]) -> None:
         # Submitted together, so that every worker of a Ray run takes one.
         if not picks:
             return

@@ -8,11 +8,10 @@ continues from its study):
     .venv/bin/python experiments/smollm2_multiskill/run.py
 
 Steps: build the base, the experts and the tasks (``problem.py``); run the
-searches with ``evomerge search`` (each scores its winner, its best trials by
-dev and the best default merge on the held-out splits itself, in place, one
-record per document); score every baseline of the first search on the
-held-out splits too (the sources give the cross-table and each expert's
-ceiling); write ``results/table.md`` and ``results/results.json`` and splice
+searches with ``evomerge search`` (each scores its baselines, its winner and
+its best trials by dev on the held-out splits itself, in place, one record
+per document: the sources give the cross-table and each expert's ceiling);
+write ``results/table.md`` and ``results/results.json`` and splice
 the table into RESULTS.md. ``--only NAME`` runs one search (two can run side
 by side, each in its own process); ``--table-only`` skips the searches.
 
@@ -73,7 +72,8 @@ SEARCHES = {  # name -> (driver, with selection and early stopping)
     "ps_cma_evolve": (CMA, False),
 }
 HELDOUT_TOP = 3  # each search's best trials by dev scored on held-out: the dev/held-out gap
-# The search whose baselines are all scored on held-out (every search has the same baselines).
+# The search whose baselines the table shows (every search scores the same
+# baselines, on dev and on held-out).
 BASELINE_RUN = "ps_cma_select"
 
 
@@ -116,26 +116,11 @@ def run_search(name: str) -> None:
     cmd = [evomerge_cli(), "search", str(config), "--run-dir", str(RUNS / name)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=ENV)
-    if name == BASELINE_RUN:
-        score_baselines()
     common.archive_run(RUNS / name, ARCHIVE / name)
 
 
 def restore_run(name: str) -> bool:
     return common.restore_run(RUNS / name, ARCHIVE / name, config_path(name))
-
-
-def score_baselines() -> None:
-    """Score every baseline of BASELINE_RUN on the held-out splits (those
-    not scored yet), in place, as the search scores its picks."""
-    from evomerge.search import Run
-
-    run = Run(config_path(BASELINE_RUN), RUNS / BASELINE_RUN)
-    try:
-        missing = [t for t in run.store.trials("baseline") if t.ok and t.heldout_values is None]
-        run.score_heldout(missing)
-    finally:
-        run.close()
 
 
 # -- the table -------------------------------------------------------------------
@@ -145,7 +130,7 @@ DEV_FIT = "dev fitness"
 
 
 def rows_of(here: list[str]) -> tuple[list[dict], dict]:
-    """The table's rows (the baselines of BASELINE_RUN, then per search its
+    """The table's rows (the baselines of BASELINE_RUN, or of the first search here, then per search its
     exported recipe and, when that is not the same trial, its best by dev),
     and per search its summary."""
     from evomerge.store import RunStore
@@ -161,10 +146,9 @@ def rows_of(here: list[str]) -> tuple[list[dict], dict]:
         }
 
     rows, searches = [], {}
-    if BASELINE_RUN in here:
-        for t in RunStore.open(RUNS / BASELINE_RUN).trials("baseline"):
-            if t.ok:
-                rows.append(row(t.name, t))
+    for t in RunStore.open(RUNS / (BASELINE_RUN if BASELINE_RUN in here else here[0])).trials("baseline"):
+        if t.ok:
+            rows.append(row(t.name, t))
     for name in here:
         store = RunStore.open(RUNS / name)
         winner, rule = store.chosen()
