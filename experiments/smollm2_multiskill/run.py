@@ -11,8 +11,8 @@ Steps: build the base, the experts and the tasks (``problem.py``); run the
 searches with ``evomerge search`` (each scores its baselines, its winner and
 its best trials by dev on the held-out splits itself, in place, one record
 per document: the sources give the cross-table and each expert's ceiling);
-write ``results/table.md`` and ``results/results.json`` and splice
-the table into RESULTS.md. ``--only NAME`` runs one search (two can run side
+write ``results/table.md``, ``results/results.json`` and an ``evomerge
+report`` page per search, and splice the table into RESULTS.md. ``--only NAME`` runs one search (two can run side
 by side, each in its own process); ``--table-only`` skips the searches.
 
 Every number that decides the comparison was fixed before any merge was
@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "build": json.loads((WORK / "problem.json").read_text()),
     }
     (RESULTS / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for name in here:  # an HTML report per search, readable offline
+        out = RESULTS / f"report_{name}.html"
+        subprocess.run([evomerge_cli(), "report", str(RUNS / name), "--out", str(out)], check=True, env=ENV)
     print(table)
     return 0
 
