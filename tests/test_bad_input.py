@@ -332,3 +332,69 @@ def test_bad_option_values_exit_2(capsys, argv):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: evomerge") and "error:" in err and "Traceback" not in err
+
+
+# -- the methods added for issue 20 --------------------------------------------
+
+
+def _method(method: str, base, *models, shared=None, per_model=None) -> dict:
+    data = {
+        "merge_method": method,
+        "dtype": "float32",
+        "models": [
+            {"model": str(m), "parameters": dict(per_model[i] if isinstance(per_model, list) else per_model or {})}
+            for i, m in enumerate(models)
+        ],
+    }
+    if base is not None:
+        data["base_model"] = str(base)
+    if shared:
+        data["parameters"] = shared
+    return data
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (
+            lambda f: _method("multislerp", f.base, f.ft[0], f.ft[1], per_model=[{"weight": 1.0}, {"weight": -1.0}]),
+            ["sum to 0", "normalize_weights: true", "set normalize_weights: false"],
+        ),
+        (
+            lambda f: _method("multislerp", None, f.ft[0], f.ft[1], shared={"eps": 0.0}, per_model={"weight": 0.5}),
+            ["'eps'", "(0.0, inf]"],
+        ),
+        (lambda f: _method("multislerp", f.base, f.base, per_model={"weight": 0.5}), ["at least 1 non-base"]),
+        (lambda f: _method("multislerp", None, f.ft[0], f.ft[1]), ["needs parameter 'weight'"]),
+        (lambda f: _method("nearswap", f.base, f.ft[0], shared={"t": -0.001}), ["'t'", "[0.0, inf]"]),
+        (lambda f: _method("nearswap", f.base, f.ft[0]), ["needs parameter 't'"]),
+        (lambda f: _method("nearswap", f.base, f.ft[0], f.ft[1], shared={"t": 0.001}), ["at most 2"]),
+        (lambda f: _method("nearswap", None, f.ft[0], f.ft[1], shared={"t": 0.001}), ["needs a base model"]),
+        (
+            lambda f: _method("karcher", None, f.ft[0], f.ft[1], shared={"max_iter": 2.5}),
+            ["'max_iter'", "whole number"],
+        ),
+        (lambda f: _method("karcher", None, f.ft[0], f.ft[1], shared={"max_iter": -1}), ["'max_iter'", "[0, inf]"]),
+        (lambda f: _method("karcher", None, f.ft[0], f.ft[1], shared={"tol": -1e-5}), ["'tol'", "[0.0, inf]"]),
+        (lambda f: _method("karcher", None, f.ft[0], shared={"tol": float("nan")}), ["'tol'", "not a finite number"]),
+        (
+            lambda f: _method("sce", f.base, f.ft[0], f.ft[1], shared={"select_topk": 1.5}),
+            ["'select_topk'", "[0.0, 1.0]"],
+        ),
+        (lambda f: _method("sce", f.base, f.ft[0], shared={"select_topk": -0.1}), ["'select_topk'", "[0.0, 1.0]"]),
+        (lambda f: _method("sce", None, f.ft[0], f.ft[1]), ["needs a base model"]),
+        (lambda f: _method("sce", f.base, f.ft[0], per_model={"weight": 0.5}), ["unknown parameter 'weight'"]),
+        (lambda f: _method("arcee_fusion", f.base, f.ft[0], f.ft[1]), ["at most 2"]),
+        (lambda f: _method("arcee_fusion", None, f.ft[0], f.ft[1]), ["needs a base model"]),
+        (lambda f: _method("arcee_fusion", f.base, f.ft[0], shared={"t": 0.5}), ["unknown parameter 't'"]),
+        (lambda f: _method("ram", f.base, f.ft[0], shared={"epsilon": -1e-5}), ["'epsilon'", "[0.0, inf]"]),
+        (lambda f: _method("ram", None, f.ft[0], f.ft[1]), ["needs a base model"]),
+        (lambda f: _method("ramplus_tl", f.base, f.ft[0], shared={"epsilon": 0.0}), ["'epsilon'", "(0.0, inf]"]),
+        (lambda f: _method("ramplus_tl", f.base, f.ft[0], shared={"r": -0.1}), ["'r'", "[0.0, inf]"]),
+        (lambda f: _method("ramplus_tl", f.base, f.ft[0], shared={"alpha": [0.2, -1.0]}), ["'alpha'", "[0.0, inf]"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_parameters_of_the_new_methods(capsys, tmp_path, llama, make, words):
+    code, err, out = run_cli(capsys, tmp_path, make(llama))
+    assert_refused(code, err, out, *words)

@@ -100,6 +100,74 @@ def _passthrough(f, **_):
     }
 
 
+def _multislerp(f, **_):
+    return {
+        "method": "multislerp",
+        "base_model": str(f.base),
+        "sources": [
+            {"model": str(f.ft[0]), "parameters": {"weight": [0.9, 0.2]}},
+            {"model": str(f.ft[1]), "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.4}]}},
+            {"model": str(f.ft[2]), "parameters": {"weight": 0.5}},
+            {"model": str(f.base)},
+        ],
+        "dtype": "float32",
+    }
+
+
+def _nearswap(f, **_):
+    return {
+        "method": "nearswap",
+        "base_model": str(f.base),
+        "sources": [{"model": str(f.base)}, {"model": str(f.ft[0])}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0.0001, 0.001]}, {"value": 0.0004}]},
+        "dtype": "float32",
+    }
+
+
+def _karcher(f, **_):
+    return {
+        "method": "karcher",
+        "sources": [{"model": str(m)} for m in f.ft],
+        "parameters": {"max_iter": [{"filter": "mlp", "value": 3}, {"value": 10}], "tol": 1e-6},
+        "dtype": "float32",
+    }
+
+
+def _sce(f, **_):
+    return {
+        "method": "sce",
+        "base_model": str(f.base),
+        "sources": [{"model": str(f.base)}] + [{"model": str(m)} for m in f.ft],
+        "parameters": {"select_topk": [{"filter": "self_attn", "value": [0.2, 0.9]}, {"value": 0.6}]},
+        "dtype": "float32",
+    }
+
+
+def _arcee_fusion(f, **_):
+    return {
+        "method": "arcee_fusion",
+        "base_model": str(f.base),
+        "sources": [{"model": str(f.base)}, {"model": str(f.ft[1])}],
+        "dtype": "float32",
+    }
+
+
+def _ram(method):
+    def make(f, **_):
+        params = {"epsilon": [{"filter": "mlp", "value": [1e-4, 6e-4]}, {"value": 3e-4}]}
+        if method == "ramplus_tl":
+            params.update(r=[0.2, 0.6], alpha=[{"filter": "self_attn", "value": 1.0}, {"value": 0.3}])
+        return {
+            "method": method,
+            "base_model": str(f.base),
+            "sources": [{"model": str(f.base)}] + [{"model": str(m)} for m in f.ft],
+            "parameters": params,
+            "dtype": "float32",
+        }
+
+    return make
+
+
 GTA = (
     "task_arithmetic",
     "ties",
@@ -117,6 +185,13 @@ RECIPES = {
     "nuslerp": _nuslerp,
     "model_stock": _model_stock,
     "passthrough": _passthrough,
+    "multislerp": _multislerp,
+    "nearswap": _nearswap,
+    "karcher": _karcher,
+    "sce": _sce,
+    "arcee_fusion": _arcee_fusion,
+    "ram": _ram("ram"),
+    "ramplus_tl": _ram("ramplus_tl"),
 }
 
 

@@ -7,7 +7,9 @@ embeddings, grouped-query attention) and a Qwen2-style one (attention biases,
 tied embeddings), with per-layer gradients and name filters at every level a
 mergekit config allows: per model, per slice and top level. Each case also
 merges a perturbed config with evomerge and checks that it does *not* match,
-so a comparison that could never fail cannot pass. Last, magnitude pruning is
+so a comparison that could never fail cannot pass. The methods evomerge
+computes operation for operation as mergekit does (``BIT_IDENTICAL``) must
+match bit for bit, and give the same logits. Last, magnitude pruning is
 checked where equal magnitudes straddle the density cut.
 """
 
@@ -104,6 +106,10 @@ def _check_parity(case: Callable, family, tmp_path: Path) -> None:
 
     problems = _mismatches(ours, theirs)
     assert not problems, "evomerge differs from mergekit:\n" + "\n".join(problems[:20])
+    if case.__name__.removesuffix("_bf16") in BIT_IDENTICAL:
+        differ = [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+        assert not differ, f"not bit-identical to mergekit: {differ[:5]}"
+        _assert_same_logits(ours_dir, tmp_path / "mergekit")
     assert _num_layers(ours_dir) == their_layers
     assert _layer_indices(theirs) == set(range(their_layers))
     transformers.AutoConfig.from_pretrained(ours_dir)  # per-layer lists follow the depth
@@ -116,6 +122,18 @@ def _check_parity(case: Callable, family, tmp_path: Path) -> None:
         assert len(same) < len(theirs), f"the merge is a plain copy of {src}"
     perturbed = read_tensors(_run_evomerge(case(family, 0.1), tmp_path / "perturbed"))
     assert _mismatches(perturbed, theirs), "a perturbed config still matched mergekit: the check is vacuous"
+
+
+def _assert_same_logits(ours: Path, theirs: Path) -> None:
+    """Both merged models, loaded by transformers, give the same logits."""
+    ids = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for folder in (ours, theirs):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert torch.isfinite(logits[0]).all()
+    assert torch.equal(logits[0], logits[1])
 
 
 def _model_paths(cfg: dict) -> list[str]:
@@ -432,6 +450,139 @@ def top_level(f, k):
     }
 
 
+def multislerp_base(f, k):
+    """Three task vectors, weights by gradient and filter (normalized)."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "multislerp",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [
+            {"model": ft[0], "parameters": {"weight": [0.2 + k, 0.9]}},
+            {"model": ft[1], "parameters": {"weight": [{"filter": "self_attn", "value": 0.7}, {"value": 0.3}]}},
+            {"model": ft[2], "parameters": {"weight": 0.5}},
+        ],
+    }
+
+
+def multislerp_no_base(f, k):
+    """Two whole models, unnormalized weights, another eps."""
+    _, ft = _paths(f)
+    return {
+        "merge_method": "multislerp",
+        "dtype": "float32",
+        "parameters": {"normalize_weights": False, "eps": [{"filter": "mlp", "value": 1e-6}, {"value": 1e-8}]},
+        "models": [
+            {"model": ft[0], "parameters": {"weight": [{"filter": "mlp", "value": [0.3, 0.5 + k]}, {"value": 0.4}]}},
+            {"model": ft[1], "parameters": {"weight": 0.6}},
+        ],
+    }
+
+
+def nearswap(f, k):
+    """t by gradient and filter, around the size of the task vectors' entries."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "nearswap",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [{"model": base}, {"model": ft[1]}],
+        "parameters": {"t": [{"filter": "mlp", "value": [0.0002, 0.001 + k / 100]}, {"value": 0.0005}]},
+    }
+
+
+def karcher(f, k):
+    """The base is an ordinary input (karcher ignores base_model's role);
+    tol by filter. The perturbed config leaves a model out."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "karcher",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"max_iter": 20, "tol": [{"filter": "mlp", "value": 1e-6}, {"value": 1e-5}]},
+        "models": [{"model": p} for p in (ft if k == 0 else ft[:2])],
+    }
+
+
+def sce(f, k):
+    """select_topk by gradient and filter."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "sce",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"select_topk": [{"filter": "self_attn", "value": [0.3, 0.8 + k]}, {"value": 0.5}]},
+        "models": [{"model": p} for p in ft],
+    }
+
+
+def sce_no_selection(f, k):
+    """Every entry selected (the default), int8 masks; the perturbed config leaves a model out."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "sce",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"int8_mask": True},
+        "models": [{"model": p} for p in (ft if k == 0 else ft[:2])],
+    }
+
+
+def arcee_fusion(f, k):
+    """No parameters; the perturbed config fuses another model."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "arcee_fusion",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [{"model": base}, {"model": ft[0] if k == 0 else ft[2]}],
+    }
+
+
+def ram(f, k):
+    """epsilon by gradient and filter, around the size of the task vectors' entries."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "ram",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {"epsilon": [{"filter": "mlp", "value": [1e-4, 5e-4 + k / 100]}, {"value": 3e-4}]},
+        "models": [{"model": p} for p in ft],
+    }
+
+
+def ramplus_tl(f, k):
+    """r by gradient, alpha by filter, epsilon shared."""
+    base, ft = _paths(f)
+    return {
+        "merge_method": "ramplus_tl",
+        "base_model": base,
+        "dtype": "float32",
+        "parameters": {
+            "r": [0.5, 0.1 + k],
+            "alpha": [{"filter": "self_attn", "value": 1.5}, {"value": 0.2}],
+            "epsilon": 4e-4,
+        },
+        "models": [{"model": p} for p in ft],
+    }
+
+
+# Cases whose every tensor (and so every logit) is mergekit's, bit for bit,
+# in float32 and bfloat16: the methods whose arithmetic evomerge repeats
+# operation for operation.
+BIT_IDENTICAL = {
+    "multislerp_base",
+    "multislerp_no_base",
+    "nearswap",
+    "karcher",
+    "sce",
+    "sce_no_selection",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+}
+
+
 CASES = [
     linear,
     linear_unnormalized,
@@ -451,6 +602,15 @@ CASES = [
     slerp_slices,
     ties_slices,
     top_level,
+    multislerp_base,
+    multislerp_no_base,
+    nearswap,
+    karcher,
+    sce,
+    sce_no_selection,
+    arcee_fusion,
+    ram,
+    ramplus_tl,
 ]
 
 
@@ -465,7 +625,22 @@ def _bf16(case: Callable) -> Callable:
     return bf16_case
 
 
-BF16_CASES = [_bf16(c) for c in (task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, slerp_slices, nuslerp_base)]
+BF16_CASES = [
+    _bf16(c)
+    for c in (
+        task_arithmetic,
+        ties,
+        breadcrumbs,
+        breadcrumbs_ties,
+        slerp_slices,
+        nuslerp_base,
+        multislerp_base,
+        nearswap,
+        karcher,
+        sce,
+        ram,
+    )
+]
 
 
 @pytest.mark.parametrize("case", CASES + BF16_CASES, ids=lambda c: c.__name__)
@@ -489,6 +664,25 @@ def test_in_place_merge_matches_mergekit(case, family, tmp_path):
     assert not problems, "the in-place merge differs from mergekit:\n" + "\n".join(problems[:20])
     perturbed = merger.apply(Recipe.from_dict(case(family, 0.1))).state_dict()
     assert _mismatches({k: perturbed[k] for k in theirs}, theirs)
+
+
+@pytest.mark.parametrize("case", [arcee_fusion, ramplus_tl], ids=lambda c: c.__name__)
+def test_bf16_merges_mergekit_leaves_in_float32(case, family, tmp_path):
+    """In bfloat16, arcee_fusion's mask and ramplus_tl's boost are float32,
+    so mergekit 0.1.5 computes these merges in float32 and writes them so,
+    ignoring the config's dtype. evomerge writes the dtype asked for: each
+    tensor is mergekit's, rounded once to bfloat16."""
+    cfg = {**case(family, 0.0), "dtype": "bfloat16"}
+    _run_mergekit(cfg, tmp_path / "mergekit")
+    theirs = read_tensors(tmp_path / "mergekit")
+    ours = read_tensors(_run_evomerge(cfg, tmp_path / "evomerge"))
+    assert ours.keys() == theirs.keys()
+    assert {t.dtype for t in theirs.values()} == {torch.float32}
+    for k, t in theirs.items():
+        assert ours[k].dtype == torch.bfloat16, k
+        assert torch.equal(ours[k], t.to(torch.bfloat16)), k
+    # Not vacuous: the float32 values are not all representable in bfloat16.
+    assert any(not torch.equal(t.to(torch.bfloat16).float(), t) for t in theirs.values())
 
 
 # -- ties in magnitude ------------------------------------------------------------

@@ -6,6 +6,8 @@ validation, the search space) reads them from this registry.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from functools import partial
 
 from evomerge.errors import EvomergeError
@@ -41,6 +43,13 @@ _EPSILON = Param(
     limits=(0.0, 1.0),
     bounds=(0.01, 0.3),
     doc="spread of keep probabilities",
+)
+_RAM_EPSILON = Param(
+    "epsilon",
+    float,
+    default=1e-5,
+    limits=(0.0, math.inf),
+    doc="changes of at most this size count as none",
 )
 
 _REFS = {
@@ -81,7 +90,7 @@ def _task_arithmetic_family(
 
 
 def _build() -> dict[str, MergeMethod]:
-    from evomerge.methods import linear, slerp
+    from evomerge.methods import linear, sce, selective, slerp
 
     family = [
         # name, TIES consensus, sparsification, default normalize, default rescale, reference
@@ -139,6 +148,99 @@ def _build() -> dict[str, MergeMethod]:
             linear.passthrough,
             (Param("scale", float, "per_input", default=None, bounds=(0.0, 2.0), doc="multiply the tensor"),),
             max_inputs=1,
+        ),
+        MergeMethod(
+            "multislerp",
+            slerp.multislerp,
+            (
+                Param("weight", float, "per_model", bounds=(0.0, 1.0), doc="weight of this model"),
+                Param("normalize_weights", bool, default=True, doc="divide the weights by their sum"),
+                Param(
+                    "eps",
+                    float,
+                    default=1e-8,
+                    limits=(0.0, math.inf),
+                    open_low=True,
+                    doc="added to norms against division by zero",
+                ),
+            ),
+            base="optional",
+            min_non_base=1,
+            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            check=slerp.check_multislerp_weights,
+        ),
+        MergeMethod(
+            "nearswap",
+            selective.nearswap,
+            (
+                Param(
+                    "t",
+                    float,
+                    limits=(0.0, math.inf),
+                    bounds=(0.0, 0.01),
+                    doc="how far each entry moves from the base toward the other model, at most",
+                ),
+            ),
+            base="required",
+            min_inputs=2,
+            max_inputs=2,
+            base_is_endpoint=True,
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        ),
+        MergeMethod(
+            "karcher",
+            slerp.karcher,
+            (
+                Param("max_iter", int, default=10, limits=(0, math.inf), doc="most Riemannian steps taken"),
+                Param("tol", float, default=1e-5, limits=(0.0, math.inf), doc="stop once a step is shorter"),
+            ),
+            reference="https://arxiv.org/abs/2603.04972",
+        ),
+        MergeMethod(
+            "sce",
+            sce.sce,
+            (
+                _INT8_MASK,
+                Param(
+                    "select_topk",
+                    float,
+                    default=1.0,
+                    limits=(0.0, 1.0),
+                    bounds=(0.1, 1.0),
+                    doc="fraction of the entries kept, those varying most across models",
+                ),
+            ),
+            base="required",
+            reference="https://arxiv.org/abs/2408.07990",
+        ),
+        MergeMethod(
+            "arcee_fusion",
+            selective.arcee_fusion,
+            (),
+            base="required",
+            min_inputs=2,
+            max_inputs=2,
+            reference="https://arcee.ai",
+        ),
+        MergeMethod(
+            "ram",
+            selective.ram,
+            (_RAM_EPSILON,),
+            base="required",
+            reference="https://arxiv.org/abs/2601.13572",
+        ),
+        MergeMethod(
+            "ramplus_tl",
+            selective.ramplus_tl,
+            (
+                Param(
+                    "r", float, default=0.1, limits=(0.0, math.inf), bounds=(0.0, 1.0), doc="boost of unique changes"
+                ),
+                Param("alpha", float, default=0.2, limits=(0.0, math.inf), bounds=(0.0, 1.0), doc="cap on rho"),
+                dataclasses.replace(_RAM_EPSILON, open_low=True),
+            ),
+            base="required",
+            reference="https://arxiv.org/abs/2601.13572",
         ),
     ]
     return {m.name: m for m in methods}

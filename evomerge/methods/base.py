@@ -86,6 +86,10 @@ class Param:
                 raise EvomergeError(
                     f"parameter {self.name!r}{at} = {value} is not a finite number; give it a finite value in the recipe"
                 )
+            if self.kind is int and value != int(value):
+                raise EvomergeError(
+                    f"parameter {self.name!r}{at} must be a whole number, got {value!r}; fix it in the recipe"
+                )
             value = self.kind(value)
             if self.limits is not None:
                 lo, hi = self.limits
@@ -115,6 +119,8 @@ class MergeMethod:
     name, params)``, when set, refuses parameters that are valid one by one
     but not together (linear's weights cancelling out under normalize);
     planning calls it for every output tensor, before any tensor is read.
+    ``min_non_base`` is the fewest non-base inputs the method takes
+    (multislerp needs one besides an optional base).
     """
 
     name: str
@@ -124,6 +130,7 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     exact_non_base: int | None = None
+    min_non_base: int = 0
     base_is_endpoint: bool = False
     random: bool = False
     options: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +160,11 @@ class MergeMethod:
         if self.max_inputs is not None and n_inputs > self.max_inputs:
             raise EvomergeError(
                 f"method {self.name!r} takes at most {self.max_inputs} model(s){at}, got {n_inputs}; remove models"
+            )
+        if n_non_base < self.min_non_base:
+            raise EvomergeError(
+                f"method {self.name!r} needs at least {self.min_non_base} non-base model(s){at}, "
+                f"got {n_non_base}; add models"
             )
         if self.exact_non_base is not None and n_non_base != self.exact_non_base:
             raise EvomergeError(

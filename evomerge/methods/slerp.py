@@ -1,9 +1,13 @@
-"""Spherical interpolation: slerp (base and one model) and nuslerp."""
+"""Spherical interpolation: slerp (base and one model), nuslerp, multislerp
+(several models, weighted) and karcher (the Karcher mean on the sphere)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.methods.base import TensorInputs
 
 
@@ -68,3 +72,114 @@ def nuslerp(x: TensorInputs, p: dict) -> torch.Tensor:
     if x.base_index is None:
         return _nuslerp(t, x.tensors[i0], x.tensors[i1], row_wise, flatten)
     return x.base + _nuslerp(t, x.delta(i0), x.delta(i1), row_wise, flatten)
+
+
+def multislerp(x: TensorInputs, p: dict) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere (mergekit's multislerp).
+
+    Each model's tensor (its task vector, given a base) is flattened and
+    scaled to unit length. Their weighted mean, renormalized, is the point
+    in whose tangent space the weighted tangent directions are summed; the
+    exponential map takes that sum back to the sphere, and the result is
+    scaled by the weighted mean of the norms. The arithmetic is done in the
+    compute dtype with stacked reductions, as mergekit's (same bits).
+    """
+    models = x.non_base
+    if len(models) == 1:
+        return x.tensors[models[0]]
+    has_base = x.base_index is not None
+    stacked = torch.stack([x.delta(i) if has_base else x.tensors[i] for i in models])
+    flat = stacked.reshape(len(models), -1)
+    eps = p["eps"]
+    w = torch.tensor(p["weight"], dtype=flat.dtype, device=flat.device)
+    if p["normalize_weights"]:
+        w = w / w.sum()
+    column = w.view(-1, 1)
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    centre = (units * column).sum(0)
+    centre_norm = torch.linalg.vector_norm(centre)
+    if centre_norm < eps:
+        if len(models) != 2:
+            raise EvomergeError(
+                f"multislerp: the weighted directions of tensor {x.name} cancel out (opposite models whose "
+                "weights balance); change the weights"
+            )
+        # Two opposite directions: their weighted sum instead, as in mergekit.
+        out = (stacked[0] * w[0] + stacked[1] * w[1]).reshape(stacked.shape[1:])
+    else:
+        centre = centre / centre_norm
+        along = (units * centre).sum(-1, keepdim=True)
+        step = ((units - along * centre) * column).sum(0)
+        length = torch.linalg.vector_norm(step) + eps
+        on_sphere = centre * torch.cos(length) + step * (torch.sin(length) / length)
+        out = (on_sphere * (norms.squeeze(-1) * w).sum()).reshape(stacked.shape[1:])
+    return out + x.base if has_base else out
+
+
+def check_multislerp_weights(name: str, p: dict) -> None:
+    """Refuse weights that sum to 0 when ``normalize_weights`` divides by their sum."""
+    weights = p["weight"]
+    if p["normalize_weights"] and abs(math.fsum(weights)) <= 1e-6 * max(abs(w) for w in weights):
+        listed = ", ".join(f"{w:g}" for w in weights)
+        raise EvomergeError(
+            f"the weights of tensor {name} ({listed}) sum to 0, so normalize_weights: true divides by zero; "
+            "change a weight or set normalize_weights: false"
+        )
+
+
+def karcher(x: TensorInputs, p: dict) -> torch.Tensor:
+    """The Karcher (Riemannian) mean of the inputs' directions on the unit
+    sphere, every input weighted equally, scaled by the mean of their norms.
+
+    As mergekit's karcher: at most ``max_iter`` Riemannian gradient steps,
+    stopping once a step is shorter than ``tol``; inputs whose norm is
+    ``tol`` or less take no part in the direction (but do in the scale).
+    Norms are taken in float32 (float64 for float64 tensors).
+    """
+    tensors = x.tensors
+    n = len(tensors)
+    if n == 1:
+        return tensors[0]
+    tol = p["tol"]
+    wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(t.to(wide))
+
+    norms = [norm(t) for t in tensors]
+    used = [i for i in range(n) if norms[i].item() > tol]
+    if not used:
+        return torch.zeros_like(tensors[0])
+    # The equal weights, renormalized over the inputs used, summed in Python
+    # from 0 in input order as mergekit does.
+    total = 0
+    for _ in used:
+        total = total + 1.0 / n
+    shares = [(1.0 / n) / total for _ in used]
+    units = [(tensors[i] / norms[i]).to(tensors[i].dtype) for i in used]
+
+    mean = torch.zeros_like(units[0])
+    for a, u in zip(shares, units):
+        mean += a * u
+    length = norm(mean)
+    mean = units[0].clone() if length.item() < tol else (mean / length).to(mean.dtype)
+    for _ in range(p["max_iter"]):
+        step = torch.zeros_like(mean)
+        for a, u in zip(shares, units):
+            cos = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+            angle = torch.arccos(cos)
+            if angle.item() < tol:
+                continue
+            step += a * (angle / torch.sin(angle)) * (u - cos * mean)
+        step_length = norm(step)
+        if step_length.item() < tol:
+            break
+        mean = (torch.cos(step_length) * mean + torch.sin(step_length) * (step / step_length)).to(mean.dtype)
+        length = norm(mean)
+        if length.item() > tol:
+            mean = (mean / length).to(mean.dtype)
+    scale = 0
+    for r in norms:
+        scale = scale + (1.0 / n) * r
+    return scale * mean
