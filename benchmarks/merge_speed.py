@@ -7,7 +7,7 @@ bfloat16), this measures:
   a) `evomerge merge` against `mergekit-yaml` on the same TIES config:
      wall time and peak RSS of each, as separate processes;
   b) the in-place path's time per candidate (InPlaceMerger.apply with a new
-     random recipe each time) on the same models;
+     random recipe each time) on the same models, for TIES and for SCE;
   c) the in-place path's effective bandwidth (bytes of inputs read plus
      bytes of outputs written, per second) against this machine's memory copy
      bandwidth, measured in the same run.
@@ -104,6 +104,17 @@ def ties_config(paths: dict[str, Path], dtype: str, rng: random.Random | None = 
     }
 
 
+def sce_config(paths: dict[str, Path], dtype: str, rng: random.Random) -> dict:
+    """An SCE config over the same models, with a random select_topk."""
+    return {
+        "merge_method": "sce",
+        "base_model": str(paths["base"]),
+        "dtype": dtype,
+        "parameters": {"select_topk": round(rng.uniform(0.1, 1.0), 4)},
+        "models": [{"model": str(paths["a"])}, {"model": str(paths["b"])}, {"model": str(paths["base"])}],
+    }
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of ``cmd`` run as its own process."""
     out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
@@ -184,6 +195,7 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
         inplace_load_s=inplace["load_s"],
         inplace_first_apply_s=inplace["first_apply_s"],
         inplace_candidate_s=cand_s,
+        inplace_sce_candidate_s=inplace["sce_candidate_s"],
         inplace_gbs=inplace["bytes"] / cand_s / 1e9,
         copy_gbs=copy_gbs,
         inplace_share_of_copy=inplace["bytes"] / cand_s / 1e9 / copy_gbs,
@@ -216,6 +228,16 @@ def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
         merger.apply(recipe)
         sync()
         per_candidate.append(time.perf_counter() - t)
+    # SCE on the same live model: its first call builds SCE's own caches.
+    merger.apply(Recipe.from_dict(sce_config(paths, dtype, rng)))
+    sync()
+    per_sce = []
+    for _ in range(candidates):
+        recipe = Recipe.from_dict(sce_config(paths, dtype, rng))
+        t = time.perf_counter()
+        merger.apply(recipe)
+        sync()
+        per_sce.append(time.perf_counter() - t)
     plan = plan_merge(template, merger.sources)
     # Bytes of the source tensors read plus bytes of the merged tensors written.
     n = sum(j.nbytes // j.out_dtype.itemsize for j in plan.jobs)
@@ -228,6 +250,7 @@ def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
         "load_s": load_s,
         "first_apply_s": first_s,
         "candidate_s": statistics.median(per_candidate),
+        "sce_candidate_s": statistics.median(per_sce),
         "fused": merger.fuse,
     }
 
@@ -235,7 +258,8 @@ def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
 def markdown(rows: list[dict]) -> str:
     head = (
         "| model | params | dtype | mergekit-yaml s | evomerge merge s | speed-up | mergekit peak RSS MiB | "
-        "evomerge peak RSS MiB | in-place s/candidate | in-place vs mergekit | in-place GB/s | copy GB/s | share of copy |"
+        "evomerge peak RSS MiB | in-place s/candidate | in-place vs mergekit | in-place GB/s | copy GB/s | share of copy | "
+        "sce in-place s/candidate |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -248,7 +272,8 @@ def markdown(rows: list[dict]) -> str:
         versus = f"{r['inplace_vs_mergekit']:.0f}x" if "inplace_vs_mergekit" in r else ""
         lines.append(
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | {disk} | {r['inplace_candidate_s']:.3f} | "
-            f"{versus} | {r['inplace_gbs']:.2f} | {r['copy_gbs']:.2f} | {100 * r['inplace_share_of_copy']:.0f}% |"
+            f"{versus} | {r['inplace_gbs']:.2f} | {r['copy_gbs']:.2f} | {100 * r['inplace_share_of_copy']:.0f}% | "
+            f"{r['inplace_sce_candidate_s']:.3f} |"
         )
     return "\n".join(lines)
 

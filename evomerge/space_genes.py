@@ -152,7 +152,21 @@ def _number(value: Any, what: str) -> float:
 
 
 class MergeGenes:
-    """The merge half of a space: the method choice and each method's searched parameter values."""
+    """The merge half of a space: the method choice and each method's searched parameter values.
+
+    A space of several methods makes the method a choice: the gene
+    ``method`` comes first, then every method's own genes, named
+    ``method.param/...``. Optuna suggests ``method`` as a categorical and
+    then only the chosen method's genes (conditional parameters). In the
+    unit cube (pycma), ``method`` is one coordinate cut into equal bins, one
+    per method in the order listed; the other methods' coordinates are
+    ignored (they change neither the recipe nor the named values kept), and
+    ``params_to_unit`` puts them at the centre. A searched name is searched
+    for each listed method that declares it as a searchable number; a method
+    that declares it otherwise (ram's epsilon) keeps its default. A method
+    with nothing to search (karcher, arcee_fusion, ram) may be in a choice,
+    as long as another method searches something.
+    """
 
     def __init__(
         self,
@@ -216,9 +230,11 @@ class MergeGenes:
 
     def _check_searched(self, name: str, how: SearchedParam, tensor_names: list[str] | None) -> None:
         at = self.where
-        for m in self.methods:
-            if name in m.param_names and not m.param(name).searchable:
-                raise EvomergeError(f"{at}: {name!r} of {m.name} is not a searchable number; move it to 'fixed'")
+        # In a choice, a searched name is searched for each method that can
+        # search it; one that declares it otherwise keeps its own default.
+        declaring = [m for m in self.methods if name in m.param_names]
+        if not any(m.param(name).searchable for m in declaring):
+            raise EvomergeError(f"{at}: {name!r} of {declaring[0].name} is not a searchable number; move it to 'fixed'")
         if how.per == "block" and not how.block:
             raise EvomergeError(f"{at}: {name} is searched per block; set 'block' (layers per block)")
         if how.per == "gradient" and not how.points:
@@ -247,7 +263,7 @@ class MergeGenes:
                 f"{self.where}: bounds {list(bounds)} of {name} are empty or reversed; write [low, high] with low < high"
             )
         for m in self.methods:
-            if name not in m.param_names:
+            if not self._searches(m, name):
                 continue
             dlo, dhi = m.param(name).bounds
             if lo < dlo or hi > dhi:
@@ -268,10 +284,14 @@ class MergeGenes:
                     "use a substring of their tensor names (e.g. self_attn, mlp)"
                 )
 
+    def _searches(self, method: MergeMethod, name: str) -> bool:
+        """Whether this space searches ``name`` for ``method``."""
+        return name in self.search and name in method.param_names and method.param(name).searchable
+
     def _check_required_and_fixed(self) -> None:
         for m in self.methods:
             for p in m.params:
-                if p.required and p.name not in self.search and p.name not in self.fixed:
+                if p.required and not self._searches(m, p.name) and p.name not in self.fixed:
                     raise EvomergeError(f"{self.where}: {m.name} needs {p.name!r}; add it under 'search' or 'fixed'")
             for name, value in self.fixed.items():
                 if name in m.param_names:
@@ -292,15 +312,23 @@ class MergeGenes:
 
     def _build_genes(self) -> list[Gene]:
         genes: list[Gene] = []
-        if len(self.methods) > 1:
-            genes.append(Gene(METHOD_GENE, 0.0, 1.0))
         short = short_names(self.models + ([self.base] if self.base else []))
         for name, how in self.search.items():
             for m in self.methods:
-                if name in m.param_names:
+                if self._searches(m, name):
                     genes += self._param_genes(m, name, how, short)
         if not genes:
+            # A choice may hold methods with nothing to search (karcher,
+            # arcee_fusion, ram), but not only those: the method alone is one
+            # categorical coordinate, which pycma cannot search.
+            if len(self.methods) > 1:
+                raise EvomergeError(
+                    f"{self.where} searches only which method to use; "
+                    "list under 'search' a parameter of at least one of its methods"
+                )
             raise EvomergeError(f"{self.where} searches nothing; list parameters under 'search'")
+        if len(self.methods) > 1:
+            genes.insert(0, Gene(METHOD_GENE, 0.0, 1.0))
         return genes
 
     def _param_genes(self, m: MergeMethod, name: str, how: SearchedParam, short: dict[str, str]) -> list[Gene]:
@@ -400,7 +428,7 @@ class MergeGenes:
             if p.name in self.fixed:
                 owners = [None] if p.scope == "shared" else [r for r in refs if p.scope == "per_input" or r != base]
                 settings = {owner: self.fixed[p.name] for owner in owners}
-            elif p.name in self.search:
+            elif self._searches(method, p.name):
                 settings = self._searched_settings(method, p.name, params)
             else:
                 continue
