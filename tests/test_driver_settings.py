@@ -126,3 +126,22 @@ def test_a_cma_search_with_baseline_injection_prints_no_injection_warning(experi
     err = capsys.readouterr().err
     assert "orphanated" not in err and "InjectionWarning" not in err
     assert len(trials(run_dir, "search")) == 6
+
+
+def test_cma_searches_a_space_of_one_parameter(experiment, tmp_path):
+    """pycma refuses one dimension; the driver adds an unused coordinate, so
+    slerp's global t is searched, each trial's t from CMA-ES's own point."""
+    config = write_config(
+        experiment,
+        "one_gene.yaml",
+        models=["models/expert_a"],
+        space={"methods": ["slerp"], "search": {"t": None}},
+        heldout=None,
+        budget={"trials": 6},
+        driver={"name": "cma", "popsize": 3},
+    )
+    run_dir = tmp_path / "run"
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    search = trials(run_dir, "search")
+    ts = [t.params["t"] for t in search]
+    assert len(search) == 6 and len(set(ts)) == 6 and all(0 <= t <= 1 for t in ts)

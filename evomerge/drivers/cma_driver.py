@@ -24,6 +24,9 @@ class CmaDriver(Driver):
     and a resumed strategy asks exactly the generation the killed one asked,
     so its finished candidates come back from the cache.
 
+    pycma needs two coordinates at least: a one-parameter space (slerp's
+    global ``t``) gets a second, unused coordinate, which decoding ignores.
+
     With several workers the population is shared among them; its default
     size (pycma's 4 + 3 ln n) is rounded up to a multiple of the worker
     count, so no worker idles in a generation of equally slow candidates.
@@ -37,6 +40,7 @@ class CmaDriver(Driver):
         self.state_path = Path(state_path)
         self.settings = settings
         self.seed = seed
+        self._pad = [0.5] if space.dim == 1 else []  # an unused coordinate (pycma needs two)
         if self.state_path.is_file():
             with open(self.state_path, "rb") as f:
                 state = pickle.load(f)  # noqa: S301 - written by this driver in this run folder
@@ -48,7 +52,7 @@ class CmaDriver(Driver):
             if self.popsize is None and workers > 1:
                 default = 4 + int(3 * math.log(max(space.dim, 1)))
                 self.popsize = -(-default // workers) * workers
-        self._x0 = space.x0()
+        self._x0 = space.x0() + self._pad
         # Trials this driver recorded before a crash, by (generation, index).
         self._seen = {
             (r.extra["cma_generation"], r.extra["cma_index"]): r
@@ -74,7 +78,7 @@ class CmaDriver(Driver):
     def start_from(self, points):
         if self.es is not None or not points:
             return
-        xs = [self.space.params_to_unit(p) for p in points]
+        xs = [self.space.params_to_unit(p) + self._pad for p in points]
         self._x0 = xs[0]
         self._inject = xs
 
@@ -88,10 +92,11 @@ class CmaDriver(Driver):
             return []
         xs = self.es.ask()
         generation = f"{self.restarts}:{self.es.countiter}"
+        dim = self.space.dim
         return [
             Candidate(
-                self.space.decode(x),
-                self.space.unit_to_params(x),
+                self.space.decode(x[:dim]),
+                self.space.unit_to_params(x[:dim]),
                 x=list(map(float, x)),
                 extra={"cma_generation": generation, "cma_index": i},
             )
@@ -104,7 +109,7 @@ class CmaDriver(Driver):
         self.restarts += 1
         self.popsize = self.es.popsize * 2
         rng = random.Random(self.seed * 1000 + self.restarts)
-        self.es = self._new_strategy([rng.random() for _ in range(self.space.dim)])
+        self.es = self._new_strategy([rng.random() for _ in range(self.space.dim)] + self._pad)
         self._save()
         return True
 
