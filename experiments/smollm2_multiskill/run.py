@@ -13,7 +13,8 @@ its best trials by dev on the held-out splits itself, in place, one record
 per document: the sources give the cross-table and each expert's ceiling);
 write ``results/table.md``, ``results/results.json`` and an ``evomerge
 report`` page per search, and splice the table into RESULTS.md. ``--only NAME`` runs one search (two can run side
-by side, each in its own process); ``--table-only`` skips the searches.
+by side, each in its own process); ``--table-only`` skips the build and the searches: it needs only the
+studies, so a fresh checkout remakes the table from ``results/studies``.
 
 Every number that decides the comparison was fixed before any merge was
 scored on held-out data: the problem and its splits (``problem.py``), the
@@ -273,13 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table-only", action="store_true", help="skip the searches; write the table")
     ap.add_argument("--no-table", action="store_true", help="run the searches only")
     args = ap.parse_args(argv)
-    paths = problem.build(WORK)
-    print("built:", {k: str(v) for k, v in paths.items()}, flush=True)
     if not args.table_only:
+        paths = problem.build(WORK)
+        print("built:", {k: str(v) for k, v in paths.items()}, flush=True)
         for name in args.only or SEARCHES:
             run_search(name)
     if args.no_table:
         return 0
+    WORK.mkdir(exist_ok=True)
     for name in SEARCHES:
         write_config(name)  # a fresh checkout: restored studies point at these
     here = [name for name in SEARCHES if restore_run(name)]
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "searches": searches,
         "rows": [{k: v for k, v in r.items() if k != "heldout_docs"} for r in rows],
-        "build": json.loads((WORK / "problem.json").read_text()),
+        "finetune": problem.FINETUNE,
     }
     (RESULTS / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name in here:  # an HTML report per search, readable offline
