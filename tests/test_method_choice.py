@@ -195,7 +195,7 @@ def test_methods_with_nothing_to_search_need_one_that_has_something():
 
 def test_sparse_mix_preset_loads_and_decodes():
     s = space("sparse_mix", layers=8)
-    assert s.spec.methods == ["ties", "dare_ties", "della", "sce"]
+    assert s.spec.methods == ["ties", "dare_ties", "della", "sce", "multislerp"]
     rng = random.Random(2)
     for method in s.spec.methods:
         x = [bin_centre(s, method)] + [rng.random() for _ in range(s.dim - 1)]
@@ -206,6 +206,11 @@ def test_sparse_mix_preset_loads_and_decodes():
             topk = recipe.parameters["select_topk"]
             assert len(topk) == 8 and topk[0:4] == [topk[0]] * 4 and topk[4:] == [topk[4]] * 4
             assert all(src.parameters is None for src in recipe.sources)
+        elif method == "multislerp":  # weights only, no density, no lambda
+            weighted = [src.parameters for src in recipe.sources if src.parameters]
+            assert len(weighted) == 2 and all(set(p) == {"weight"} for p in weighted)
+            w = weighted[0]["weight"]
+            assert len(w) == 8 and w[:4] == [w[0]] * 4 and "lambda" not in (recipe.parameters or {})
         else:
             assert recipe.parameters == {"lambda": 1.0}
             w = recipe.sources[1].parameters["weight"]
