@@ -22,24 +22,9 @@ def _select(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     k = int(torch.count_nonzero(spread) * fraction)
     keep = torch.zeros_like(spread)
     if k > 0:
-        keep.view(-1)[_top_indices(spread.abs().view(-1), k)] = 1
+        # torch.topk, as mergekit calls it: it decides which equal variances at the cut survive.
+        keep.view(-1)[torch.topk(spread.abs().view(-1), k=k, largest=True).indices] = 1
     return keep
-
-
-def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The indices ``torch.topk(values, k)`` returns, as a set. On the CPU
-    topk with a large k is slow (minutes for a 32M-entry embedding), so the
-    cut is found with ``kthvalue`` (linear time); only when values equal to
-    the cut must be split, which topk decides, is topk itself called."""
-    n = values.numel()
-    if k >= n:
-        return torch.arange(n)
-    cut = torch.kthvalue(values, n - k + 1).values
-    above = values > cut
-    at = values == cut
-    if int(above.sum()) + int(at.sum()) == k:  # no tie straddles the cut
-        return torch.nonzero(above | at).view(-1)
-    return torch.topk(values, k=k, largest=True).indices
 
 
 def _energy_weights(deltas: torch.Tensor) -> torch.Tensor:
