@@ -221,23 +221,22 @@ def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
     sync()
     first_s = time.perf_counter() - t
     rng = random.Random(0)
-    per_candidate = []
-    for _ in range(candidates):
-        recipe = Recipe.from_dict(ties_config(paths, dtype, rng))
-        t = time.perf_counter()
-        merger.apply(recipe)
-        sync()
-        per_candidate.append(time.perf_counter() - t)
-    # SCE on the same live model: its first call builds SCE's own caches.
+
+    def timed(config) -> list[float]:
+        out = []
+        for _ in range(candidates):
+            recipe = Recipe.from_dict(config(paths, dtype, rng))
+            t = time.perf_counter()
+            merger.apply(recipe)
+            sync()
+            out.append(time.perf_counter() - t)
+        return out
+
+    per_candidate = timed(ties_config)
+    # SCE on the same live model, after one untimed first call, as for TIES.
     merger.apply(Recipe.from_dict(sce_config(paths, dtype, rng)))
     sync()
-    per_sce = []
-    for _ in range(candidates):
-        recipe = Recipe.from_dict(sce_config(paths, dtype, rng))
-        t = time.perf_counter()
-        merger.apply(recipe)
-        sync()
-        per_sce.append(time.perf_counter() - t)
+    per_sce = timed(sce_config)
     plan = plan_merge(template, merger.sources)
     # Bytes of the source tensors read plus bytes of the merged tensors written.
     n = sum(j.nbytes // j.out_dtype.itemsize for j in plan.jobs)
