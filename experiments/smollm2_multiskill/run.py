@@ -102,7 +102,7 @@ def write_config(name: str) -> Path:
     if select:
         config["select"] = {"objectives": objectives("select"), "top": 8}
         config["early_stop"] = {"enabled": True}
-    path = WORK / f"search_{name}.yaml"
+    path = config_path(name)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -155,7 +155,7 @@ def rows_of(here: list[str]) -> tuple[list[dict], dict]:
         winner, rule = store.chosen()
         if winner is None:
             continue
-        search = [t for t in store.trials("search", everything=True) if t.kind == "search"]
+        search = store.trials("search", everything=True)
         full = [t for t in search if t.complete and not t.cached]
         best_dev = store.best("search")
         race = store.race() or {}
