@@ -15,6 +15,21 @@ from pathlib import Path
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def load_module(path: Path):
+    """Import the file ``path`` as the module ``<folder>_<stem>``: every
+    experiment has a ``problem.py``, and a plain ``import problem`` returns
+    whichever was imported first in the process (the test suite imports both)."""
+    import importlib.util
+
+    name = f"{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def evomerge_cli() -> str:
     """The ``evomerge`` command beside this Python."""
     return str(Path(sys.executable).parent / "evomerge")

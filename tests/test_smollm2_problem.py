@@ -1,5 +1,6 @@
 """The SmolLM2 experiment's data: French numbers, and no leak between splits
-or from training into evaluation (no model is built here)."""
+or from training into evaluation (no SmolLM2 model is built here), and the
+experts' build cache on a tiny model."""
 
 import importlib.util
 import itertools
@@ -79,6 +80,47 @@ def test_training_never_sees_an_evaluation_item(problem):
     # the French expert never sees the "X = ?" form the French task and the target use
     assert not any(p.endswith("= ?\nA:") for p in french_prompts)
     assert not set(french_prompts) & eval_prompts
+
+
+def test_an_expert_is_trained_again_only_when_missing_or_its_settings_change(problem, tmp_path):
+    """``fine_tune_experts`` (both SmolLM2 problems build with it) on a tiny
+    model: a second call trains nothing; changing one expert's settings, or
+    losing its weights, retrains that expert alone."""
+    import transformers
+
+    from evomerge.tiny import make_tokenizer, tiny_config
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        return transformers.AutoModelForCausalLM.from_config(tiny_config(layers=1, hidden=32)), make_tokenizer()
+
+    def batches(skill, steps, batch):
+        return ([(f"{skill} {i}", str(i))] * batch for i in range(steps))
+
+    finetune = {"a": dict(steps=2, lr=1e-3, batch=2), "b": dict(steps=2, lr=1e-3, batch=2)}
+    built = problem.fine_tune_experts(tmp_path, finetune, batches, 1, progress=False, load=load)
+    weights = {s: tmp_path / "models" / f"expert_{s}" / "model.safetensors" for s in finetune}
+    assert len(loads) == 2 and all(w.is_file() for w in weights.values())
+    assert (tmp_path / "models" / "base" / "model.safetensors").is_file()
+    assert built["experts"]["a"]["settings"] == finetune["a"]
+    stamps = {s: w.stat().st_mtime_ns for s, w in weights.items()}
+
+    assert problem.fine_tune_experts(tmp_path, finetune, batches, 1, progress=False, load=load) == built
+    assert len(loads) == 2
+
+    changed = {**finetune, "b": dict(steps=3, lr=1e-3, batch=2)}
+    built = problem.fine_tune_experts(tmp_path, changed, batches, 1, progress=False, load=load)
+    assert len(loads) == 3 and built["experts"]["b"]["settings"]["steps"] == 3
+    assert weights["a"].stat().st_mtime_ns == stamps["a"] and weights["b"].stat().st_mtime_ns != stamps["b"]
+
+    weights["a"].unlink()
+    problem.fine_tune_experts(tmp_path, changed, batches, 1, progress=False, load=load)
+    assert len(loads) == 4 and weights["a"].is_file()
+    # a new problem version retrains every expert
+    problem.fine_tune_experts(tmp_path, changed, batches, 2, progress=False, load=load)
+    assert len(loads) == 6
 
 
 RUN_PY = PROBLEM.parent / "run.py"

@@ -1,9 +1,9 @@
 """The SmolLM2-135M multi-skill problem (issue 19): three experts of one base,
 merged into one model that should keep all three skills.
 
-Work in progress: this module defines the skills, their evaluation documents
-and the experts' training data. Building and validating the experts, the
-searches and RESULTS.md are still to come (see experiments/README.md).
+This module defines the skills, their evaluation documents and the experts'
+training data, and builds the base, the experts and the tasks (``build``);
+``run.py`` runs the searches, RESULTS.md holds the results.
 
 Skills, each an lm-eval multiple-choice task (4 answers, metric ``acc``) with
 disjoint ``dev`` (what a search optimises on), ``select`` (what it chooses
@@ -194,46 +194,16 @@ def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
     tasks under ``workdir``; returns their paths. An expert is trained again
     only when it is missing or its ``FINETUNE`` settings changed."""
     import json
-    import time
-
-    import torch
-
-    from evomerge.demo_problem import train_answers
 
     workdir = Path(workdir).resolve()
     models = workdir / "models"
     paths = {"base": models / "base", **{f"expert_{s}": models / f"expert_{s}" for s in SKILLS}}
-    stamp = workdir / _STAMP
-    try:
-        built = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        built = {}
-    if built.get("version") != VERSION or not isinstance(built.get("experts"), dict):
-        built = {"version": VERSION, "experts": {}}
     items = eval_items()
-    for skill, settings in FINETUNE.items():
-        path = paths[f"expert_{skill}"]
-        done = built["experts"].get(skill, {})
-        if (path / "model.safetensors").is_file() and done.get("settings") == settings:
-            continue
-        built["experts"].pop(skill, None)  # an interrupted build must not look finished
-        stamp.write_text(json.dumps(built) + "\n")
-        model, tok = load_base()
-        if not (paths["base"] / "model.safetensors").is_file():
-            model.save_pretrained(paths["base"])
-            tok.save_pretrained(paths["base"])
-        torch.manual_seed(SEED)
-        steps, batch = settings["steps"], settings["batch"]
-        batches = training_batches(skill, steps, batch, items)
-        t0 = time.perf_counter()
-        train_answers(model, tok, batches, steps, settings["lr"], True, f"fine-tuning expert_{skill}", progress)
-        seconds = round(time.perf_counter() - t0, 1)
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        built["experts"][skill] = {"settings": settings, "seconds": seconds}
-        stamp.write_text(json.dumps(built) + "\n")
+    built = SKILLS_PROBLEM.fine_tune_experts(
+        workdir, FINETUNE, lambda skill, steps, batch: training_batches(skill, steps, batch, items), VERSION, progress
+    )
     write_tasks(workdir / "tasks", items)
-    stamp.write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
+    (workdir / _STAMP).write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
     return {**paths, "tasks": workdir / "tasks"}
 
 

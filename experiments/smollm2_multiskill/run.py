@@ -34,12 +34,12 @@ WORK = HERE / "work"
 RUNS = HERE / "runs"
 RESULTS = HERE / "results"
 ARCHIVE = RESULTS / "studies"  # committed copies of finished studies (RUNS and WORK are not committed)
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
-import problem  # noqa: E402
 from common import ENV, evomerge_cli, mean_se  # noqa: E402
+
+problem = common.load_module(HERE / "problem.py")
 
 SKILLS = problem.SKILLS
 # The parameter space: the Evolutionary Model Merge paper's layer-wise

@@ -41,9 +41,9 @@ DOCS = {  # (dev, test) documents per task
     "math": (100, 300),
     "french": (40, 60),
 }
-FINETUNE = {
-    "expert_math": dict(steps=120, lr=5e-5, batch=16),
-    "expert_french": dict(steps=120, lr=5e-5, batch=16),
+FINETUNE = {  # expert_<skill>
+    "math": dict(steps=120, lr=5e-5, batch=16),
+    "french": dict(steps=120, lr=5e-5, batch=16),
 }
 _STAMP = "problem.json"
 
@@ -185,42 +185,74 @@ def load_base():
     return model, tok
 
 
-def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
-    """Build (once) base, experts and tasks under ``workdir``; returns their paths."""
+def fine_tune_experts(workdir: Path, finetune: dict, batches, version: int, progress: bool = True, load=None) -> dict:
+    """Save the base as ``workdir/models/base`` and fine-tune one expert per
+    ``finetune`` entry (``skill -> {steps, lr, batch}``) into
+    ``models/expert_<skill>``, each from the base with the same seed on
+    ``batches(skill, steps, batch)``. An expert is trained again only when it
+    is missing or its settings changed; the stamp ``workdir/problem.json``
+    records each one's settings and seconds, and is returned. ``load`` gives
+    a fresh ``(model, tokenizer)`` of the base (default ``load_base``)."""
     import torch
 
     from evomerge.demo_problem import train_answers
-    from evomerge.evaluate import write_choice_task
 
-    workdir = Path(workdir).resolve()
-    models = workdir / "models"
-    paths = {"base": models / "base", **{name: models / name for name in FINETUNE}, "tasks": workdir / "tasks"}
-    stamp = workdir / _STAMP
+    load = load or load_base
+    models = Path(workdir) / "models"
+    stamp = Path(workdir) / _STAMP
     try:
         built = json.loads(stamp.read_text())
     except (OSError, ValueError):
         built = {}
+    if built.get("version") != version or not isinstance(built.get("experts"), dict):
+        built = {"version": version, "experts": {}}
+    for skill, settings in finetune.items():
+        path = models / f"expert_{skill}"
+        if (path / "model.safetensors").is_file() and built["experts"].get(skill, {}).get("settings") == settings:
+            continue
+        built["experts"].pop(skill, None)  # an interrupted build must not look finished
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(built) + "\n")
+        model, tok = load()
+        if not (models / "base" / "model.safetensors").is_file():
+            model.save_pretrained(models / "base")
+            tok.save_pretrained(models / "base")
+        torch.manual_seed(SEED)
+        steps = settings["steps"]
+        t0 = time.perf_counter()
+        train_answers(
+            model,
+            tok,
+            batches(skill, steps, settings["batch"]),
+            steps,
+            settings["lr"],
+            True,
+            f"fine-tuning expert_{skill}",
+            progress,
+        )
+        seconds = round(time.perf_counter() - t0, 1)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        built["experts"][skill] = {"settings": settings, "seconds": seconds}
+        stamp.write_text(json.dumps(built) + "\n")
+    return built
+
+
+def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
+    """Build (once) base, experts and tasks under ``workdir``; returns their paths."""
+    from evomerge.evaluate import write_choice_task
+
+    workdir = Path(workdir).resolve()
+    models = workdir / "models"
+    paths = {"base": models / "base", **{f"expert_{s}": models / f"expert_{s}" for s in FINETUNE}}
     items = eval_items()
-    if built.get("version") != VERSION or not all(
-        (paths[k] / "model.safetensors").is_file() for k in ("base", *FINETUNE)
-    ):
-        stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
-        exclude = {(d["a"], d["b"]) for t in ("fr_math", "math") for docs in items[t].values() for d in docs}
-        timings = {}
-        for name, settings in FINETUNE.items():
-            model, tok = load_base()
-            if not (paths["base"] / "model.safetensors").is_file():
-                model.save_pretrained(paths["base"])
-                tok.save_pretrained(paths["base"])
-            torch.manual_seed(SEED)
-            steps, batch = settings["steps"], settings["batch"]
-            batches = _math_batches(steps, batch, exclude) if name == "expert_math" else _french_batches(steps, batch)
-            t0 = time.perf_counter()
-            train_answers(model, tok, batches, steps, settings["lr"], True, f"fine-tuning {name}", progress)
-            timings[name] = round(time.perf_counter() - t0, 1)
-            model.save_pretrained(paths[name])
-            tok.save_pretrained(paths[name])
-        built = {"version": VERSION, "finetune_seconds": timings}
+    exclude = {(d["a"], d["b"]) for t in ("fr_math", "math") for docs in items[t].values() for d in docs}
+
+    def batches(skill, steps, batch):
+        return _math_batches(steps, batch, exclude) if skill == "math" else _french_batches(steps, batch)
+
+    built = fine_tune_experts(workdir, FINETUNE, batches, VERSION, progress)
+    paths["tasks"] = workdir / "tasks"
     for task, splits in items.items():
         for split, docs in splits.items():
             write_choice_task(
@@ -230,7 +262,7 @@ def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
                 metadata={"version": VERSION},
                 metrics=("acc", "brier_score"),
             )
-    stamp.write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
+    (workdir / _STAMP).write_text(json.dumps({**built, "root": str(workdir)}) + "\n")
     return paths
 
 

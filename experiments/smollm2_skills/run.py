@@ -36,12 +36,12 @@ RESULTS = HERE / "results"
 # without rerunning hours of search: RUNS and WORK are not committed.
 ARCHIVE = RESULTS / "studies"
 HELDOUT_SCORES = RESULTS / "heldout_per_doc.json"
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import common  # noqa: E402
-import problem  # noqa: E402
 from common import ENV, evomerge_cli, mean_se, splice_table  # noqa: E402
+
+problem = common.load_module(HERE / "problem.py")
 
 TARGET = "fr_math"
 # Parameter space: the paper's layer-wise DARE-TIES (a weight and a density
