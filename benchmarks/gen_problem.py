@@ -165,37 +165,29 @@ def excluded_inputs(items: dict[str, dict[str, list[dict]]]) -> set[str]:
 def write_gen_task(folder: Path, name: str, docs: list[dict], metadata: dict | None = None) -> Path:
     """Write ``NAME.jsonl`` and ``NAME.yaml``: an lm-eval ``generate_until``
     task on its validation split, greedy up to ``STOP`` or ``MAX_GEN_TOKS``,
-    scored by ``exact_match`` of the generation against ``answer``. Plain
-    field names and an absolute data path, as in ``write_choice_task``."""
-    import yaml
+    scored by ``exact_match`` of the generation against ``answer``."""
+    from evomerge.evaluate import write_local_task
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = (folder / f"{name}.jsonl").resolve()
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"validation": str(data)}},
-        "validation_split": "validation",
-        "output_type": "generate_until",
-        "doc_to_text": "prompt",
-        "doc_to_target": "answer",
-        "generation_kwargs": {"until": [STOP], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False},
-        "metric_list": [
-            {
-                "metric": "exact_match",
-                "aggregation": "mean",
-                "higher_is_better": True,
-                "ignore_case": False,
-                "ignore_punctuation": False,
-            }
-        ],
-        **({"metadata": metadata} if metadata else {}),
+    exact_match = {
+        "metric": "exact_match",
+        "aggregation": "mean",
+        "higher_is_better": True,
+        "ignore_case": False,
+        "ignore_punctuation": False,
     }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_local_task(
+        folder,
+        name,
+        docs,
+        {
+            "output_type": "generate_until",
+            "doc_to_text": "prompt",
+            "doc_to_target": "answer",
+            "generation_kwargs": {"until": [STOP], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False},
+            "metric_list": [exact_match],
+        },
+        metadata,
+    )
 
 
 # -- training --------------------------------------------------------------------

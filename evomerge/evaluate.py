@@ -710,6 +710,33 @@ def write_choice_task(
     resolves ``data_files`` against the current directory) and uses plain
     field names, not Jinja templates, which lm-eval would compile per call.
     """
+    return write_local_task(
+        folder,
+        name,
+        docs,
+        {
+            "output_type": "multiple_choice",
+            "doc_to_text": text,
+            "doc_to_choice": choices,
+            "doc_to_target": label,
+            "metric_list": [_METRIC_ENTRY.get(m, {"metric": m}) for m in metrics],
+        },
+        metadata,
+    )
+
+
+def write_local_task(
+    folder: str | Path,
+    name: str,
+    docs: Sequence[dict[str, Any]],
+    scoring: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``NAME.jsonl`` (the docs) and ``NAME.yaml`` in ``folder``: a
+    local lm-eval task on its validation split whose YAML names the data file
+    by absolute path (lm-eval resolves ``data_files`` against the current
+    directory); ``scoring`` holds the rest of the YAML (``output_type``, the
+    ``doc_to_*`` fields, ``metric_list``). Returns the YAML's path."""
     import json
 
     import yaml
@@ -723,11 +750,7 @@ def write_choice_task(
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"validation": str(data)}},
         "validation_split": "validation",
-        "output_type": "multiple_choice",
-        "doc_to_text": text,
-        "doc_to_choice": choices,
-        "doc_to_target": label,
-        "metric_list": [_METRIC_ENTRY.get(m, {"metric": m}) for m in metrics],
+        **scoring,
         **({"metadata": metadata} if metadata else {}),
     }
     path = folder / f"{name}.yaml"
