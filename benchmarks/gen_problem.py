@@ -42,12 +42,11 @@ base.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from evomerge.demo_problem import DemoAssets, _random_string, train_answers
+from evomerge.demo_problem import DemoAssets, _random_string, build_once, train_answers
 from evomerge.tiny import make_tokenizer, save_model, tiny_config
 
 VERSION = 1
@@ -85,25 +84,16 @@ def build_gen_problem(workdir: Path, progress: bool = True) -> DemoAssets:
     """
     workdir = Path(workdir).resolve()
     assets = _assets(workdir)
-    stamp = workdir / _STAMP
-    try:
-        built = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        built = {}
-    models_ok = built.get("version") == VERSION and all(
-        (p / "model.safetensors").is_file() for p in [assets.base, *assets.experts]
-    )
-    if models_ok and built.get("root") == str(workdir) and (assets.tasks_dir / f"{assets.dev_tasks[0]}.yaml").is_file():
-        return assets
-    items = {s: eval_items(s) for s in SKILLS}
-    if not models_ok:
-        stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
-        _build_models(workdir, excluded_inputs(items), progress)
-    for skill, splits in items.items():
-        for split, docs in splits.items():
-            write_gen_task(assets.tasks_dir, _task_name(skill, split), docs, metadata={"version": VERSION})
-    stamp.write_text(json.dumps({"version": VERSION, "root": str(workdir)}) + "\n")
-    return assets
+
+    def build(models: bool) -> None:
+        items = {s: eval_items(s) for s in SKILLS}
+        if models:
+            _build_models(workdir, excluded_inputs(items), progress)
+        for skill, splits in items.items():
+            for split, docs in splits.items():
+                write_gen_task(assets.tasks_dir, _task_name(skill, split), docs, metadata={"version": VERSION})
+
+    return build_once(workdir / _STAMP, VERSION, assets, build)
 
 
 def _assets(workdir: Path) -> DemoAssets:

@@ -72,19 +72,33 @@ def build_demo(workdir: Path, progress: bool = True) -> DemoAssets:
     """
     workdir = Path(workdir).resolve()
     assets = _assets(workdir)
-    stamp = workdir / _STAMP
+
+    def build(models: bool) -> None:
+        items = {s: _eval_items(s) for s in SKILLS}
+        if models:
+            _build_models(workdir, items, progress)
+        _write_tasks(assets.tasks_dir, items)
+
+    return build_once(workdir / _STAMP, VERSION, assets, build)
+
+
+def build_once(stamp: Path, version: int, assets: DemoAssets, build) -> DemoAssets:
+    """Call ``build(models)`` unless a build of ``version`` is complete: the
+    models and tasks of ``assets`` exist and the ``stamp`` file (JSON) names
+    this version and folder. ``models`` is False when only the tasks need
+    writing again (the folder moved: they hold absolute paths). Shared by
+    the demo and benchmarks/gen_problem.py."""
+    root = str(stamp.parent)
     built = _read_stamp(stamp)
-    models_ok = built.get("version") == VERSION and all(
+    models_ok = built.get("version") == version and all(
         (p / "model.safetensors").is_file() for p in [assets.base, *assets.experts]
     )
-    if models_ok and built.get("root") == str(workdir) and (assets.tasks_dir / _task_file(SKILLS[0], "dev")).is_file():
+    if models_ok and built.get("root") == root and (assets.tasks_dir / f"{assets.dev_tasks[0]}.yaml").is_file():
         return assets
-    items = {s: _eval_items(s) for s in SKILLS}
     if not models_ok:
         stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
-        _build_models(workdir, items, progress)
-    _write_tasks(assets.tasks_dir, items)
-    stamp.write_text(json.dumps({"version": VERSION, "root": str(workdir)}) + "\n")
+    build(not models_ok)
+    stamp.write_text(json.dumps({"version": version, "root": root}) + "\n")
     return assets
 
 

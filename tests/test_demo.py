@@ -26,3 +26,44 @@ def test_demo_builds_searches_reports_and_resumes(tmp_path, capsys, monkeypatch)
     assert main(["demo", "--workdir", str(workdir), "--no-progress"]) == code
     assert (workdir / "models" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
     assert "4 search trials" in capsys.readouterr().out
+
+
+def test_build_once_builds_models_once_and_only_rewrites_tasks_when_the_folder_moved(tmp_path):
+    """The build-once logic of the demo and of benchmarks/gen_problem.py."""
+    assets = demo_problem.DemoAssets(
+        base=tmp_path / "models" / "base",
+        experts=[tmp_path / "models" / "expert_a"],
+        tasks_dir=tmp_path / "tasks",
+        dev_tasks=["t"],
+        heldout_tasks=[],
+    )
+    stamp = tmp_path / "stamp.json"
+    calls = []
+
+    def build(models):
+        calls.append(models)
+        for p in [assets.base, *assets.experts] if models else []:
+            p.mkdir(parents=True, exist_ok=True)
+            (p / "model.safetensors").write_bytes(b"")
+        assets.tasks_dir.mkdir(exist_ok=True)
+        (assets.tasks_dir / "t.yaml").write_text("task: t\n")
+
+    assert demo_problem.build_once(stamp, 1, assets, build) is assets
+    assert demo_problem.build_once(stamp, 1, assets, build) is assets
+    assert calls == [True]
+    stamp.write_text(stamp.read_text().replace(str(tmp_path), "/elsewhere"))  # built in another folder
+    demo_problem.build_once(stamp, 1, assets, build)
+    assert calls == [True, False]
+    demo_problem.build_once(stamp, 2, assets, build)  # a new version
+    assert calls == [True, False, True]
+    (assets.experts[0] / "model.safetensors").unlink()
+    demo_problem.build_once(stamp, 2, assets, build)
+    assert calls == [True, False, True, True]
+
+    def interrupted(models):
+        raise KeyboardInterrupt
+
+    (assets.base / "model.safetensors").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        demo_problem.build_once(stamp, 2, assets, interrupted)
+    assert not stamp.exists()  # an interrupted build must not look finished
