@@ -92,3 +92,37 @@ def test_wide_arithmetic_rounds_as_the_narrow_dtype_does(dtype, consensus):
         wide_args = (base.float(), [d.float() for d in deltas], *args[2:7], args[7].float(), *args[8:])
         once = combine(*wide_args).to(dtype)
         assert not torch.equal(once, narrow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_sce_in_place_equals_disk(llama, tmp_path, dtype, monkeypatch):
+    # SCE in place: its variance is kept across candidates and, in float32,
+    # the elementwise rest is compiled; the bits are the to-disk merge's.
+    from evomerge.methods import sce
+
+    compiled = []
+    original = sce._fused_merge
+    monkeypatch.setattr(sce, "_fused_merge", lambda: compiled.append(1) or original())
+
+    def recipe(select_topk):
+        return Recipe.from_dict(
+            {
+                "method": "sce",
+                "base_model": str(llama.base),
+                "sources": [{"model": str(llama.base)}] + [{"model": str(m)} for m in llama.ft],
+                "parameters": {"select_topk": select_topk},
+                "dtype": dtype,
+            }
+        )
+
+    merger = InPlaceMerger(recipe(0.5), allow_outside=True, fuse=True)
+    base = load_file(llama.base / "model.safetensors")
+    for i, select_topk in enumerate([0.2, 0.75, 1.0]):
+        r = recipe(select_topk)
+        disk = load_file(merge_to_disk(r, tmp_path / str(i), allow_outside=True, progress=False) / "model.safetensors")
+        live = merger.apply(r).state_dict()
+        changed = [k for k in disk if not torch.equal(live[k], disk[k])]
+        assert not changed, changed[:3]
+        assert any(not torch.equal(disk[k], base[k]) for k in disk)
+    assert bool(compiled) == (dtype == "float32")

@@ -14,11 +14,11 @@ from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, TensorInputs
 
 
-def _ours(method: str, tensors, base_index=None, **params) -> torch.Tensor:
+def _ours(method: str, tensors, base_index=None, resident=False, **params) -> torch.Tensor:
     m = METHODS[method]
     p = {q.name: q.default for q in m.params}
     p.update(params)
-    return m.fn(TensorInputs("w", list(tensors), base_index, seed=0, cache={}), p)
+    return m.fn(TensorInputs("w", list(tensors), base_index, seed=0, cache={}, resident=resident), p)
 
 
 def _theirs(method: str, tensors, base_index=None, **params) -> torch.Tensor:
@@ -142,7 +142,8 @@ def test_nearswap_is_mergekits_bit_for_bit(dtype, t):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("select_topk", [0.0, 0.1, 0.3, 0.55, 0.999, 1.0])
 @pytest.mark.parametrize("int8_mask", [False, True])
-def test_sce_is_mergekits_bit_for_bit(dtype, select_topk, int8_mask):
+@pytest.mark.parametrize("resident", [False, True], ids=["to-disk", "in-place"])
+def test_sce_is_mergekits_bit_for_bit(dtype, select_topk, int8_mask, resident):
     base = _randn(48, 32, seed=0, dtype=dtype)
     # Quantised task vectors: many equal variances straddle each selection cut.
     g = torch.Generator().manual_seed(1)
@@ -150,10 +151,41 @@ def test_sce_is_mergekits_bit_for_bit(dtype, select_topk, int8_mask):
     models[0][:4] = base[:4]  # rows where one model has no task vector
     tensors = [base, *models]
     kw = dict(select_topk=select_topk, int8_mask=int8_mask)
-    ours = _ours("sce", tensors, 0, **kw)
+    ours = _ours("sce", tensors, 0, resident=resident, **kw)
     assert torch.equal(ours, _theirs("sce", tensors, 0, **kw))
     if select_topk == 0.0:
         assert torch.equal(ours, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sce_in_place_keeps_the_variance_and_selects_by_comparison(dtype, monkeypatch):
+    """The in-place merger's cache keeps SCE's variance across candidates; a
+    candidate selects by comparing with the cut value, and falls back on
+    torch.topk (mergekit's choice among equal variances) only where equal
+    values straddle the cut. Mergekit's bits either way."""
+    base = _randn(64, 48, seed=0, dtype=dtype)
+    models = [(base.float() + 0.1 * _randn(64, 48, seed=i)).to(dtype) for i in (1, 2)]
+    tensors = [base, *models]
+    cache = {}
+    topk_calls = []
+    real_topk = torch.topk
+
+    def counting_topk(*a, **kw):
+        topk_calls.append(1)
+        return real_topk(*a, **kw)
+
+    for select_topk in (0.1, 0.3, 0.55, 0.999):
+        m = METHODS["sce"]
+        p = {q.name: q.default for q in m.params} | {"select_topk": select_topk}
+        monkeypatch.setattr(torch, "topk", counting_topk)
+        ours = m.fn(TensorInputs("w", list(tensors), 0, seed=0, cache=cache, resident=True), p)
+        monkeypatch.setattr(torch, "topk", real_topk)
+        assert torch.equal(ours, _theirs("sce", tensors, 0, select_topk=select_topk, int8_mask=False))
+    assert sum(k[0] == "sce_spread" for k in cache) == 1  # computed once, for every candidate
+    if dtype == torch.float32:
+        assert not topk_calls  # continuous variances: no ties at the cut
+    else:
+        assert topk_calls  # bfloat16 variances tie often
 
 
 def test_sce_selection_and_erasure_have_effect():

@@ -233,6 +233,17 @@ class TensorInputs:
             self._cache[key] = value
         return value
 
+    def cached(self, kind: str, make: Callable[[], Any]) -> Any:
+        """A value of all the inputs together (SCE's variance across the task
+        vectors, say), served from the cache like the per-input ones."""
+        t = self.tensors[0]
+        key = (kind, tuple(self._keys), self.base_index, t.dtype, t.device)
+        value = self._cache.get(key)
+        if value is None:
+            value = make()
+            self._cache[key] = value
+        return value
+
     def delta(self, i: int) -> torch.Tensor:
         """Task vector of input ``i``: tensor minus base."""
         return self._cached("delta", i, lambda: self.tensors[i] - self.base)
