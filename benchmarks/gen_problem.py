@@ -210,20 +210,6 @@ def training_batches(exclude: set[str]) -> dict[str, Iterator[list[tuple[str, st
 
 def _build_models(workdir: Path, exclude: set[str], progress: bool) -> None:
     import torch
-
-    # On one thread the models come out the same whatever the core count:
-    # sums split over threads round differently, and the skills' training is
-    # sensitive enough for that to change what the base learns.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _train(workdir, exclude, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(workdir: Path, exclude: set[str], progress: bool) -> None:
-    import torch
     import transformers
 
     tok = make_tokenizer()

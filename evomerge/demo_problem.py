@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.tiny import make_tokenizer, save_model, tiny_config
 
-VERSION = 2
+VERSION = 3  # 3: models trained on one thread, the same on every machine
 SEED = 0
 LAYERS = 4
 HIDDEN = 64
@@ -86,8 +87,9 @@ def build_once(stamp: Path, version: int, assets: DemoAssets, build) -> DemoAsse
     """Call ``build(models)`` unless a build of ``version`` is complete: the
     models and tasks of ``assets`` exist and the ``stamp`` file (JSON) names
     this version and folder. ``models`` is False when only the tasks need
-    writing again (the folder moved: they hold absolute paths). Shared by
-    the demo and benchmarks/gen_problem.py."""
+    writing again (the folder moved: they hold absolute paths). ``build``
+    runs on one torch thread (``_one_thread``). Shared by the demo and
+    benchmarks/gen_problem.py."""
     root = str(stamp.parent)
     built = _read_stamp(stamp)
     models_ok = built.get("version") == version and all(
@@ -97,7 +99,8 @@ def build_once(stamp: Path, version: int, assets: DemoAssets, build) -> DemoAsse
         return assets
     if not models_ok:
         stamp.unlink(missing_ok=True)  # an interrupted build must not look finished
-    build(not models_ok)
+    with _one_thread():
+        build(not models_ok)
     stamp.write_text(json.dumps({"version": version, "root": root}) + "\n")
     return assets
 
@@ -111,6 +114,22 @@ def _assets(workdir: Path) -> DemoAssets:
         dev_tasks=[f"demo_{s}" for s in SKILLS],
         heldout_tasks=[f"demo_{s}_heldout" for s in SKILLS],
     )
+
+
+@contextmanager
+def _one_thread():
+    """Train on one torch thread, so that the models come out the same
+    whatever the core count or the load: sums split over threads round
+    differently, and these skills' training is sensitive enough for that to
+    change what the base learns."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _read_stamp(path: Path) -> dict:

@@ -1,6 +1,7 @@
 """The README's first command: `evomerge demo`, shrunk to seconds."""
 
 import pytest
+import torch
 
 from evomerge import demo, demo_problem
 from evomerge.cli import main
@@ -38,17 +39,24 @@ def test_build_once_builds_models_once_and_only_rewrites_tasks_when_the_folder_m
         heldout_tasks=[],
     )
     stamp = tmp_path / "stamp.json"
-    calls = []
+    calls, threads = [], []
 
     def build(models):
         calls.append(models)
+        threads.append(torch.get_num_threads())
         for p in [assets.base, *assets.experts] if models else []:
             p.mkdir(parents=True, exist_ok=True)
             (p / "model.safetensors").write_bytes(b"")
         assets.tasks_dir.mkdir(exist_ok=True)
         (assets.tasks_dir / "t.yaml").write_text("task: t\n")
 
-    assert demo_problem.build_once(stamp, 1, assets, build) is assets
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert demo_problem.build_once(stamp, 1, assets, build) is assets
+        assert threads == [1] and torch.get_num_threads() == 2  # built on one thread: the same models anywhere
+    finally:
+        torch.set_num_threads(original)
     assert demo_problem.build_once(stamp, 1, assets, build) is assets
     assert calls == [True]
     stamp.write_text(stamp.read_text().replace(str(tmp_path), "/elsewhere"))  # built in another folder
