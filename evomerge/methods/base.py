@@ -223,26 +223,23 @@ class TensorInputs:
         assert self.base_index is not None
         return self.tensors[self.base_index]
 
-    def _cached(self, kind: str, i: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        t = self.tensors[i]
-        base_key = self._keys[self.base_index] if self.base_index is not None else None
-        key = (kind, self._keys[i], base_key, t.dtype, t.device)
+    def _memo(self, key: tuple, make: Callable[[], Any]) -> Any:
         value = self._cache.get(key)
         if value is None:
             value = make()
             self._cache[key] = value
         return value
 
+    def _cached(self, kind: str, i: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t = self.tensors[i]
+        base_key = self._keys[self.base_index] if self.base_index is not None else None
+        return self._memo((kind, self._keys[i], base_key, t.dtype, t.device), make)
+
     def cached(self, kind: str, make: Callable[[], Any]) -> Any:
         """A value of all the inputs together (SCE's variance across the task
         vectors, say), served from the cache like the per-input ones."""
         t = self.tensors[0]
-        key = (kind, tuple(self._keys), self.base_index, t.dtype, t.device)
-        value = self._cache.get(key)
-        if value is None:
-            value = make()
-            self._cache[key] = value
-        return value
+        return self._memo((kind, tuple(self._keys), self.base_index, t.dtype, t.device), make)
 
     def delta(self, i: int) -> torch.Tensor:
         """Task vector of input ``i``: tensor minus base."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.methods.base import TensorInputs
-from evomerge.methods.task_arithmetic import _sum
+from evomerge.methods.task_arithmetic import sum_over_models
 
 
 def _select(x: TensorInputs, deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
@@ -70,10 +70,10 @@ def _merge(base: torch.Tensor, masked: list[torch.Tensor], weights: torch.Tensor
     def rnd(t: torch.Tensor, to: torch.dtype) -> torch.Tensor:
         return t.to(to)
 
-    positive = _sum(masked, dtype, rnd) >= 0
+    positive = sum_over_models(masked, dtype, rnd) >= 0
     kept = [weights[j] * torch.where(positive, m > 0, m < 0).to(dtype) for j, m in enumerate(masked)]
-    merged = _sum([m * k for m, k in zip(masked, kept)], dtype, rnd) / _sum(kept, dtype, rnd).clamp(min=1e-6)
-    return base + merged
+    total = sum_over_models([m * k for m, k in zip(masked, kept)], dtype, rnd)
+    return base + total / sum_over_models(kept, dtype, rnd).clamp(min=1e-6)
 
 
 _FUSED = None

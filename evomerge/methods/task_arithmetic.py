@@ -209,7 +209,7 @@ def _sparsify(x: TensorInputs, i: int, d: torch.Tensor, how: str, p: dict, j: in
     raise AssertionError(how)
 
 
-def _sum(tensors: list[torch.Tensor], dtype: torch.dtype, rnd: Callable) -> torch.Tensor:
+def sum_over_models(tensors: list[torch.Tensor], dtype: torch.dtype, rnd: Callable) -> torch.Tensor:
     """Sum over models, accumulated in float32 (float64 for float64) and
     rounded once to ``dtype``, as mergekit's sum over a stacked dimension is
     (bit for bit in bf16 and fp16). Written as adds rather than
@@ -281,13 +281,13 @@ def combine(
         # TIES: keep only entries whose sign agrees with the sign of the sum.
         # Rounding a nonzero sum of narrow values never makes it zero or
         # flips its sign, so the sign test can skip that round trip.
-        positive = _sum(weighted, dtype, rnd if not wide else lambda t, to: t) >= 0
+        positive = sum_over_models(weighted, dtype, rnd if not wide else lambda t, to: t) >= 0
         agree = [torch.where(positive, wd > 0, wd < 0).to(high) for wd in weighted]
-        mixed = _sum([wd * a for wd, a in zip(weighted, agree)], dtype, rnd)
-        divisor = _sum([w[j] * a for j, a in enumerate(agree)], dtype, rnd)
+        mixed = sum_over_models([wd * a for wd, a in zip(weighted, agree)], dtype, rnd)
+        divisor = sum_over_models([w[j] * a for j, a in enumerate(agree)], dtype, rnd)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = _sum(weighted, dtype, rnd)
+        mixed = sum_over_models(weighted, dtype, rnd)
         divisor = rnd(w.sum(), dtype)
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
 
