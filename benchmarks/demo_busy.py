@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def run_demo(workdir: Path, env: dict[str, str], timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "evomerge.cli", "demo", "--workdir", str(workdir), "--no-progress"]
+    cmd = [sys.executable, "-m", "evomerge", "demo", "--workdir", str(workdir), "--no-progress"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

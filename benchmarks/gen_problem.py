@@ -1,7 +1,7 @@
 """A second merge problem, scored by generation: a tiny base, two experts and
 lm-eval ``generate_until`` tasks.
 
-It follows the demo's problem (evomerge.demo_problem) with other skills and
+It follows the demo's problem (evomerge.app.demo.problem) with other skills and
 another task type. Everything is made here, seeded, on one CPU thread, in about
 a minute:
 
@@ -46,8 +46,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from evomerge.demo_problem import DemoAssets, _random_string, build_once, train_answers
-from evomerge.tiny import make_tokenizer, save_model, tiny_config
+from evomerge.app.demo.problem import DemoAssets, _random_string, build_once, train_answers
+from evomerge.app.demo.tiny import make_tokenizer, save_model, tiny_config
 
 VERSION = 1
 SEED = 0
@@ -156,7 +156,7 @@ def write_gen_task(folder: Path, name: str, docs: list[dict], metadata: dict | N
     """Write ``NAME.jsonl`` and ``NAME.yaml``: an lm-eval ``generate_until``
     task on its validation split, greedy up to ``STOP`` or ``MAX_GEN_TOKS``,
     scored by ``exact_match`` of the generation against ``answer``."""
-    from evomerge.evaluate import write_local_task
+    from evomerge.fitness.evaluate import write_local_task
 
     exact_match = {
         "metric": "exact_match",

@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.tiny import make_finetune, make_tiny_model  # noqa: E402
+from evomerge.app.demo.tiny import make_finetune, make_tiny_model  # noqa: E402
 
 _LARGE = dict(
     layers=20,
@@ -54,7 +54,7 @@ _LARGE = dict(
     vocab_size=32000,
 )
 SIZES = {
-    # name: (config overrides for evomerge.tiny.tiny_config, storage and merge dtype)
+    # name: (config overrides for evomerge.app.demo.tiny.tiny_config, storage and merge dtype)
     "tiny": (dict(layers=4, hidden=64), "float32"),
     "large": (_LARGE, "float32"),
     # bfloat16 merges round after every operation, as mergekit's do; the
@@ -207,8 +207,8 @@ def bench_size(size: str, workdir: Path, repeats: int, candidates: int) -> dict:
 
 def bench_inplace(size: str, workdir: Path, candidates: int) -> dict:
     """Time InPlaceMerger.apply on new random recipes (run in its own process)."""
-    from evomerge.merge import InPlaceMerger, plan_merge
-    from evomerge.recipe import Recipe
+    from evomerge.engine.merge import InPlaceMerger, plan_merge
+    from evomerge.engine.recipe import Recipe
 
     paths = build_models(workdir, size)
     dtype = SIZES[size][1]

@@ -93,11 +93,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.evaluate import write_choice_task  # noqa: E402
-from evomerge.tiny import make_finetune, make_tiny_model  # noqa: E402
+from evomerge.app.demo.tiny import make_finetune, make_tiny_model  # noqa: E402
+from evomerge.fitness.evaluate import write_choice_task  # noqa: E402
 
 SIZES = {
-    # name: config overrides for evomerge.tiny.tiny_config
+    # name: config overrides for evomerge.app.demo.tiny.tiny_config
     "tiny": dict(layers=4, hidden=64),
     # SmolLM2-135M's shape; the byte-level demo tokenizer uses only 260 of the
     # 49152 embedding rows, which changes nothing for timing.
@@ -182,8 +182,8 @@ def build_experiment(workdir: Path, size: str, docs: int, trials: int, driver: s
 def bench_search(root: Path, launched: float) -> dict:
     """Run the search with timing hooks (in its own process); ``launched`` is
     the parent's time.time() when it started this process."""
-    from evomerge.search import Run
-    from evomerge.store import RunStore
+    from evomerge.run.run import Run
+    from evomerge.run.store import RunStore
 
     run_dir = root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -269,7 +269,7 @@ def bench_search(root: Path, launched: float) -> dict:
 def random_route(rng: random.Random, depths: dict[str, int]):
     """A routed candidate: steps from mixed models, depth between the sources'
     and twice it, input scales in [0.7, 1.4], at least one layer twice."""
-    from evomerge.recipe import Route, RouteStep
+    from evomerge.engine.recipe import Route, RouteStep
 
     names = sorted(depths)
     depth = max(depths.values())
@@ -284,8 +284,8 @@ def random_route(rng: random.Random, depths: dict[str, int]):
 def bench_routing(root: Path, routes: int, candidates: int) -> dict:
     """Routed candidates, in this process: Router.assemble per route and
     Evaluator.score per routed candidate, on the search config's task."""
-    from evomerge.evaluate import EvalSpec, Evaluator
-    from evomerge.routing import Router, load_live
+    from evomerge.engine.routing import Router, load_live
+    from evomerge.fitness.evaluate import EvalSpec, Evaluator
 
     config = yaml.safe_load((root / "search.yaml").read_text())
     folders = {name: root / "models" / name for name in EXPERTS}
@@ -545,8 +545,8 @@ def bench_executors(workdir: Path, args: argparse.Namespace) -> list[dict]:
     """1 against 2 Ray workers with a sleeping objective (see the docstring, 5)."""
     import ray
 
-    import evomerge.search
-    from evomerge.search import Run
+    import evomerge.run.run
+    from evomerge.run.run import Run
 
     root = build_experiment(workdir, "tiny", 10, args.executor_trials, "random")
     (root / "sleep_objective.py").write_text(SLEEP_OBJECTIVE.format(sleep=args.sleep))
@@ -555,13 +555,13 @@ def bench_executors(workdir: Path, args: argparse.Namespace) -> list[dict]:
         num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config={"enable_metrics_collection": False}
     )
     made = []
-    real = evomerge.search.make_executor
+    real = evomerge.run.run.make_executor
 
     def keep(*a, **k):
         made.append(real(*a, **k))
         return made[-1]
 
-    evomerge.search.make_executor = keep
+    evomerge.run.run.make_executor = keep
     rows = []
     try:
         for driver in args.executor_drivers.split(","):
@@ -607,7 +607,7 @@ def bench_executors(workdir: Path, args: argparse.Namespace) -> list[dict]:
             row["speedup"] = row["span_1"] / row["span_2"]
             rows.append(row)
     finally:
-        evomerge.search.make_executor = real
+        evomerge.run.run.make_executor = real
         ray.shutdown()
     return rows
 

@@ -59,7 +59,7 @@ ARMS = ("plain", "plain_half", "select", "select_es")
 
 def build(problem: str, workdir: Path):
     if problem == "demo":
-        from evomerge.demo_problem import build_demo
+        from evomerge.app.demo.problem import build_demo
 
         return build_demo(workdir / "demo", progress=False)
     from gen_problem import build_gen_problem
@@ -68,8 +68,8 @@ def build(problem: str, workdir: Path):
 
 
 def config(problem: str, assets, arm: str, seed: int, docs: int, root: Path) -> dict:
-    from evomerge.demo import DEMO_DRIVER, DEMO_SPACE
-    from evomerge.race import cost
+    from evomerge.app.demo.run import DEMO_DRIVER, DEMO_SPACE
+    from evomerge.fitness.race import cost
 
     metric = "acc" if problem == "demo" else "exact_match"
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731
@@ -99,8 +99,9 @@ def config(problem: str, assets, arm: str, seed: int, docs: int, root: Path) -> 
 
 
 def measure(run_dir: Path, n_skills: int) -> dict:
-    from evomerge.race import selection_estimate, verdict
-    from evomerge.store import RunStore
+    from evomerge.fitness.race import selection_estimate
+    from evomerge.run.record import judged as judged_of
+    from evomerge.run.store import RunStore
 
     store = RunStore.open(run_dir)
     records = store.trials()
@@ -109,7 +110,7 @@ def measure(run_dir: Path, n_skills: int) -> dict:
     search = [r for r in records if r.kind == "search" and r.status == "ok"]
     scored = [r for r in search if not r.cached]
     sel = selection_estimate(store.selections(race.get("fp", "")).get(winner.number), store.weights("select"))
-    judged = verdict(records, store.race(), store.weights("heldout"))
+    judged = judged_of(records, store.race(), store.weights("heldout"))
     default = store.trial(judged.default) if judged is not None else None
     search_docs = sum(r.documents or 0 for r in scored)
     return {
@@ -137,7 +138,7 @@ def measure(run_dir: Path, n_skills: int) -> dict:
 def run_one(problem: str, assets, arm: str, seed: int, docs: int, workdir: Path) -> dict:
     import yaml
 
-    from evomerge.search import Run
+    from evomerge.run.run import Run
 
     root = workdir / "runs"
     root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from evomerge.tiny import make_finetune, make_tiny_model  # noqa: E402
+from evomerge.app.demo.tiny import make_finetune, make_tiny_model  # noqa: E402
 
 
 class TinyFamily:

@@ -20,7 +20,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def write_sum_tasks(tasks: Path, n_docs: int) -> None:
     """Two local multiple-choice tasks of sums (a dev one and a held-out one)."""
-    from evomerge.evaluate import write_choice_task
+    from evomerge.fitness.evaluate import write_choice_task
 
     rng = random.Random(0)
     for name in ("sums", "sums_heldout"):
@@ -55,7 +55,7 @@ def trials(run_dir: Path, kind: str | None = None) -> list:
     """The complete trials of a run folder (of one kind: baseline, search)."""
     import optuna
 
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     study = RunStore.open(run_dir).study
     return [
@@ -67,6 +67,6 @@ def trials(run_dir: Path, kind: str | None = None) -> list:
 
 def driver_settings(name: str, **wanted) -> dict:
     """A driver section with those of ``wanted`` that the driver reads."""
-    from evomerge.drivers import DRIVER_SETTINGS
+    from evomerge.run.drivers import DRIVER_SETTINGS
 
     return {"name": name, **{k: v for k, v in wanted.items() if k in DRIVER_SETTINGS[name]}}

@@ -163,7 +163,7 @@ def training_batches(skill: str, steps: int, batch: int, items: dict | None = No
 def write_tasks(folder: Path, items: dict | None = None) -> dict[str, dict[str, str]]:
     """Write every skill's split as a local lm-eval task; returns skill ->
     split -> task name."""
-    from evomerge.evaluate import write_choice_task
+    from evomerge.fitness.evaluate import write_choice_task
 
     items = items if items is not None else eval_items()
     names: dict[str, dict[str, str]] = {}

@@ -57,7 +57,7 @@ DEV_SAMPLES = 100
 # candidates scored in full (early stopping scores fewer per candidate, so
 # more candidates fit). The race adds RACE_DOCUMENTS (16 entrants: the 8
 # baselines and the 8 best trials by dev, on the 3 x 200 selection
-# documents; ``evomerge.race.cost``).
+# documents; ``evomerge.fitness.race.cost``).
 DOCUMENTS = 24_000
 RACE_DOCUMENTS = 3_000
 CMA = {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}
@@ -134,7 +134,7 @@ def rows_of(here: list[str]) -> tuple[list[dict], dict]:
     """The table's rows (the baselines of BASELINE_RUN, or of the first search here, then per search its
     exported recipe and, when that is not the same trial, its best by dev),
     and per search its summary."""
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     def row(name: str, t, search: str | None = None) -> dict:
         return {
@@ -205,8 +205,8 @@ def _gap(store) -> dict:
 
 
 def write_table(rows: list[dict], searches: dict) -> str:
-    from evomerge.baselines import is_source
-    from evomerge.paired import paired
+    from evomerge.fitness.baselines import is_source
+    from evomerge.fitness.paired import paired
 
     scored = [r for r in rows if r["heldout_docs"]]
     ceiling = {}

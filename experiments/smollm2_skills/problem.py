@@ -195,7 +195,7 @@ def fine_tune_experts(workdir: Path, finetune: dict, batches, version: int, prog
     a fresh ``(model, tokenizer)`` of the base (default ``load_base``)."""
     import torch
 
-    from evomerge.demo_problem import train_answers
+    from evomerge.app.demo.problem import train_answers
 
     load = load or load_base
     models = Path(workdir) / "models"
@@ -240,7 +240,7 @@ def fine_tune_experts(workdir: Path, finetune: dict, batches, version: int, prog
 
 def build(workdir: Path, progress: bool = True) -> dict[str, Path]:
     """Build (once) base, experts and tasks under ``workdir``; returns their paths."""
-    from evomerge.evaluate import write_choice_task
+    from evomerge.fitness.evaluate import write_choice_task
 
     workdir = Path(workdir).resolve()
     models = workdir / "models"

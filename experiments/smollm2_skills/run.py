@@ -131,14 +131,14 @@ def restore_run(name: str) -> bool:
 def best_search_trial(name: str):
     """The run's store, and the best trial the search itself proposed
     (baselines excluded; None before any)."""
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     store = RunStore.open(RUNS / name)
     return store, store.best("search")
 
 
 def export_best_search(name: str) -> Path:
-    from evomerge.export import export_best
+    from evomerge.app.export import export_best
 
     _, trial = best_search_trial(name)
     out = WORK / f"best_{name}.yaml"  # beside the models, so its paths stay inside its folder
@@ -153,8 +153,8 @@ def reported_models(searches: list[str], here: list[str]) -> list[dict]:
     """Rows: the base, the experts and the default merges (the baselines of
     the first search ``here``, the ones with a study: every search scores the
     same ones), then each search's best recipe, with evaluations and wall time."""
-    from evomerge.export import export_best
-    from evomerge.store import RunStore
+    from evomerge.app.export import export_best
+    from evomerge.run.store import RunStore
 
     if not here:
         raise SystemExit("run.py: no search has run yet; run it without --table-only first")
@@ -195,8 +195,8 @@ def score_heldout(recipe: Path, cache: dict) -> dict[str, list[float]]:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from evomerge.merge import merge_to_disk
-    from evomerge.recipe import load_recipe
+    from evomerge.engine.merge import merge_to_disk
+    from evomerge.engine.recipe import load_recipe
 
     rec = load_recipe(recipe)
     key = rec.fingerprint()
@@ -308,7 +308,7 @@ def previous_lines(table: str, searches: list[str], overfit: bool = False) -> di
 def compare_with_cli(name: str = "ps_cma") -> dict:
     """One candidate (the search's best) as mergekit-yaml plus the lm_eval CLI,
     against evomerge's median time per candidate in that search."""
-    from evomerge.export import export_best
+    from evomerge.app.export import export_best
 
     _, trial = best_search_trial(name)
     cfg = WORK / "recipes" / f"{name}_mergekit.yaml"

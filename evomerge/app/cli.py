@@ -1,0 +1,224 @@
+"""The ``evomerge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+    t = text.strip().upper()
+    num = t.rstrip("KMGB")
+    try:
+        return int(float(num) * units[t[len(num) :]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 500MB or 5GB") from None
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.engine.merge import merge_to_disk
+    from evomerge.engine.recipe import load_recipe
+
+    recipe_path = Path(args.recipe)
+    recipe = load_recipe(recipe_path)
+    t0 = time.perf_counter()
+    out = merge_to_disk(
+        recipe,
+        args.out_dir,
+        root=recipe_path.parent,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+        allow_outside=args.allow_outside_paths,
+        shard_bytes=args.shard_size,
+        progress=not args.no_progress,
+    )
+    what = " + ".join(
+        filter(None, [recipe.method, f"a route of {len(recipe.route.layers)} layers" if recipe.route else None])
+    )
+    print(f"merged {what} into {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from evomerge.engine.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name}  (base: {m.base}{', random' if m.random else ''})")
+        for p in m.params:
+            default = "required" if p.required else f"default {p.default}"
+            valid = f", valid {p.interval}" if p.interval else ""
+            bounds = f", search {list(p.bounds)}" if p.bounds else ""
+            print(f"    {p.name:<18} {p.kind.__name__:<5} {p.scope:<9} {default}{valid}{bounds}")
+    print(
+        "\nA recipe may set a number outside its search range, as mergekit allows (a negative weight, slerp t "
+        "outside [0, 1]);\nonly the 'valid' limits hold, and every number must be finite. A search stays inside "
+        "the search ranges,\nwhich are all non-negative (a search space may narrow them, not widen them)."
+    )
+    return 0
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from evomerge.app.demo.run import run_demo
+    from evomerge.engine.devices import free_core_threads
+
+    with free_core_threads(log=_note):
+        return run_demo(Path(args.workdir), progress=not args.no_progress)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.app.export import status_table
+    from evomerge.engine.devices import free_core_threads
+    from evomerge.run.run import Run
+
+    executor = {"name": args.executor, "address": args.address, "workers": args.workers}
+    if (args.address or args.workers) and args.executor is None:
+        executor["name"] = "ray"  # a Ray address or worker count means Ray
+    run = Run(
+        args.config,
+        args.run_dir,
+        executor={k: v for k, v in executor.items() if v is not None},
+        force=args.force,
+        allow_outside_paths=args.allow_outside_paths,
+        allow_test_sets=args.allow_test_sets,
+        progress=not args.no_progress,
+    )
+    try:
+        with free_core_threads(log=_note):
+            run.search()
+    finally:
+        run.close()
+    print(status_table(args.run_dir, top=args.top))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.app.export import status_table
+
+    print(status_table(args.run_dir, top=args.top))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.app.export import export_best
+
+    out, recipe = export_best(
+        args.run_dir,
+        out=args.out,
+        fmt=args.format,
+        merge_dir=args.merge,
+        trial=args.trial,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    meta = recipe.metadata["evomerge"]
+    held = meta["heldout"]["fitness"] if meta.get("heldout") else None
+    rule = {"race": "chosen by the selection race", "dev": "chosen by best dev fitness"}.get(meta.get("chosen_by"))
+    print(
+        f"wrote {out} (trial {meta['trial']}{f', {rule}' if rule else ''}, dev fitness {meta['dev']['fitness']:.4f}"
+        + (f", held-out {held:.4f}" if held is not None else "")
+        + ")"
+    )
+    if args.merge:
+        print(f"merged into {args.merge}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.app.report import write_report
+
+    out = write_report(args.run_dir, out=args.out, top=args.top)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Discover how to merge fine-tuned LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge a recipe (evomerge or mergekit YAML) into a model folder")
+    m.add_argument("recipe", help="recipe YAML; relative model paths resolve against its folder")
+    m.add_argument("out_dir", help="output folder (must be empty unless --overwrite)")
+    m.add_argument("--seed", type=int, default=None, help="seed for random-mask methods (overrides the recipe's)")
+    m.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N; a routed recipe also takes a list such as cuda:0,cuda:1"
+    )
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    m.add_argument("--allow-outside-paths", action="store_true", help="let model paths leave the recipe's folder")
+    m.add_argument("--shard-size", type=_size, default="5GB", help="maximum shard size, e.g. 500MB (default 5GB)")
+    m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    m.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("search", help="search for the best merge recipe (resumes an existing run)")
+    s.add_argument("config", help="search config YAML")
+    s.add_argument("--run-dir", required=True, help="run folder: study, checkpoints; run again to continue")
+    s.add_argument("--force", action="store_true", help="start afresh in a run folder of another config")
+    s.add_argument("--allow-outside-paths", action="store_true", help="let paths leave the config's folder")
+    s.add_argument("--allow-test-sets", action="store_true", help="allow objectives scored on a test split")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.add_argument("--top", type=int, default=10, help="search trials shown in the final table")
+    s.add_argument("--executor", choices=["local", "ray"], help="where candidates are scored (overrides the config)")
+    s.add_argument("--address", help="Ray cluster: auto or host:port (default: start Ray on this machine)")
+    s.add_argument("--workers", type=int, help="Ray workers (default: as many as the cluster's GPUs, or CPUs)")
+    s.set_defaults(func=cmd_search)
+
+    st = sub.add_parser("status", help="top trials of a run against its baselines")
+    st.add_argument("run_dir")
+    st.add_argument("--top", type=int, default=10, help="search trials shown")
+    st.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("export", help="write a run's best recipe (and optionally merge it)")
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="recipe file (default: RUN_DIR/best_recipe.yaml)")
+    e.add_argument("--format", choices=["evomerge", "mergekit"], default="evomerge")
+    e.add_argument("--merge", metavar="OUT_DIR", help="also merge the recipe into this model folder")
+    e.add_argument("--trial", type=int, help="export this trial instead of the best")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --merge folder")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="write an HTML report of a run: figures and tables, readable offline")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    r.add_argument("--top", type=int, default=20, help="search trials in the top-trials table")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser(
+        "demo", help="build tiny demo models and experts (once), search for their best merge, report on held-out data"
+    )
+    d.add_argument("--workdir", default="runs/demo", help="where demo models and outputs go")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("methods", help="list merge methods and their parameters")
+    ls.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EvomergeError as e:
+        if args.debug:
+            raise
+        print(f"evomerge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The search config: one YAML file per experiment.
+
+Paths in a config resolve against the config's folder and may not leave it
+unless ``--allow-outside-paths`` is given. The config's fingerprint ties a
+run folder to the experiment it belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from evomerge.errors import EvomergeError, field_error
+from evomerge.fitness.evaluate import EvalSpec, ObjectiveSpec
+from evomerge.run.drivers import DRIVER_SETTINGS, setting_problem
+from evomerge.schema import Strict
+
+
+class DriverSettings(Strict):
+    """Which optimizer proposes candidates, and its knobs.
+
+    Which driver reads which knob, its default and the values it accepts are
+    declared once, in ``evomerge.run.drivers.DRIVER_SETTINGS``; a value given for
+    a knob is checked against the named driver's declaration. The fields here
+    are the stored shape of the section (every config's dump, and so its
+    fingerprint, lists all of them): a knob the driver does not read keeps
+    its default, and ``popsize`` None stands for the driver's own default.
+    """
+
+    name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
+    sigma0: float = DRIVER_SETTINGS["cma"]["sigma0"].default
+    popsize: int | None = None
+    restarts: int = DRIVER_SETTINGS["cma"]["restarts"].default
+    startup_trials: int = DRIVER_SETTINGS["tpe"]["startup_trials"].default
+
+    @field_validator("sigma0", "popsize", "restarts", "startup_trials")
+    @classmethod
+    def _declared(cls, v, info: ValidationInfo):
+        name = info.data.get("name")  # absent when the name itself is refused
+        problem = setting_problem(name, info.field_name, v, cls.model_fields[info.field_name].default)
+        if problem:
+            raise PydanticCustomError("driver_setting", problem)
+        return v
+
+
+class Budget(Strict):
+    trials: int | None = None  # search trials (baselines not counted)
+    minutes: float | None = None  # wall time, summed over resumed sessions
+    # Dev documents scored by search trials (early stopping scores fewer per
+    # trial, so more trials fit); baselines and the selection race not counted.
+    documents: int | None = None
+    # With a held-out set: how many of the best search trials (by dev fitness)
+    # are scored on it at the end, besides the best trial. More than one shows
+    # how far the dev ranking carries over to unseen data.
+    heldout_top: int = 1
+
+    @field_validator("trials", "minutes", "heldout_top", "documents")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+
+class ExecutorSettings(Strict):
+    """Where candidates are scored: ``local`` (in process) or ``ray``.
+
+    Ray: ``address`` is ``auto`` (the cluster this node belongs to),
+    ``host:port``, or None to start a Ray instance on this machine. Each
+    worker is a resident actor with ``num_cpus``, ``num_gpus`` (default: 1
+    when the cluster has GPUs; more than 1 reserves them together on one node
+    through a placement group) and ``memory`` (bytes). ``workers`` defaults
+    to as many as the cluster's GPUs (or CPUs) allow. A candidate whose worker
+    dies is retried ``retries`` times on another worker, then recorded as
+    failed; a dead worker is restarted up to ``max_restarts`` times (-1: no
+    limit). ``prefetch`` candidates wait in each worker's queue behind the
+    one it scores, so it never waits for the driver to record a result and
+    ask the next (0: ask only when a worker is free).
+    """
+
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    memory: int | None = None
+    retries: int = 2
+    max_restarts: int = -1
+    prefetch: int = 1  # candidates queued on each worker beyond the running one
+    start_timeout: float = 900.0  # seconds for every worker to load its sources
+    dashboard: bool = False
+    metrics: bool = False
+    log_to_driver: bool = False
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("give at least 1 worker")
+        return v
+
+    @field_validator("num_cpus", "retries", "start_timeout", "prefetch")
+    @classmethod
+    def _non_negative(cls, v):
+        if v < 0:
+            raise ValueError("must be 0 or more")
+        return v
+
+
+class SelectSettings(Strict):
+    """The selection split and race (``select:``; see :mod:`evomerge.fitness.race`).
+
+    Documents the search never optimises on: ``objectives`` (default: the
+    ``eval`` section's) scored on each task's documents that ``eval`` does
+    not use, ``samples`` of them per task (default: all that are left),
+    drawn with ``seed``. ``include_path``, ``num_fewshot`` and
+    ``batch_size`` default to ``eval``'s. At the end of the budget the
+    ``top`` best search trials by dev fitness, and the baselines (unless
+    ``baselines: false``), race on these documents and the winner is the
+    exported best. Changing ``samples`` or ``top`` on a finished run and
+    running it again continues the race; the other settings start it anew.
+    """
+
+    objectives: list[ObjectiveSpec] | None = None
+    include_path: str | None = None
+    samples: int | None = None
+    seed: int = 0
+    num_fewshot: int | None = None
+    batch_size: int | None = None
+    top: int = 8
+    baselines: bool = True
+    min_docs: int = 16  # documents per task in the race's first round, at least
+
+    @field_validator("samples", "top", "batch_size", "min_docs")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be positive")
+        return v
+
+    def spec(self, dev: EvalSpec) -> EvalSpec:
+        """The selection documents' evaluation, with ``eval``'s defaults."""
+        return EvalSpec(
+            objectives=self.objectives or dev.objectives,
+            include_path=self.include_path if self.include_path is not None else dev.include_path,
+            samples=self.samples,
+            seed=self.seed,
+            num_fewshot=self.num_fewshot if self.num_fewshot is not None else dev.num_fewshot,
+            batch_size=self.batch_size or dev.batch_size,
+        )
+
+    def fingerprint(self, dev: EvalSpec) -> str:
+        """What the selection documents and their order depend on; not
+        ``samples`` (a larger one extends the same order) or ``top``."""
+        spec = self.spec(dev).model_dump(mode="json", exclude={"samples", "batch_size"})
+        data = {"select": spec, "eval": dev.model_dump(mode="json", exclude={"batch_size"})}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EarlyStop(Strict):
+    """Early stopping (``early_stop:``): a candidate's dev documents are
+    scored in steps, ending at the fractions ``looks`` of each task's
+    documents, and scoring stops once a one-sided paired test shows it worse
+    than the incumbent (the best fully scored trial so far) at level
+    ``alpha``. Needs per-document scores (lm-eval tasks with a mean metric)
+    and a single fitness (not NSGA-II); otherwise every candidate is scored
+    in full. See :class:`evomerge.fitness.evaluate.Versus` for the value a stopped
+    candidate is given."""
+
+    enabled: bool = False
+    alpha: float = 0.05
+    looks: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
+    min_docs: int = 16
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if not 0 < v < 1:
+            raise ValueError("must be between 0 and 1")
+        return v
+
+    @field_validator("looks")
+    @classmethod
+    def _looks(cls, v):
+        if any(not 0 < f < 1 for f in v):
+            raise ValueError("give fractions between 0 and 1")
+        return sorted(v)
+
+    def versus(self, docs):
+        from evomerge.fitness.evaluate import Versus
+
+        return Versus(docs=docs, alpha=self.alpha, looks=tuple(self.looks), min_docs=self.min_docs)
+
+
+class SearchConfig(Strict):
+    """An experiment: sources, space, objectives, budget, driver, storage."""
+
+    models: list[str]
+    base_model: str | None = None
+    space: str | dict[str, Any]
+    eval: EvalSpec
+    heldout: EvalSpec | None = None
+    select: SelectSettings | None = None
+    early_stop: EarlyStop = Field(default_factory=EarlyStop)
+    budget: Budget = Field(default_factory=lambda: Budget(trials=50))
+    driver: DriverSettings = Field(default_factory=DriverSettings)
+    storage: str | None = None  # an Optuna RDB URL; default: SQLite in the run folder
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    baselines: bool = True
+    tokenizer: str | None = None
+    # A fixed merge recipe (e.g. a previous run's exported best) that is the
+    # routing source ``merge`` of a hybrid run; its paths are relative to it.
+    merge: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v):
+        if not v:
+            raise ValueError("list at least one model")
+        return v
+
+    def fingerprint(self) -> str:
+        # Selection and early stopping decide how candidates are scored and
+        # chosen, not what is searched: a run may change them and continue.
+        exclude = {"budget", "storage", "device", "executor", "select", "early_stop"}
+        data = self.model_dump(mode="json", exclude=exclude)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_path(root: Path, value: str, what: str, allow_outside: bool, must_exist: bool = True) -> Path:
+    """``value`` relative to ``root``; refuse an escape unless allowed."""
+    path = Path(value).expanduser()
+    full = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    if not allow_outside and not full.is_relative_to(root.resolve()):
+        raise EvomergeError(
+            f"{what} {value} is outside the config's folder {root}; move it inside or pass --allow-outside-paths"
+        )
+    if must_exist and not full.exists():
+        raise EvomergeError(f"{what} {value} does not exist (looked for {full}); check the path")
+    return full
+
+
+def load_fixed_merge(cfg: SearchConfig, root: Path, allow_outside: bool):
+    """The config's fixed ``merge`` recipe, its model paths made relative to ``root``."""
+    import os
+
+    from evomerge.engine.recipe import load_recipe
+
+    if cfg.merge is None:
+        return None
+    path = resolve_path(root, cfg.merge, "merge recipe", allow_outside)
+    recipe = load_recipe(path)
+    if recipe.method is None or recipe.route is not None:
+        raise EvomergeError(
+            f"merge recipe {cfg.merge} must be a parameter-space merge (a method, no route); "
+            "export a parameter-space run's best"
+        )
+
+    def rebase(ref: str) -> str:
+        candidate = (path.parent / ref).resolve()
+        if Path(ref).is_absolute() or not candidate.exists():
+            return ref  # absolute, or a hub id
+        return os.path.relpath(candidate, root.resolve())
+
+    return recipe.with_refs(rebase).model_copy(update={"metadata": {}})
+
+
+def load_config(path: str | Path, executor: dict[str, Any] | None = None) -> tuple[SearchConfig, Path]:
+    """Read and validate a search config (``executor``: settings that
+    override its executor section); returns it and its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"search config {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvomergeError(f"search config {path} cannot be read ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"search config {path} is not a YAML mapping; write it as 'key: value' lines")
+    if executor:
+        section = data.get("executor") or {}
+        data["executor"] = {**(section if isinstance(section, dict) else {}), **executor}
+    try:
+        return SearchConfig.model_validate(data), path.resolve().parent
+    except ValidationError as e:
+        raise field_error(f"search config {path}", e) from None
