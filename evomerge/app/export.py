@@ -223,27 +223,14 @@ def export_best(
     run_dir = Path(run_dir)
     store = RunStore.open(run_dir)
     scores = read_scores(store)
-    if trial is None:
-        chosen, rule, judged = scores.chosen, scores.rule, scores.verdict
-        if chosen is None:
-            raise EvomergeError(f"run {run_dir} has no successful trial yet; run the search longer")
-    else:
-        chosen = next((r for r in scores.records if r.number == trial), None)
-        if chosen is None or chosen.status != "ok":
-            raise EvomergeError(f"trial {trial} is not a successful trial of {run_dir}; see `evomerge status`")
-        rule = "trial"
-        # The verdict of this trial, as if it were the run's chosen best.
-        judged = judged_of(scores.records, {"winner": trial}, scores.weights["heldout"])
-        judged = dataclasses.replace(judged, rule=rule) if judged is not None else None
-    dev, selection, heldout = scores.dev(chosen), scores.selection(chosen), scores.heldout(chosen)
+    chosen, rule, judged = _pick(run_dir, scores, trial)
     recipe = Recipe.model_validate(chosen.recipe)
     root = Path(store.record["config_path"]).parent
     sources = open_sources(recipe, root, allow_outside=True)
     recipe = pinned(recipe, sources)
 
-    out = (
-        Path(out) if out is not None else run_dir / ("best_recipe.yaml" if fmt == "evomerge" else "best_mergekit.yaml")
-    )
+    default_name = "best_recipe.yaml" if fmt == "evomerge" else "best_mergekit.yaml"
+    out = Path(out) if out is not None else run_dir / default_name
     out_root = out.resolve().parent
 
     def where(ref: str | None) -> str | None:
@@ -252,56 +239,81 @@ def export_best(
         path = sources[ref].path.resolve()
         return os.path.relpath(path, out_root) if path.is_relative_to(out_root) else str(path)
 
-    recipe = recipe.with_refs(where).model_copy(
-        update={
-            "metadata": {
-                "evomerge": {
-                    "run": str(run_dir.resolve()),
-                    "trial": chosen.number,
-                    "kind": chosen.kind,
-                    **({"baseline": chosen.name} if chosen.name else {}),
-                    "recipe_fingerprint": chosen.fingerprint,
-                    "space_fingerprint": store.run_attr("space_fingerprint"),
-                    "config_fingerprint": store.run_attr("config_fingerprint"),
-                    "seed": recipe.seed,
-                    "chosen_by": rule,
-                    "dev": {
-                        "fitness": chosen.fitness,
-                        **_se(dev),
-                        **({"documents": chosen.documents} if chosen.documents is not None else {}),
-                        **({"stopped": True} if chosen.stopped else {}),
-                        "objectives": chosen.values,
-                    },
-                    **({"selection": {"fitness": selection.value, **_se(selection)}} if selection else {}),
-                    "heldout": {"fitness": chosen.heldout_fitness, **_se(heldout), "objectives": chosen.heldout_values}
-                    if chosen.heldout_values is not None
-                    else None,
-                    **({"verdict": judged.as_dict()} if judged is not None else {}),
-                    "versions": _versions(),
-                }
-            },
-        }
-    )
-    mergekit_form = recipe
-    if fmt == "mergekit" and recipe.route is not None:
-        from evomerge.engine.routing import FOLDABLE, route_to_passthrough
-
-        config = next(iter(sources.values())).config
-        tied = bool(config.get("tie_word_embeddings", False))
-        projections = FOLDABLE.get(config.get("model_type"), ("o_proj", "down_proj"))
-        mergekit_form = route_to_passthrough(recipe, tied, projections)
-        if mergekit_form is None:
-            raise EvomergeError(
-                "this route runs layers of the recipe's own merge (or takes embeddings or head from another "
-                "model than its first and last step's), which a mergekit passthrough config cannot express; "
-                "export with --format evomerge"
-            )
+    metadata = _export_metadata(run_dir, store, scores, chosen, rule, judged, recipe.seed)
+    recipe = recipe.with_refs(where).model_copy(update={"metadata": {"evomerge": metadata}})
     if fmt == "evomerge":
         text = recipe.to_yaml()
     else:
-        note = yaml.safe_dump({"evomerge": recipe.metadata["evomerge"]}, sort_keys=False)
-        text = "".join(f"# {line}\n" for line in note.splitlines()) + mergekit_form.to_mergekit_yaml()
+        note = yaml.safe_dump({"evomerge": metadata}, sort_keys=False)
+        text = "".join(f"# {line}\n" for line in note.splitlines()) + _mergekit_form(recipe, sources).to_mergekit_yaml()
     atomic_write(out, text)
     if merge_dir is not None:
         merge_to_disk(recipe, merge_dir, root=out_root, allow_outside=True, overwrite=overwrite, progress=progress)
     return out, recipe
+
+
+def _pick(run_dir: Path, scores: Scores, trial: int | None) -> tuple[TrialRecord, str, Verdict | None]:
+    """The trial to export (the run's chosen best, or ``trial``), the rule
+    that chose it and its held-out verdict."""
+    if trial is None:
+        if scores.chosen is None:
+            raise EvomergeError(f"run {run_dir} has no successful trial yet; run the search longer")
+        return scores.chosen, scores.rule, scores.verdict
+    chosen = next((r for r in scores.records if r.number == trial), None)
+    if chosen is None or chosen.status != "ok":
+        raise EvomergeError(f"trial {trial} is not a successful trial of {run_dir}; see `evomerge status`")
+    # The verdict of this trial, as if it were the run's chosen best.
+    judged = judged_of(scores.records, {"winner": trial}, scores.weights["heldout"])
+    return chosen, "trial", dataclasses.replace(judged, rule="trial") if judged is not None else None
+
+
+def _export_metadata(
+    run_dir: Path, store: RunStore, scores: Scores, chosen: TrialRecord, rule: str, judged, seed
+) -> dict[str, Any]:
+    """The ``metadata.evomerge`` block of an exported recipe: where it came
+    from, which rule chose it, its scores and verdict, the package versions."""
+    dev, selection, heldout = scores.dev(chosen), scores.selection(chosen), scores.heldout(chosen)
+    return {
+        "run": str(run_dir.resolve()),
+        "trial": chosen.number,
+        "kind": chosen.kind,
+        **({"baseline": chosen.name} if chosen.name else {}),
+        "recipe_fingerprint": chosen.fingerprint,
+        "space_fingerprint": store.run_attr("space_fingerprint"),
+        "config_fingerprint": store.run_attr("config_fingerprint"),
+        "seed": seed,
+        "chosen_by": rule,
+        "dev": {
+            "fitness": chosen.fitness,
+            **_se(dev),
+            **({"documents": chosen.documents} if chosen.documents is not None else {}),
+            **({"stopped": True} if chosen.stopped else {}),
+            "objectives": chosen.values,
+        },
+        **({"selection": {"fitness": selection.value, **_se(selection)}} if selection else {}),
+        "heldout": {"fitness": chosen.heldout_fitness, **_se(heldout), "objectives": chosen.heldout_values}
+        if chosen.heldout_values is not None
+        else None,
+        **({"verdict": judged.as_dict()} if judged is not None else {}),
+        "versions": _versions(),
+    }
+
+
+def _mergekit_form(recipe: Recipe, sources) -> Recipe:
+    """The recipe as mergekit can run it: a route becomes a passthrough
+    config (with its scales folded), or an error when it cannot."""
+    if recipe.route is None:
+        return recipe
+    from evomerge.engine.routing import FOLDABLE, route_to_passthrough
+
+    config = next(iter(sources.values())).config
+    tied = bool(config.get("tie_word_embeddings", False))
+    projections = FOLDABLE.get(config.get("model_type"), ("o_proj", "down_proj"))
+    passthrough = route_to_passthrough(recipe, tied, projections)
+    if passthrough is None:
+        raise EvomergeError(
+            "this route runs layers of the recipe's own merge (or takes embeddings or head from another "
+            "model than its first and last step's), which a mergekit passthrough config cannot express; "
+            "export with --format evomerge"
+        )
+    return passthrough

@@ -14,7 +14,7 @@ from typing import Any
 __all__ = ["InPlaceMerger", "Recipe", "load_recipe", "merge_to_disk"]
 
 _WHERE = {
-    "InPlaceMerger": "evomerge.engine.plan",
+    "InPlaceMerger": "evomerge.engine.inplace",
     "Recipe": "evomerge.engine.recipe",
     "load_recipe": "evomerge.engine.recipe",
     "merge_to_disk": "evomerge.engine.merge",

@@ -7,7 +7,7 @@ by evomerge.engine.routing and exported as a plain model with its scales folded.
 Both end in evomerge.engine.folder, which writes the folder atomically.
 
 Dependencies run one way: this module uses evomerge.engine.routing, which uses
-evomerge.engine.plan (planning, kernel, ``InPlaceMerger``) and evomerge.engine.folder;
+evomerge.engine.plan (planning, kernel), evomerge.engine.inplace (``InPlaceMerger``) and evomerge.engine.folder;
 none of them imports this one. Names callers have always imported from here
 (``InPlaceMerger``, ``open_sources``, ``plan_merge``, ...) are re-exported.
 """
@@ -23,10 +23,10 @@ import torch
 
 from evomerge.engine.devices import parse_devices
 from evomerge.engine.folder import check_output_folder, pinned, write_model_folder
+from evomerge.engine.inplace import InPlaceMerger
 from evomerge.engine.models import SourceModel
 from evomerge.engine.plan import (
     SAFETENSORS_DTYPES,
-    InPlaceMerger,
     MergePlan,
     TensorJob,
     merge_tensor,

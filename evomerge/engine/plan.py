@@ -1,13 +1,12 @@
-"""A parameter-space merge: its plan, its per-tensor kernel, and the merger
-that applies it to a live model.
+"""A parameter-space merge: its plan and its per-tensor kernel.
 
 ``plan_merge`` resolves a recipe (no route) into a ``MergePlan``: which
 output tensor comes from which input tensors, with which parameters. Every
 user error surfaces there, before a tensor is read. ``merge_tensor`` merges
-one output tensor of the plan. ``InPlaceMerger`` runs the plan into a
-resident model's parameters for search; evomerge.engine.merge streams the same plan
-to disk, so both give bit-identical tensors. evomerge.engine.routing builds its
-hybrids on ``InPlaceMerger``.
+one output tensor of the plan. ``evomerge.engine.inplace.InPlaceMerger``
+runs the plan into a resident model's parameters for search;
+evomerge.engine.merge streams the same plan to disk, so both give
+bit-identical tensors.
 
     recipe --plan_merge--> MergePlan --merge_tensor per job--> tensors
                                          |-> streamed into safetensors shards (evomerge.engine.merge)
@@ -19,12 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from evomerge.engine.devices import parse_devices, place
 from evomerge.engine.methods import MergeMethod, TensorInputs, get_method
 from evomerge.engine.models import SourceModel, is_pre_layer, resolve_model_path, split_layer_name
 from evomerge.engine.recipe import Recipe, Setting, Slice, SliceSource, evaluate_setting, gradient_lengths
@@ -178,9 +177,34 @@ def plan_merge(recipe: Recipe, sources: dict[str, SourceModel]) -> MergePlan:
     method = get_method(recipe.method)
     slices = _normalized_slices(recipe, sources)
     _check_gradients(recipe, slices)
-    compute = torch_dtype(recipe.dtype)
-    out_dtype = torch_dtype(recipe.out_dtype)
+    _check_slices(recipe, method, slices, sources)
+    job = partial(_tensor_job, recipe, method, sources, torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype))
 
+    first_slice, last_slice = slices[0], slices[-1]
+    head = sources[first_slice.sources[0].model]
+    tail = sources[last_slice.sources[-1].model]
+    jobs = [
+        job(name, first_slice, [name] * len(first_slice.sources), 0.0)
+        for name in head.non_layer_names()
+        if is_pre_layer(name)
+    ]
+    layer_origin: list[tuple[str, int]] = []
+    for sl in slices:
+        _add_layer_jobs(sl, sources, layer_origin, jobs, job)
+    jobs += [
+        job(name, last_slice, [name] * len(last_slice.sources), 0.0)
+        for name in tail.non_layer_names()
+        if not is_pre_layer(name)
+    ]
+
+    config_source = recipe.base_model or first_slice.sources[0].model
+    config = _output_config(sources, config_source, layer_origin, recipe.out_dtype or recipe.dtype)
+    return MergePlan(recipe, method, jobs, config, config_source, layer_origin)
+
+
+def _check_slices(recipe: Recipe, method: MergeMethod, slices: list[Slice], sources: dict[str, SourceModel]) -> None:
+    """Each slice has its base among its models, as many models as the method
+    takes, and layer ranges inside its models."""
     for i, sl in enumerate(slices):
         base = sl.base_model or recipe.base_model
         refs = [s.model for s in sl.sources]
@@ -194,63 +218,58 @@ def plan_merge(recipe: Recipe, sources: dict[str, SourceModel]) -> MergePlan:
                     f"layer_range {list(s.layer_range)} of {s.model} is outside its {n} layers; fix the slice"
                 )
 
-    jobs: list[TensorJob] = []
 
-    def add(out_name: str, sl: Slice, in_names: list[str], t: float) -> None:
-        refs = [s.model for s in sl.sources]
-        base = sl.base_model or recipe.base_model
-        base_index = refs.index(base) if base and method.base != "ignored" and base in refs else None
-        params: dict[str, Any] = {}
-        for p in method.params:
-            if p.scope == "shared":
-                params[p.name] = _resolve(method, out_name, _scopes(recipe, sl, None), t, out_name, p)
-                continue
-            idx = [i for i in range(len(refs)) if p.scope == "per_input" or i != base_index]
-            params[p.name] = [
-                _resolve(method, in_names[i], _scopes(recipe, sl, refs[i]), t, f"{refs[i]} {in_names[i]}", p)
-                for i in idx
-            ]
-        if method.check is not None:
-            method.check(out_name, params)
-        first = sources[refs[0]]
-        dtypes = [_TORCH_OF_ST.get(sources[r].dtype_name(n), torch.float32) for r, n in zip(refs, in_names)]
-        c = compute or _promote(dtypes)
-        jobs.append(
-            TensorJob(
-                out_name, list(zip(refs, in_names)), base_index, params, first.shape(in_names[0]), c, out_dtype or c
-            )
-        )
+def _add_layer_jobs(sl: Slice, sources: dict[str, SourceModel], layer_origin: list, jobs: list, job) -> None:
+    """Append the jobs of one slice's layers (numbered on from ``layer_origin``,
+    which records each output layer's source layer), at their gradient
+    positions ``t`` from 0 at the slice's first layer to 1 at its last."""
+    count = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+    lead = sl.sources[0]
+    for k in range(count):
+        t = k / (count - 1) if count > 1 else 1.0
+        out_layer = len(layer_origin)
+        layer_origin.append((lead.model, lead.layer_range[0] + k))
+        for prefix, rest in sources[lead.model].layer_names(lead.layer_range[0] + k):
+            in_names = []
+            for s in sl.sources:
+                src_prefix = _layer_prefix(sources[s.model]) or prefix
+                in_names.append(f"{src_prefix}.{s.layer_range[0] + k}.{rest}")
+            jobs.append(job(f"{prefix}.{out_layer}.{rest}", sl, in_names, t))
 
-    first_slice, last_slice = slices[0], slices[-1]
-    head = sources[first_slice.sources[0].model]
-    tail = sources[last_slice.sources[-1].model]
-    for name in head.non_layer_names():
-        if is_pre_layer(name):
-            add(name, first_slice, [name] * len(first_slice.sources), 0.0)
 
-    layer_origin: list[tuple[str, int]] = []
-    out_layer = 0
-    for sl in slices:
-        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-        for k in range(n):
-            t = k / (n - 1) if n > 1 else 1.0
-            lead = sl.sources[0]
-            layer_origin.append((lead.model, lead.layer_range[0] + k))
-            for prefix, rest in sources[lead.model].layer_names(lead.layer_range[0] + k):
-                in_names = []
-                for s in sl.sources:
-                    src_prefix = _layer_prefix(sources[s.model]) or prefix
-                    in_names.append(f"{src_prefix}.{s.layer_range[0] + k}.{rest}")
-                add(f"{prefix}.{out_layer}.{rest}", sl, in_names, t)
-            out_layer += 1
-
-    for name in tail.non_layer_names():
-        if not is_pre_layer(name):
-            add(name, last_slice, [name] * len(last_slice.sources), 0.0)
-
-    config_source = recipe.base_model or first_slice.sources[0].model
-    config = _output_config(sources, config_source, layer_origin, recipe.out_dtype or recipe.dtype)
-    return MergePlan(recipe, method, jobs, config, config_source, layer_origin)
+def _tensor_job(
+    recipe: Recipe,
+    method: MergeMethod,
+    sources: dict[str, SourceModel],
+    compute,
+    out_dtype,
+    out_name: str,
+    sl: Slice,
+    in_names: list[str],
+    t: float,
+) -> TensorJob:
+    """One output tensor's job: its inputs, its parameters resolved at
+    gradient position ``t``, and its compute and output dtypes (without a
+    recipe dtype, the promotion of its inputs')."""
+    refs = [s.model for s in sl.sources]
+    base = sl.base_model or recipe.base_model
+    base_index = refs.index(base) if base and method.base != "ignored" and base in refs else None
+    params: dict[str, Any] = {}
+    for p in method.params:
+        if p.scope == "shared":
+            params[p.name] = _resolve(method, out_name, _scopes(recipe, sl, None), t, out_name, p)
+            continue
+        idx = [i for i in range(len(refs)) if p.scope == "per_input" or i != base_index]
+        params[p.name] = [
+            _resolve(method, in_names[i], _scopes(recipe, sl, refs[i]), t, f"{refs[i]} {in_names[i]}", p) for i in idx
+        ]
+    if method.check is not None:
+        method.check(out_name, params)
+    first = sources[refs[0]]
+    dtypes = [_TORCH_OF_ST.get(sources[r].dtype_name(n), torch.float32) for r, n in zip(refs, in_names)]
+    dtype = compute or _promote(dtypes)
+    inputs = list(zip(refs, in_names))
+    return TensorJob(out_name, inputs, base_index, params, first.shape(in_names[0]), dtype, out_dtype or dtype)
 
 
 def _layer_prefix(model: SourceModel) -> str | None:
@@ -312,130 +331,3 @@ def merge_tensor(
     if result is not out:
         out.copy_(result)
     return out
-
-
-# -- in place --------------------------------------------------------------------
-
-
-class InPlaceMerger:
-    """Merges candidate recipes into one resident model, for search.
-
-    The sources stay resident on ``device`` (default: the GPU when there is
-    one; a list such as ``cuda:0,cuda:1`` splits the model and the sources
-    by layers, see evomerge.engine.devices) in the compute dtype; task vectors
-    and magnitude ranks are computed on first use and kept. ``apply`` then
-    rewrites the live model's parameters in place: no disk I/O and no
-    allocation proportional to the model, only per-tensor temporaries.
-    ``fuse`` runs the elementwise work through torch.compile (bit-identical;
-    default: on for models of ``FUSE_MIN_PARAMS`` parameters or more).
-
-    Every recipe given to ``apply`` must use the sources of the template
-    recipe and produce the same tensor names and shapes.
-    """
-
-    def __init__(
-        self,
-        template: Recipe,
-        *,
-        root: Path | str = ".",
-        device: str | None = None,
-        allow_outside: bool = False,
-        model: torch.nn.Module | None = None,
-        fuse: bool | None = None,
-    ):
-        self.devices = parse_devices(device)
-        self.root = Path(root)
-        self.sources = open_sources(template, root, allow_outside)
-        plan = plan_merge(template, self.sources)
-        self.config = plan.config
-        self._cache: dict = {}
-        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
-        named = dict(self.model.named_parameters(remove_duplicate=False))
-        named.update(dict(self.model.named_buffers()))
-        missing = [j.name for j in plan.jobs if j.name not in named]
-        if missing:
-            raise EvomergeError(
-                f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
-            )
-        self._targets = {j.name: named[j.name] for j in plan.jobs}
-        # Each source tensor sits where the parameter it merges into does
-        # (one device, or the layer's device when the model is split).
-        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
-        for job in plan.jobs:
-            for ref, name in job.inputs:
-                key = (ref, name)
-                if key not in self._tensors:
-                    where = self._targets[job.name].device
-                    self._tensors[key] = self.sources[ref].get(name).to(where, job.compute_dtype)
-        written = {t.data_ptr() for t in self._targets.values()}
-        unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
-        if unwritten:
-            raise EvomergeError(
-                f"no source provides the live model's parameter {unwritten[0]}; the sources do not match its config"
-            )
-        # Fusing the elementwise tail with torch.compile costs seconds once
-        # and then makes each candidate several times faster; same bits
-        # either way. Worth it from tens of millions of parameters.
-        n_params = sum(t.numel() for t in self._targets.values())
-        self.fuse = fuse if fuse is not None else n_params >= FUSE_MIN_PARAMS
-
-    def _load(self, ref: str, name: str) -> torch.Tensor:
-        return self._tensors[(ref, name)]  # apply() checked every key first
-
-    @torch.no_grad()
-    def apply(self, recipe: Recipe) -> torch.nn.Module:
-        """Rewrite the live model's weights to be ``recipe``'s merge."""
-        unknown = set(referenced(recipe)) - set(self.sources)
-        if unknown:
-            raise EvomergeError(
-                f"recipe uses model {sorted(unknown)[0]}, which this merger did not load; "
-                "create the merger from a recipe with the same sources"
-            )
-        plan = plan_merge(recipe, self.sources)
-        for job in plan.jobs:
-            target = self._targets.get(job.name)
-            if target is None or tuple(target.shape) != job.shape:
-                raise EvomergeError(
-                    f"recipe produces tensor {job.name} {job.shape}, which the live model lacks; "
-                    "use a recipe with the template's layout"
-                )
-        not_loaded = [key for job in plan.jobs for key in job.inputs if key not in self._tensors]
-        if not_loaded:
-            ref, name = not_loaded[0]
-            raise EvomergeError(
-                f"recipe needs {ref}:{name}, which this merger did not load; create the merger from a recipe "
-                "with the same sources and layout"
-            )
-        if len(plan.jobs) != len(self._targets):
-            stale = sorted(set(self._targets) - {j.name for j in plan.jobs})[0]
-            raise EvomergeError(
-                f"recipe does not produce {stale}, which the live model has; use a recipe with the template's layout"
-            )
-        for job in plan.jobs:
-            target = self._targets[job.name]
-            merge_tensor(job, plan.method, self._load, recipe.seed, target.device, self._cache, True, self.fuse, target)
-        return self.model
-
-
-def build_model(config: dict, dtype: torch.dtype, device) -> torch.nn.Module:
-    """An uninitialised Hugging Face causal LM for ``config`` (no remote code)
-    on ``device``, or split over a list of devices (see evomerge.engine.devices)."""
-    import transformers
-
-    kwargs = dict(config)
-    model_type = kwargs.pop("model_type", None)
-    try:
-        cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError):
-        raise EvomergeError(
-            f"model type {model_type!r} is not built into transformers, and evomerge never runs a model's own "
-            "code (trust_remote_code); use a supported architecture"
-        ) from None
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
-    model.tie_weights()  # skipped under no_init_weights; tied heads must share storage
-    return place(model, parse_devices(device)).eval()

@@ -46,7 +46,8 @@ from torch import nn
 
 from evomerge.engine.devices import parse_devices, place
 from evomerge.engine.folder import check_output_folder, pinned, write_model_folder
-from evomerge.engine.plan import InPlaceMerger, build_model, open_sources, torch_dtype
+from evomerge.engine.inplace import InPlaceMerger, build_model
+from evomerge.engine.plan import open_sources, torch_dtype
 from evomerge.engine.recipe import MERGED, Recipe, Source
 from evomerge.errors import EvomergeError
 

@@ -16,8 +16,8 @@ import torch
 
 from evomerge.app.demo.tiny import make_finetune, make_tiny_model
 from evomerge.engine.devices import decoder_layers, parse_devices, plan_layers
+from evomerge.engine.inplace import build_model
 from evomerge.engine.merge import InPlaceMerger
-from evomerge.engine.plan import build_model
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
 

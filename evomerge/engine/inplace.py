@@ -1,0 +1,138 @@
+"""The in-place merger: a candidate recipe merged into one resident model's
+parameters, for search (``InPlaceMerger``), and the empty live model it
+fills (``build_model``). evomerge.engine.routing builds its hybrids on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evomerge.engine.devices import parse_devices, place
+from evomerge.engine.plan import FUSE_MIN_PARAMS, merge_tensor, open_sources, plan_merge, referenced
+from evomerge.engine.recipe import Recipe
+from evomerge.errors import EvomergeError
+
+
+class InPlaceMerger:
+    """Merges candidate recipes into one resident model, for search.
+
+    The sources stay resident on ``device`` (default: the GPU when there is
+    one; a list such as ``cuda:0,cuda:1`` splits the model and the sources
+    by layers, see evomerge.engine.devices) in the compute dtype; task vectors
+    and magnitude ranks are computed on first use and kept. ``apply`` then
+    rewrites the live model's parameters in place: no disk I/O and no
+    allocation proportional to the model, only per-tensor temporaries.
+    ``fuse`` runs the elementwise work through torch.compile (bit-identical;
+    default: on for models of ``FUSE_MIN_PARAMS`` parameters or more).
+
+    Every recipe given to ``apply`` must use the sources of the template
+    recipe and produce the same tensor names and shapes.
+    """
+
+    def __init__(
+        self,
+        template: Recipe,
+        *,
+        root: Path | str = ".",
+        device: str | None = None,
+        allow_outside: bool = False,
+        model: torch.nn.Module | None = None,
+        fuse: bool | None = None,
+    ):
+        self.devices = parse_devices(device)
+        self.root = Path(root)
+        self.sources = open_sources(template, root, allow_outside)
+        plan = plan_merge(template, self.sources)
+        self.config = plan.config
+        self._cache: dict = {}
+        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(dict(self.model.named_buffers()))
+        missing = [j.name for j in plan.jobs if j.name not in named]
+        if missing:
+            raise EvomergeError(
+                f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
+            )
+        self._targets = {j.name: named[j.name] for j in plan.jobs}
+        # Each source tensor sits where the parameter it merges into does
+        # (one device, or the layer's device when the model is split).
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+        for job in plan.jobs:
+            for ref, name in job.inputs:
+                key = (ref, name)
+                if key not in self._tensors:
+                    where = self._targets[job.name].device
+                    self._tensors[key] = self.sources[ref].get(name).to(where, job.compute_dtype)
+        written = {t.data_ptr() for t in self._targets.values()}
+        unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
+        if unwritten:
+            raise EvomergeError(
+                f"no source provides the live model's parameter {unwritten[0]}; the sources do not match its config"
+            )
+        # Fusing the elementwise tail with torch.compile costs seconds once
+        # and then makes each candidate several times faster; same bits
+        # either way. Worth it from tens of millions of parameters.
+        n_params = sum(t.numel() for t in self._targets.values())
+        self.fuse = fuse if fuse is not None else n_params >= FUSE_MIN_PARAMS
+
+    def _load(self, ref: str, name: str) -> torch.Tensor:
+        return self._tensors[(ref, name)]  # apply() checked every key first
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> torch.nn.Module:
+        """Rewrite the live model's weights to be ``recipe``'s merge."""
+        unknown = set(referenced(recipe)) - set(self.sources)
+        if unknown:
+            raise EvomergeError(
+                f"recipe uses model {sorted(unknown)[0]}, which this merger did not load; "
+                "create the merger from a recipe with the same sources"
+            )
+        plan = plan_merge(recipe, self.sources)
+        for job in plan.jobs:
+            target = self._targets.get(job.name)
+            if target is None or tuple(target.shape) != job.shape:
+                raise EvomergeError(
+                    f"recipe produces tensor {job.name} {job.shape}, which the live model lacks; "
+                    "use a recipe with the template's layout"
+                )
+        not_loaded = [key for job in plan.jobs for key in job.inputs if key not in self._tensors]
+        if not_loaded:
+            ref, name = not_loaded[0]
+            raise EvomergeError(
+                f"recipe needs {ref}:{name}, which this merger did not load; create the merger from a recipe "
+                "with the same sources and layout"
+            )
+        if len(plan.jobs) != len(self._targets):
+            stale = sorted(set(self._targets) - {j.name for j in plan.jobs})[0]
+            raise EvomergeError(
+                f"recipe does not produce {stale}, which the live model has; use a recipe with the template's layout"
+            )
+        for job in plan.jobs:
+            target = self._targets[job.name]
+            merge_tensor(job, plan.method, self._load, recipe.seed, target.device, self._cache, True, self.fuse, target)
+        return self.model
+
+
+def build_model(config: dict, dtype: torch.dtype, device) -> torch.nn.Module:
+    """An uninitialised Hugging Face causal LM for ``config`` (no remote code)
+    on ``device``, or split over a list of devices (see evomerge.engine.devices)."""
+    import transformers
+
+    kwargs = dict(config)
+    model_type = kwargs.pop("model_type", None)
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError):
+        raise EvomergeError(
+            f"model type {model_type!r} is not built into transformers, and evomerge never runs a model's own "
+            "code (trust_remote_code); use a supported architecture"
+        ) from None
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+    model.tie_weights()  # skipped under no_init_weights; tied heads must share storage
+    return place(model, parse_devices(device)).eval()
