@@ -48,14 +48,14 @@ from evomerge.search.genes import (
     DIGITS,
     METHOD_GENE,
     Gene,
-    MergeGenes,
     NotInSpace,
     PathSpec,
-    RouteGenes,
     RoutingSpec,
     SearchedParam,
     check_param_names,
 )
+from evomerge.search.merge_genes import MergeGenes
+from evomerge.search.route_genes import RouteGenes
 
 PRESETS = Path(__file__).resolve().parents[2] / "search_spaces"
 

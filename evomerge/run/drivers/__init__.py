@@ -1,29 +1,18 @@
-"""Drivers: ask/tell wrappers around the optimizers.
-
-A driver proposes candidates (``ask``), learns from their scores (``tell``)
-and says when it has nothing more to propose (``should_stop``). Scores given
-to ``tell`` are "higher is better" fitness values (or, for multi-objective
-drivers, one value per objective in each objective's own direction); a failed
-candidate arrives with the penalty the search documents (the worst value seen
-so far), never as an exception.
-
-Every trial lives in the run's store (:mod:`evomerge.run.store`, over an Optuna
-study): Optuna drivers ask its study for trials and finish them through the
-store; the pycma driver adds finished trials to it and checkpoints its own
-state after every generation. How asks and tells interleave with scoring is
-the search's schedule (:mod:`evomerge.run.schedulers`), chosen by ``asynchronous``.
+"""Drivers: ask/tell wrappers around the optimizers (pycma in ``cma_driver``,
+Optuna's samplers in ``optuna_driver``), the settings each one reads
+(declared once, in ``DRIVER_SETTINGS``) and ``make_driver``. The contract is
+:class:`~evomerge.run.drivers.base.Driver`'s module docstring.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
-from evomerge.run.record import TrialRecord
+from evomerge.run.drivers.base import Candidate, Driver
 
 
 @dataclass(frozen=True)
@@ -101,49 +90,6 @@ def setting_problem(driver: str, name: str, value: Any, stored_default: Any) -> 
     return f"the {driver} driver needs {name} to be {declared[name].allowed()}, got {value}"
 
 
-@dataclass
-class Candidate:
-    """One proposed recipe, with the point it came from."""
-
-    recipe: Recipe
-    params: dict[str, Any]
-    trial: Any = None  # the Optuna trial, for Optuna drivers
-    x: Any = None  # the unit-cube vector, for pycma
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Driver:
-    """Base class; see the module docstring for the contract."""
-
-    name = "driver"
-    multi_objective = False
-    # True: ``ask`` may be called while earlier candidates are still being
-    # scored (one candidate per call). False: ``ask`` returns a generation,
-    # and the next ``ask`` comes after ``tell`` of that whole generation.
-    asynchronous = False
-
-    def ask(self) -> list[Candidate]:
-        """The next candidates; an empty list when there is nothing to ask."""
-        raise NotImplementedError
-
-    def record(self, candidate: Candidate, values: list[float], record: TrialRecord) -> None:
-        """Store one finished candidate as a trial, as soon as it is scored."""
-        raise NotImplementedError
-
-    def recorded(self, candidate: Candidate) -> tuple[list[float], TrialRecord] | None:
-        """A candidate this driver already stored (before a crash), or None."""
-        return None
-
-    def tell(self, candidates: list[Candidate], values: list[list[float]]) -> None:
-        """Learn from a whole batch (after each candidate was recorded)."""
-
-    def should_stop(self) -> bool:
-        return False
-
-    def start_from(self, points: list[dict[str, Any]]) -> None:
-        """Hint: named points (the baselines the space can express), best first."""
-
-
 def make_driver(settings, space, store, run_dir: Path, seed: int, workers: int = 1) -> Driver:
     """Build the driver a config names, for ``workers`` parallel evaluations."""
     name = settings.name
@@ -156,3 +102,16 @@ def make_driver(settings, space, store, run_dir: Path, seed: int, workers: int =
 
         return OptunaDriver(space, store, settings, seed, workers)
     raise EvomergeError(f"unknown driver {name!r}; use one of {', '.join(DRIVERS)}")
+
+
+__all__ = [
+    "DRIVERS",
+    "DRIVER_SETTINGS",
+    "OPTUNA_SAMPLERS",
+    "Candidate",
+    "Driver",
+    "Setting",
+    "make_driver",
+    "setting",
+    "setting_problem",
+]

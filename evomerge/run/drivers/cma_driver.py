@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.engine.folder import atomic_write
-from evomerge.run.drivers import Candidate, Driver, setting
+from evomerge.run.drivers import setting
+from evomerge.run.drivers.base import Candidate, Driver
 
 
 class CmaDriver(Driver):

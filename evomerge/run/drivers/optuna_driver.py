@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from evomerge.run.drivers import Candidate, Driver, setting
+from evomerge.run.drivers import setting
+from evomerge.run.drivers.base import Candidate, Driver
 
 
 def make_sampler(settings, seed: int, workers: int = 1):

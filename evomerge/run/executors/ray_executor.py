@@ -36,7 +36,7 @@ from typing import Any
 from evomerge.engine.devices import ALL
 from evomerge.errors import EvomergeError
 from evomerge.fitness.evaluate import Score
-from evomerge.run.executors import Executor
+from evomerge.run.executors.base import Executor
 from evomerge.run.executors.worker import Worker, WorkerSpec
 
 RAY_RECORD = "ray_instance.json"  # in the run folder: the processes of the Ray instance a driver started
