@@ -374,3 +374,11 @@ def test_selection_race_and_early_stopping_run_on_ray_workers(experiment, tmp_pa
     assert got["stop"].stopped and got["stop"].documents == 10
     assert len(got["part"].docs["sums/acc"]) == 2 and got["part"].documents == 2
     assert got["part"].docs["sums/acc"] == scored[best.number]["docs"]["sums/acc"][1:3]
+
+
+from executor_contract import ExecutorContract  # noqa: E402
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestRayExecutorContract(ExecutorContract):
+    executor_settings = {"name": "ray", "workers": 2, "num_cpus": 1, "retries": 1}
