@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from evomerge.engine.methods.base import TensorInputs
+from evomerge.engine.methods.base import MergeMethod, Param, TensorInputs
 from evomerge.errors import EvomergeError
 
 # Weights whose sum is this small next to the largest weight cancel out.
@@ -73,3 +73,36 @@ def passthrough(x: TensorInputs, p: dict) -> torch.Tensor:
     scale = p["scale"][0]
     t = x.tensors[0]
     return t if scale is None else t * scale
+
+
+# -- the declarations ---------------------------------------------------------
+
+LINEAR = MergeMethod(
+    "linear",
+    linear,
+    (
+        Param("weight", float, "per_input", bounds=(0.0, 1.0), doc="weight of this model"),
+        Param("normalize", bool, default=True, doc="divide by the sum of the weights"),
+    ),
+    reference="https://arxiv.org/abs/2203.05482",
+    check=check_weights,
+)
+MODEL_STOCK = MergeMethod(
+    "model_stock",
+    model_stock,
+    (Param("filter_wise", bool, default=False, doc="one ratio per row instead of per tensor"),),
+    base="required",
+    min_inputs=3,
+    reference="https://arxiv.org/abs/2403.19522",
+)
+PASSTHROUGH = MergeMethod(
+    "passthrough",
+    passthrough,
+    (Param("scale", float, "per_input", default=None, bounds=(0.0, 2.0), doc="multiply the tensor"),),
+    max_inputs=1,
+)
+METHODS = (
+    LINEAR,
+    MODEL_STOCK,
+    PASSTHROUGH,
+)

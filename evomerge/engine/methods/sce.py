@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.engine.methods.base import TensorInputs
+from evomerge.engine.methods.base import MergeMethod, Param, TensorInputs
+from evomerge.engine.methods.params import INT8_MASK
 from evomerge.engine.methods.task_arithmetic import sum_over_models
 
 
@@ -101,3 +102,25 @@ def sce(x: TensorInputs, p: dict) -> torch.Tensor:
     merge = _fused_merge() if fuse else _merge
     merged = merge(base.reshape(-1), [d.reshape(-1) for d in deltas], _energy_weights(deltas))
     return merged.view(base.shape)
+
+
+# -- the declarations ---------------------------------------------------------
+
+SCE = MergeMethod(
+    "sce",
+    sce,
+    (
+        INT8_MASK,
+        Param(
+            "select_topk",
+            float,
+            default=1.0,
+            limits=(0.0, 1.0),
+            bounds=(0.1, 1.0),
+            doc="fraction of the entries kept, those varying most across models",
+        ),
+    ),
+    base="required",
+    reference="https://arxiv.org/abs/2408.07990",
+)
+METHODS = (SCE,)

@@ -3,9 +3,13 @@ arcee_fusion, and RAM / RAM+ (reinforced agent merging)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
-from evomerge.engine.methods.base import TensorInputs
+from evomerge.engine.methods.base import MergeMethod, Param, TensorInputs
+from evomerge.engine.methods.params import RAM_EPSILON
 
 
 def nearswap(x: TensorInputs, p: dict) -> torch.Tensor:
@@ -84,3 +88,58 @@ def ramplus_tl(x: TensorInputs, p: dict) -> torch.Tensor:
     boost = 1 + p["r"] * rho.clamp(min=0, max=p["alpha"])
     merged = (deltas * unique * boost.unsqueeze(-1) + deltas * shared / count.clamp(min=1)).sum(dim=0, keepdim=True)
     return x.base + merged.reshape_as(x.base)
+
+
+# -- the declarations ---------------------------------------------------------
+
+NEARSWAP = MergeMethod(
+    "nearswap",
+    nearswap,
+    (
+        Param(
+            "t",
+            float,
+            limits=(0.0, math.inf),
+            bounds=(0.0, 0.01),
+            doc="how far each entry moves from the base toward the other model, at most",
+        ),
+    ),
+    base="required",
+    min_inputs=2,
+    max_inputs=2,
+    base_is_endpoint=True,
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+)
+ARCEE_FUSION = MergeMethod(
+    "arcee_fusion",
+    arcee_fusion,
+    (),
+    base="required",
+    min_inputs=2,
+    max_inputs=2,
+    reference="https://arcee.ai",
+)
+RAM = MergeMethod(
+    "ram",
+    ram,
+    (RAM_EPSILON,),
+    base="required",
+    reference="https://arxiv.org/abs/2601.13572",
+)
+RAMPLUS_TL = MergeMethod(
+    "ramplus_tl",
+    ramplus_tl,
+    (
+        Param("r", float, default=0.1, limits=(0.0, math.inf), bounds=(0.0, 1.0), doc="boost of unique changes"),
+        Param("alpha", float, default=0.2, limits=(0.0, math.inf), bounds=(0.0, 1.0), doc="cap on rho"),
+        dataclasses.replace(RAM_EPSILON, open_low=True),
+    ),
+    base="required",
+    reference="https://arxiv.org/abs/2601.13572",
+)
+METHODS = (
+    NEARSWAP,
+    ARCEE_FUSION,
+    RAM,
+    RAMPLUS_TL,
+)

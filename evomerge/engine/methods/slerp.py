@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from evomerge.engine.methods.base import TensorInputs
+from evomerge.engine.methods.base import MergeMethod, Param, TensorInputs
 from evomerge.errors import EvomergeError
 
 
@@ -183,3 +183,62 @@ def karcher(x: TensorInputs, p: dict) -> torch.Tensor:
     for r in norms:
         scale = scale + (1.0 / n) * r
     return scale * mean
+
+
+# -- the declarations ---------------------------------------------------------
+
+SLERP = MergeMethod(
+    "slerp",
+    slerp,
+    (Param("t", float, bounds=(0.0, 1.0), doc="0 gives the base, 1 the other model"),),
+    base="required",
+    min_inputs=2,
+    max_inputs=2,
+    base_is_endpoint=True,
+)
+NUSLERP = MergeMethod(
+    "nuslerp",
+    nuslerp,
+    (
+        Param("weight", float, "per_model", bounds=(0.0, 1.0), doc="relative weight of this model"),
+        Param("nuslerp_row_wise", bool, default=False, doc="slerp columns instead of rows"),
+        Param("nuslerp_flatten", bool, default=True, doc="slerp the whole tensor as one vector"),
+    ),
+    base="optional",
+    exact_non_base=2,
+)
+MULTISLERP = MergeMethod(
+    "multislerp",
+    multislerp,
+    (
+        Param("weight", float, "per_model", bounds=(0.0, 1.0), doc="weight of this model"),
+        Param("normalize_weights", bool, default=True, doc="divide the weights by their sum"),
+        Param(
+            "eps",
+            float,
+            default=1e-8,
+            limits=(0.0, math.inf),
+            open_low=True,
+            doc="added to norms against division by zero",
+        ),
+    ),
+    base="optional",
+    min_non_base=1,
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    check=check_multislerp_weights,
+)
+KARCHER = MergeMethod(
+    "karcher",
+    karcher,
+    (
+        Param("max_iter", int, default=10, limits=(0, math.inf), doc="most Riemannian steps taken"),
+        Param("tol", float, default=1e-5, limits=(0.0, math.inf), doc="stop once a step is shorter"),
+    ),
+    reference="https://arxiv.org/abs/2603.04972",
+)
+METHODS = (
+    SLERP,
+    NUSLERP,
+    MULTISLERP,
+    KARCHER,
+)

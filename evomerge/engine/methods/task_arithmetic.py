@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from evomerge.engine.methods.base import TensorInputs
+from evomerge.engine.methods.base import MergeMethod, Param, TensorInputs
+from evomerge.engine.methods.params import DENSITY, EPSILON, GAMMA, INT8_MASK, LAMBDA, WEIGHT
 from evomerge.errors import EvomergeError
 
 _EPS = 1e-7
@@ -388,3 +390,55 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
             *consensus_normalize,
         )
     return x.out if x.out is not None else out.reshape(base.shape)
+
+
+# -- the declarations ---------------------------------------------------------
+
+_REFERENCES = {
+    "task_arithmetic": "https://arxiv.org/abs/2212.04089",
+    "ties": "https://arxiv.org/abs/2306.01708",
+    "dare": "https://arxiv.org/abs/2311.03099",
+    "breadcrumbs": "https://arxiv.org/abs/2312.06795",
+    "della": "https://arxiv.org/abs/2406.11617",
+}
+
+
+def _family_member(
+    name: str, consensus: bool, sparsify: str | None, normalize: bool, rescale: bool, ref: str
+) -> MergeMethod:
+    params = [
+        INT8_MASK,
+        Param("normalize", bool, default=normalize, doc="divide by the sum of the weights kept"),
+        Param("rescale", bool, default=rescale, doc="rescale sparsified vectors to their original L1 norm"),
+        LAMBDA,
+        WEIGHT,
+        DENSITY,
+    ]
+    if sparsify == "magnitude_outliers":
+        params.append(GAMMA)
+    if sparsify == "della":
+        params.append(EPSILON)
+    return MergeMethod(
+        name=name,
+        fn=partial(generalized_task_arithmetic, consensus=consensus, sparsify=sparsify),
+        params=tuple(params),
+        base="required",
+        random=sparsify in ("random", "della"),
+        options={"consensus": consensus, "sparsify": sparsify},
+        reference=_REFERENCES[ref],
+    )
+
+
+# The family, one row per name: TIES consensus, sparsification, the defaults
+# of normalize and rescale, and the paper.
+_FAMILY = (
+    ("task_arithmetic", False, None, False, False, "task_arithmetic"),
+    ("ties", True, "magnitude", True, False, "ties"),
+    ("dare_ties", True, "random", False, True, "dare"),
+    ("dare_linear", False, "random", False, True, "dare"),
+    ("breadcrumbs", False, "magnitude_outliers", False, False, "breadcrumbs"),
+    ("breadcrumbs_ties", True, "magnitude_outliers", False, False, "breadcrumbs"),
+    ("della", True, "della", True, True, "della"),
+    ("della_linear", False, "della", False, True, "della"),
+)
+METHODS = tuple(_family_member(*row) for row in _FAMILY)

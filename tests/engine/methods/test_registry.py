@@ -1,4 +1,4 @@
-"""The merge methods added for issue 20 (multislerp, nearswap, karcher, sce,
+"""The methods the registry collects for mergekit parity (multislerp, nearswap, karcher, sce,
 arcee_fusion, ram, ramplus_tl),
 tensor by tensor against mergekit 0.1.5's own kernels, on inputs far apart
 enough that each method's geometry shows (the tiny fine-tunes of the parity
