@@ -285,7 +285,8 @@ def bench_routing(root: Path, routes: int, candidates: int) -> dict:
     """Routed candidates, in this process: Router.assemble per route and
     Evaluator.score per routed candidate, on the search config's task."""
     from evomerge.engine.routing import Router, load_live
-    from evomerge.fitness.evaluate import EvalSpec, Evaluator
+    from evomerge.fitness.evaluate import Evaluator
+    from evomerge.fitness.spec import EvalSpec
 
     config = yaml.safe_load((root / "search.yaml").read_text())
     folders = {name: root / "models" / name for name in EXPERTS}

@@ -19,232 +19,25 @@ import logging
 import math
 import numbers
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import ValidationError, model_validator
 
 from evomerge.engine.devices import parse_devices
-from evomerge.errors import EvomergeError, field_error
+from evomerge.errors import EvomergeError
 from evomerge.fitness.paired import Docs, paired, signed_weights
-from evomerge.schema import Strict
+from evomerge.fitness.score import Score, Versus
+from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
 
 PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
 PERPLEXITY_MAX_TOKENS = 65536  # tokens scored per perplexity file when `samples` is not set
 _LOGITS_BUDGET = 2**28  # logits elements per perplexity forward pass (1 GiB in float32)
-_KINDS = ("task", "perplexity", "custom")
 Part = dict[str, tuple[int, int]]  # task -> (first, end) positions in its document order
-
-
-class ObjectiveSpec(Strict):
-    """One term of the fitness: exactly one of
-
-    - ``task``: an lm-eval task or group (built in, or from ``include_path``)
-      and its ``metric`` (``acc``, or ``exact_match,strict-match`` to pick a
-      filter; without one the task's first filter is used);
-    - ``perplexity``: a local UTF-8 text file (relative to the config's
-      folder); metric ``perplexity``, minimised by default;
-    - ``custom``: ``"package.module:function"``, called as
-      ``function(model, tokenizer) -> dict[str, float]``; ``metric`` names the
-      key to use. A module file next to the config is importable.
-    """
-
-    task: str | None = None
-    perplexity: str | None = None
-    custom: str | None = None
-    metric: str | None = None
-    weight: float = 1.0
-    direction: Literal["maximize", "minimize"] = "maximize"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _perplexity_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("perplexity") is not None:
-            data = dict(data)
-            data["metric"] = data.get("metric") or "perplexity"
-            data.setdefault("direction", "minimize")
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> ObjectiveSpec:
-        kinds = [k for k in _KINDS if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            got = " and ".join(kinds) if kinds else "none"
-            raise EvomergeError(
-                f"an objective sets {got} of task/perplexity/custom; give exactly one of them per objective"
-            )
-        if self.task is not None and not self.metric:
-            raise EvomergeError(f"the objective for task {self.task!r} has no metric; add e.g. 'metric: acc'")
-        if self.perplexity is not None and self.metric != "perplexity":
-            raise EvomergeError(
-                f"perplexity objective {self.perplexity!r} has metric {self.metric!r}; "
-                "use 'metric: perplexity' or leave it out"
-            )
-        if self.custom is not None:
-            if not re.fullmatch(r"[\w.]+:\w+", self.custom):
-                raise EvomergeError(
-                    f"custom objective {self.custom!r} is not 'package.module:function'; write it in that form"
-                )
-            if not self.metric:
-                raise EvomergeError(
-                    f"custom objective {self.custom!r} has no metric; name the key of its returned dict "
-                    "with 'metric: ...'"
-                )
-        if not math.isfinite(self.weight):
-            raise EvomergeError(f"objective {self.name} has weight {self.weight}; give a finite number")
-        return self
-
-    @property
-    def name(self) -> str:
-        """Stable key for display and storage, e.g. ``demo_a/acc``,
-        ``perplexity:heldout.txt``, ``custom:mod:fn/score``."""
-        if self.task is not None:
-            return f"{self.task}/{self.metric}"
-        if self.perplexity is not None:
-            return f"perplexity:{self.perplexity}"
-        return f"custom:{self.custom}/{self.metric}"
-
-
-class EvalSpec(Strict):
-    """The ``eval`` section of a search config.
-
-    ``samples``: a fixed, seeded subset of that many documents per lm-eval
-    task, the same for every candidate (and the number of perplexity chunks).
-    ``num_fewshot`` overrides the tasks' own setting, as lm-eval's CLI does.
-    """
-
-    objectives: list[ObjectiveSpec]
-    include_path: str | None = None
-    samples: int | None = None
-    seed: int = 0
-    num_fewshot: int | None = None
-    batch_size: int = 16
-
-    @model_validator(mode="after")
-    def _check(self) -> EvalSpec:
-        if not self.objectives:
-            raise EvomergeError("eval has no objectives; list at least one under 'objectives'")
-        names = [o.name for o in self.objectives]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise EvomergeError(f"objective {twice[0]} is listed twice; remove one")
-        for key in ("samples", "batch_size"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise EvomergeError(f"eval {key} is {value}; give a positive number")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise EvomergeError(f"eval num_fewshot is {self.num_fewshot}; give 0 or more")
-        return self
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "eval") -> EvalSpec:
-        """Validate config data, turning pydantic's errors into one-line ones."""
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{where} is not a YAML mapping; write it as 'key: value' lines")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise field_error(where, e) from None
-
-
-@dataclass
-class Score:
-    """The result of scoring one candidate.
-
-    ``values`` holds one raw value per objective (in its own direction; NaN
-    where it could not be computed); ``metrics`` every number the evaluation
-    produced, keyed ``task/metric``. ``eval_seconds`` is the time spent in
-    forward passes (lm-eval's ``evaluate``, perplexity, custom callables).
-    From :meth:`Evaluator.score`, ``seconds`` is the evaluation alone (so
-    ``seconds - eval_seconds`` is the scorer's own overhead); from a worker,
-    it also counts ``merge_seconds`` (merging in place, or building the
-    route). ``non_finite`` marks a failure for NaN or inf weights or
-    metrics: a property of the recipe, not an accident, so it is cached like
-    a success. ``attempts`` counts the workers that tried the candidate (more
-    than one when a worker died under it); ``heldout`` is the held-out score
-    when a worker was asked for both.
-
-    ``docs`` holds the per-document scores (``{objective: [value per
-    document]}``, in the evaluator's document order, for the documents
-    scored) when every objective has them (lm-eval tasks whose metric is a
-    mean); ``documents`` counts the lm-eval documents scored. ``stopped``:
-    scoring stopped early, the candidate being clearly worse than the
-    incumbent it was scored against; its ``values`` are then estimates (see
-    :class:`Versus`).
-    """
-
-    values: dict[str, float]
-    metrics: dict[str, float]
-    status: str = "ok"
-    reason: str | None = None
-    non_finite: bool = False
-    seconds: float = 0.0
-    eval_seconds: float = 0.0
-    merge_seconds: float = 0.0
-    attempts: int = 1
-    heldout: Score | None = None
-    docs: Docs | None = None
-    documents: int = 0
-    stopped: bool = False
-
-    @classmethod
-    def failed(cls, reason: str, seconds: float = 0.0) -> Score:
-        """A failed score; the reason is cut to its first line, 500 characters at most."""
-        return cls(
-            values={},
-            metrics={},
-            status="failed",
-            reason=reason.splitlines()[0][:500] if reason else "unknown",
-            seconds=seconds,
-        )
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def fitness(self, objectives: Sequence[ObjectiveSpec]) -> float:
-        """Weighted sum of the objective values, higher is better (minimised
-        objectives count negatively). Undefined for a failed score."""
-        if self.status != "ok":
-            raise ValueError(f"a failed score has no fitness ({self.reason}); apply the search's failure penalty")
-        return sum(o.weight * self.values[o.name] * (1.0 if o.direction == "maximize" else -1.0) for o in objectives)
-
-
-@dataclass(frozen=True)
-class Versus:
-    """Early stopping: score a candidate's documents in steps and stop as soon
-    as it is significantly worse than the incumbent on the documents scored
-    so far.
-
-    ``docs`` are the incumbent's per-document scores on every document. The
-    steps end at the fractions ``looks`` of each task's documents (a look
-    that would compare fewer than ``min_docs`` documents of a task is
-    skipped), then at all of them. After each step but the last, a one-sided
-    paired test (:func:`evomerge.fitness.paired.paired`) of candidate against
-    incumbent on the same documents stops the candidate when its p-value is
-    below ``alpha``.
-
-    A stopped candidate's value per objective is the paired estimate of what
-    the full documents would have given: the incumbent's full mean plus the
-    candidate's difference to the incumbent on the documents scored. It
-    keeps the difference measured (the information the test used), and the
-    documents' own difficulty cancels, so stopped and complete candidates
-    rank on one scale, as the drivers need.
-
-    The incumbent's own recipe, scored against itself, never stops: its
-    differences are all zero.
-    """
-
-    docs: Docs
-    alpha: float = 0.05
-    looks: tuple[float, ...] = (0.125, 0.25, 0.5)
-    min_docs: int = 16
 
 
 class _Indices(list):

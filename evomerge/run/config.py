@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from evomerge.errors import EvomergeError, field_error
-from evomerge.fitness.evaluate import EvalSpec, ObjectiveSpec
+from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
 from evomerge.run.drivers import DRIVER_SETTINGS, setting_problem
 from evomerge.schema import Strict
 
@@ -170,7 +170,7 @@ class EarlyStop(Strict):
     than the incumbent (the best fully scored trial so far) at level
     ``alpha``. Needs per-document scores (lm-eval tasks with a mean metric)
     and a single fitness (not NSGA-II); otherwise every candidate is scored
-    in full. See :class:`evomerge.fitness.evaluate.Versus` for the value a stopped
+    in full. See :class:`evomerge.fitness.score.Versus` for the value a stopped
     candidate is given."""
 
     enabled: bool = False
@@ -193,7 +193,7 @@ class EarlyStop(Strict):
         return sorted(v)
 
     def versus(self, docs):
-        from evomerge.fitness.evaluate import Versus
+        from evomerge.fitness.score import Versus
 
         return Versus(docs=docs, alpha=self.alpha, looks=tuple(self.looks), min_docs=self.min_docs)
 

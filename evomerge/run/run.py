@@ -33,7 +33,7 @@ from typing import Any
 from evomerge.engine.recipe import MERGED, Recipe, Source
 from evomerge.errors import EvomergeError
 from evomerge.fitness.baselines import plain_baselines, routed_baselines
-from evomerge.fitness.evaluate import Score
+from evomerge.fitness.score import Score
 from evomerge.run.config import load_config, load_fixed_merge, resolve_path
 from evomerge.run.drivers import Candidate, Driver, make_driver
 from evomerge.run.executors import Executor, make_executor

@@ -78,7 +78,8 @@ def test_tasks_score_exact_match_of_the_generation_through_the_evaluator(problem
     import transformers
 
     from evomerge.app.demo.tiny import make_tiny_model
-    from evomerge.fitness.evaluate import EvalSpec, Evaluator
+    from evomerge.fitness.evaluate import Evaluator
+    from evomerge.fitness.spec import EvalSpec
 
     folder = make_tiny_model(tmp_path / "model", layers=2, hidden=32, seed=0)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -86,7 +86,8 @@ def _pairs(problem, skill):
 
 def test_tasks_load_through_the_evaluator(problem, items, tmp_path):
     from evomerge.app.demo.tiny import make_tiny_model, make_tokenizer
-    from evomerge.fitness.evaluate import EvalSpec, Evaluator
+    from evomerge.fitness.evaluate import Evaluator
+    from evomerge.fitness.spec import EvalSpec
 
     names = problem.write_tasks(tmp_path / "tasks", items)
     model_dir = make_tiny_model(tmp_path / "tiny", seed=0)

@@ -15,7 +15,9 @@ import transformers
 
 from evomerge.app.demo.tiny import make_tiny_model
 from evomerge.errors import EvomergeError
-from evomerge.fitness.evaluate import EvalSpec, Evaluator, ObjectiveSpec, Score
+from evomerge.fitness.evaluate import Evaluator
+from evomerge.fitness.score import Score
+from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
 
 N_DOCS = 40
 HELDOUT = "The quick brown fox jumps over the lazy dog. " * 30  # 1350 bytes: 5 full chunks of 256, and a tail

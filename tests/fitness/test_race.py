@@ -14,9 +14,11 @@ from helpers import write_config
 
 from evomerge.app.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.fitness.evaluate import EvalSpec, Evaluator, Versus
+from evomerge.fitness.evaluate import Evaluator
 from evomerge.fitness.paired import fitness, paired, signed_weights
 from evomerge.fitness.race import Entrant, plan
+from evomerge.fitness.score import Versus
+from evomerge.fitness.spec import EvalSpec
 from evomerge.run.store import RunStore
 
 SELECT_DOCS = N_DOCS // 2  # eval takes half of each task's documents, selection the rest

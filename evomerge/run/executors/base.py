@@ -10,7 +10,7 @@ The search loop hands an executor recipes (``submit``) and collects scores
   :class:`~evomerge.run.executors.worker.Job` (or just its ``which``: ``dev``,
   ``heldout``, ``both`` or ``select``) says, as in :meth:`Worker.score`.
 - ``wait()``: block until at least one submitted candidate finishes; return
-  ``[(key, score)]``, each score the worker's :class:`~evomerge.fitness.evaluate.Score`.
+  ``[(key, score)]``, each score the worker's :class:`~evomerge.fitness.score.Score`.
   A candidate that cannot be scored at all (its worker kept dying) comes back
   as a failed score with the reason, never as an exception.
 - ``close()``: stop the workers (and whatever the executor started).
@@ -25,7 +25,7 @@ import abc
 from typing import Any
 
 from evomerge.engine.recipe import Recipe
-from evomerge.fitness.evaluate import Score
+from evomerge.fitness.score import Score
 from evomerge.run.executors.worker import Job
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from evomerge.fitness.evaluate import Score
+from evomerge.fitness.score import Score
 from evomerge.run.executors.base import Executor
 from evomerge.run.executors.worker import Worker
 

@@ -3,7 +3,7 @@
 Each worker is a long-lived Ray actor holding a :class:`Worker` (the sources
 with their task vectors, one live model, the prebuilt lm-eval tasks). A
 candidate travels to it as a recipe (a few KB) and comes back as a
-:class:`~evomerge.fitness.evaluate.Score`; weights never cross the network, and only
+:class:`~evomerge.fitness.score.Score`; weights never cross the network, and only
 the driver writes to the storage.
 
 Fault tolerance: actors are created with ``max_restarts`` so Ray restarts a
@@ -35,7 +35,7 @@ from typing import Any
 
 from evomerge.engine.devices import ALL
 from evomerge.errors import EvomergeError
-from evomerge.fitness.evaluate import Score
+from evomerge.fitness.score import Score
 from evomerge.run.executors.base import Executor
 from evomerge.run.executors.worker import Worker, WorkerSpec
 

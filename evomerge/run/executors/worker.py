@@ -2,7 +2,7 @@
 
 A worker is built once from a :class:`WorkerSpec` (plain data, a few KB, the
 same for every worker) and then scores recipes one at a time: merge in place
-(and route), evaluate, return a :class:`~evomerge.fitness.evaluate.Score`. The local
+(and route), evaluate, return a :class:`~evomerge.fitness.score.Score`. The local
 executor runs one in the search's own process; the Ray executor runs one per
 actor.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
-from evomerge.fitness.evaluate import Score
+from evomerge.fitness.score import Score
 
 WHICH = ("dev", "heldout", "both", "select")
 
@@ -32,7 +32,7 @@ class Job:
 
     which: str = "dev"
     part: dict[str, tuple[int, int]] | None = None
-    versus: Any = None  # an evomerge.fitness.evaluate.Versus
+    versus: Any = None  # an evomerge.fitness.score.Versus
 
     def __post_init__(self):
         if self.which not in WHICH:

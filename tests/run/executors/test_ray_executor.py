@@ -356,7 +356,7 @@ def test_selection_race_and_early_stopping_run_on_ray_workers(experiment, tmp_pa
 
     # The workers take the job's part and its incumbent: against a perfect
     # incumbent, a candidate stops at the first look.
-    from evomerge.fitness.evaluate import Versus
+    from evomerge.fitness.score import Versus
     from evomerge.run.executors.ray_executor import RayExecutor
     from evomerge.run.executors.worker import Job
 
