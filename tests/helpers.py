@@ -67,6 +67,7 @@ def trials(run_dir: Path, kind: str | None = None) -> list:
 
 def driver_settings(name: str, **wanted) -> dict:
     """A driver section with those of ``wanted`` that the driver reads."""
-    from evomerge.run.drivers import DRIVER_SETTINGS
+    from evomerge.run.drivers import DRIVERS
 
-    return {"name": name, **{k: v for k, v in wanted.items() if k in DRIVER_SETTINGS[name]}}
+    reads = DRIVERS[name][1].declared()
+    return {"name": name, **{k: v for k, v in wanted.items() if k in reads}}

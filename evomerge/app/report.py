@@ -173,8 +173,10 @@ def _progress(run: _Run) -> tuple[str, bytes | None]:
             zorder=2,
         )
     colors = _colors(run)
-    for r in run.ok(run.baselines):
-        ax.axhline(r.fitness, ls="--", lw=1, color=colors[_name(r)], label=_name(r, r.number))
+    for baseline in run.ok(run.baselines):
+        ax.axhline(
+            baseline.fitness, ls="--", lw=1, color=colors[_name(baseline)], label=_name(baseline, baseline.number)
+        )
     scored = {r.number for r in ok}
     failed = [r.number for r in run.search if r.number not in scored]
     if failed:
@@ -210,11 +212,11 @@ def _heldout(run: _Run) -> tuple[str, bytes | None]:
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_ylim(lo - pad, hi + pad)
     colors = _colors(run)
-    for r, x, y in zip(points, dev, held):
-        if r.kind == "baseline":
-            ax.scatter([x], [y], marker="s", s=40, color=colors[_name(r)], label=r.name, zorder=3)
+    for record, x, y in zip(points, dev, held):
+        if record.kind == "baseline":
+            ax.scatter([x], [y], marker="s", s=40, color=colors[_name(record)], label=record.name, zorder=3)
         else:
-            label = f"search trial {r.number}" + (" (exported)" if _is_chosen(run, r) else "")
+            label = f"search trial {record.number}" + (" (exported)" if _is_chosen(run, record) else "")
             ax.scatter([x], [y], marker="*", s=180, color="C3", label=label, zorder=4)
     ax.set_xlabel("dev fitness")
     ax.set_ylabel("held-out fitness")
@@ -557,12 +559,12 @@ def _baseline_table(run: _Run) -> str:
     if not run.baselines:
         return "<p>This run scored no baselines.</p>"
     rows = []
-    for r in run.baselines:
-        if r.status == "ok":
-            cells = [*_score_cells(run, r), ("ok", False)]
+    for baseline in run.baselines:
+        if baseline.status == "ok":
+            cells = [*_score_cells(run, baseline), ("ok", False)]
         else:
-            cells = [("-", True)] * len(_score_header(run)) + [(f"failed: {_reason(r)[:80]}", False)]
-        rows.append((_row_attrs(run, r), [(str(r.number), True), (_name(r), False), *cells]))
+            cells = [("-", True)] * len(_score_header(run)) + [(f"failed: {_reason(baseline)[:80]}", False)]
+        rows.append((_row_attrs(run, baseline), [(str(baseline.number), True), (_name(baseline), False), *cells]))
     return _table(["trial", "baseline", *_score_header(run), "status"], rows) + _highlight_note(run, run.baselines)
 
 

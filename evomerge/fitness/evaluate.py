@@ -13,49 +13,22 @@ raises for a bad candidate: a failure is a ``Score`` with ``status="failed"``.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
 import math
-import numbers
-import random
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from evomerge.engine.devices import parse_devices
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, first_line
+from evomerge.fitness import perplexity
+from evomerge.fitness.custom import custom_values, import_callable
+from evomerge.fitness.lm_eval_tasks import LmEvalTasks, Part, quiet_lm_eval
 from evomerge.fitness.paired import Docs, paired, signed_weights
 from evomerge.fitness.score import Score, Versus
-from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
-
-PERPLEXITY_MAX_LENGTH = 512  # tokens per perplexity chunk, at most
-PERPLEXITY_MAX_TOKENS = 65536  # tokens scored per perplexity file when `samples` is not set
-_LOGITS_BUDGET = 2**28  # logits elements per perplexity forward pass (1 GiB in float32)
-Part = dict[str, tuple[int, int]]  # task -> (first, end) positions in its document order
-
-
-class _Indices(list):
-    """Document indices for lm-eval's ``samples``. lm-eval tests
-    ``i in samples`` for every document of the task; a set makes that O(1)."""
-
-    def __init__(self, items: list[int]):
-        super().__init__(items)
-        self._set = frozenset(items)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._set
-
-
-@dataclass
-class _TaskObjective:
-    result: str  # the task or group name under lm-eval's results
-    key: str  # lm-eval's "metric,filter" key
+from evomerge.fitness.spec import EvalSpec
 
 
 class Evaluator:
@@ -92,22 +65,26 @@ class Evaluator:
         self.allow_outside_paths = allow_outside_paths
         self.device = parse_devices(device)[0]  # where the model takes its input
         self.tokenizer = _load_tokenizer(tokenizer)
-        self._texts = {o.perplexity: self._read_text(o.perplexity) for o in self.objectives if o.perplexity is not None}
-        self._customs = {o.custom: _import_callable(o.custom, self.root) for o in self.objectives if o.custom}
-        self._task_dict: dict | None = None
-        self._task_objectives: dict[str, _TaskObjective] = {}
-        # The fixed documents each lm-eval task is scored on; a task absent here uses all.
-        self.sample_indices: dict[str, list[int]] = {}
+        self._texts = {
+            o.perplexity: perplexity.read_tokens(
+                self._local_path(o.perplexity, "perplexity file", folder=False), o.perplexity, self.tokenizer
+            )
+            for o in self.objectives
+            if o.perplexity is not None
+        }
+        self._customs = {o.custom: import_callable(o.custom, self.root) for o in self.objectives if o.custom}
+        self.tasks: LmEvalTasks | None = None
+        if any(o.task for o in self.objectives):
+            include = self.spec.include_path
+            include = str(self._local_path(include, "include_path", True)) if include else None
+            self.tasks = LmEvalTasks(spec, include, allow_test_sets, exclude or {})
         # Every lm-eval task's scored documents in scoring order (seeded): a
         # step of early stopping, or a round of the selection race, scores
-        # the next ones.
-        self.order: dict[str, list[int]] = {}
-        # Objectives with per-document scores -> their task.
-        self.doc_tasks: dict[str, str] = {}
-        if any(o.task for o in self.objectives):
-            self._prepare_tasks(allow_test_sets, exclude or {})
-        self._lm = None
-        self._lm_model: torch.nn.Module | None = None
+        # the next ones; the fixed documents each task is scored on (a task
+        # absent uses all); objectives with per-document scores -> their task.
+        self.order: dict[str, list[int]] = self.tasks.order if self.tasks else {}
+        self.sample_indices: dict[str, list[int]] = self.tasks.sample_indices if self.tasks else {}
+        self.doc_tasks: dict[str, str] = self.tasks.doc_tasks if self.tasks else {}
 
     # -- construction ------------------------------------------------------------
 
@@ -123,115 +100,11 @@ class Evaluator:
             raise EvomergeError(f"{what} {ref!r} not found (looked for {kind} {path}); fix the path in the eval config")
         return path
 
-    def _read_text(self, ref: str) -> torch.Tensor:
-        path = self._local_path(ref, "perplexity file", folder=False)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise EvomergeError(f"perplexity file {ref!r} is not UTF-8 text; convert it to UTF-8") from None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < 2:
-            raise EvomergeError(f"perplexity file {ref!r} has {len(ids)} tokens; give it some text")
-        return torch.tensor(ids, dtype=torch.long)  # (N,) the whole file
-
     @property
     def per_doc(self) -> bool:
         """Whether every objective has per-document scores, so that the
         evaluator can score a part of its documents (and stop early)."""
         return len(self.doc_tasks) == len(self.objectives)
-
-    def _prepare_tasks(self, allow_test_sets: bool, exclude: dict[str, Sequence[int]]) -> None:
-        # Imported now, not in the first score(): its time, and its progress
-        # bars (silenced only in modules already imported), belong here.
-        import datasets
-        import lm_eval.evaluator  # noqa: F401
-        import lm_eval.models.huggingface  # noqa: F401
-        from lm_eval.tasks import TaskManager
-
-        # Loading a task's documents draws a progress bar per split; the
-        # search shows its own, and errors must stay one line.
-        datasets.disable_progress_bars()
-
-        names = list(dict.fromkeys(o.task for o in self.objectives if o.task))
-        include = (
-            str(self._local_path(self.spec.include_path, "include_path", True)) if self.spec.include_path else None
-        )
-        # Indexing lm-eval's built-in tasks takes seconds; an include_path alone, milliseconds.
-        manager = TaskManager(include_path=include, include_defaults=include is None)
-        if include and any(n not in manager.all_tasks for n in names):
-            manager = TaskManager(include_path=include, include_defaults=True)
-        for name in names:
-            if name not in manager.all_tasks:
-                raise EvomergeError(_unknown_task(name, manager.all_tasks, include))
-
-        if not allow_test_sets:
-            # Refuse from the YAML already, before loading downloads the dataset.
-            for name in names:
-                found = _declared_test_split(manager.task_index, name)
-                if found:
-                    raise EvomergeError(_test_split_refusal(*found, via=name))
-
-        loaded: dict[str, dict] = {"tasks": {}, "groups": {}, "group_map": {}}
-        for name in names:
-            try:
-                part = manager.load([name])
-            except Exception as e:  # noqa: BLE001 - lm-eval raises many types; one fix for all
-                raise EvomergeError(
-                    f"cannot load lm-eval task {name!r} ({type(e).__name__}: {_first_line(e)}); "
-                    "check its YAML and that its dataset is available locally (offline)"
-                ) from None
-            for k in loaded:
-                loaded[k].update(part.get(k) or {})
-            if name not in part["tasks"] and name not in part.get("groups", {}):
-                raise EvomergeError(
-                    f"{name!r} is an lm-eval tag (a set of tasks), which reports no score of its own; "
-                    "list its tasks as separate objectives"
-                )
-
-        for task_name, task in loaded["tasks"].items():
-            if task.has_test_docs() and not allow_test_sets:
-                raise EvomergeError(_test_split_refusal(task_name, getattr(task.config, "test_split", None) or "test"))
-            # As lm-eval's simple_evaluate: a task configured for 0 shots keeps 0; unset means 0.
-            if self.spec.num_fewshot is not None and task.get_config("num_fewshot") != 0:
-                task.set_config(key="num_fewshot", value=self.spec.num_fewshot)
-            elif task.get_config("num_fewshot") is None:
-                task.set_config(key="num_fewshot", value=0)
-            self._choose_docs(task_name, len(task.eval_docs), exclude.get(task_name))
-
-        from lm_eval.api.metrics import mean
-
-        for o in self.objectives:
-            if o.task:
-                available = _reported_metrics(o.task, loaded)
-                self._task_objectives[o.name] = _TaskObjective(o.task, _metric_key(o, available))
-                task = loaded["tasks"].get(o.task)  # None for a group: no per-document scores
-                if task is not None and task.aggregation().get(o.metric.partition(",")[0]) is mean:
-                    self.doc_tasks[o.name] = o.task
-        self._task_dict = loaded
-
-    def _choose_docs(self, task_name: str, n_docs: int, excluded: Sequence[int] | None) -> None:
-        """The task's documents, in scoring order: ``samples`` of them (or
-        all) drawn with the seed, never one of ``excluded``."""
-        rng = random.Random(self.spec.seed)
-        samples = self.spec.samples
-        if excluded is not None:
-            taken = set(excluded)
-            pool = [i for i in range(n_docs) if i not in taken]
-            if not pool:
-                raise EvomergeError(
-                    f"task {task_name!r} has no documents left for selection: eval scores all {n_docs}; "
-                    "set eval.samples below that, or give select its own tasks"
-                )
-            rng.shuffle(pool)  # a larger `samples` later extends the same order
-            order = pool[:samples]
-        elif samples is not None and samples < n_docs:
-            order = rng.sample(range(n_docs), samples)
-        else:
-            order = list(range(n_docs))
-            rng.shuffle(order)
-        self.order[task_name] = order
-        if len(order) < n_docs:
-            self.sample_indices[task_name] = sorted(order)
 
     # -- scoring -------------------------------------------------------------------
 
@@ -255,39 +128,24 @@ class Evaluator:
         docs: Docs = {name: [] for name in self.doc_tasks} if self.per_doc else {}
         eval_seconds, documents, stopped = 0.0, 0, False
         reason, non_finite = None, False
-        with _quiet_lm_eval():
+        with quiet_lm_eval():
             try:
                 if not _all_finite(model):
                     reason, non_finite = "non-finite weights", True
                 else:
                     model.eval()
-                    steps = self._steps(part, versus) if self.per_doc else [None]
-                    sums: dict[str, list[float]] = {}  # metric -> [weighted sum, weight]
-                    for i, step in enumerate(steps):
-                        got: dict[str, float] = {}
-                        seconds, counts = self._evaluate(model, values, got, step, docs if self.per_doc else None)
-                        eval_seconds += seconds
-                        documents += sum(counts.values())
-                        for key, value in got.items():
-                            n = counts.get(key.partition("/")[0], 1)
-                            acc = sums.setdefault(key, [0.0, 0])
-                            acc[0] += n * value
-                            acc[1] += n
-                        if versus is not None and i < len(steps) - 1 and self._worse(docs, versus):
-                            stopped = True
-                            break
-                    metrics.update({key: total / n for key, (total, n) in sums.items() if n})
+                    metrics, eval_seconds, documents, stopped = self._score_steps(model, part, versus, values, docs)
                     if self.per_doc:
                         values.update(self._values(docs, versus if stopped else None))
                     bad = [name for name, v in values.items() if not math.isfinite(v)]
                     if bad:
                         reason, non_finite = f"non-finite metric {bad[0]}", True
             except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError from torch 2.5 on
-                reason = f"out of memory: {_first_line(e)}"
+                reason = f"out of memory: {first_line(e)}"
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001 - a failing candidate is data, whatever the cause
-                reason = f"{type(e).__name__}: {_first_line(e)}"
+                reason = f"{type(e).__name__}: {first_line(e)}"
         values = {o.name: values.get(o.name, math.nan) for o in self.objectives}
         return Score(
             values=values,
@@ -301,6 +159,30 @@ class Evaluator:
             documents=documents,
             stopped=stopped,
         )
+
+    def _score_steps(self, model, part: Part | None, versus: Versus | None, values: dict, docs: Docs):
+        """Score the steps of ``part`` (all of it at once without ``versus``)
+        into ``values`` and ``docs``, stopping after a step that shows the
+        candidate worse than the incumbent; return the metrics (averaged over
+        the steps, by documents), the seconds evaluating, the documents
+        scored and whether it stopped."""
+        steps = self._steps(part, versus) if self.per_doc else [None]
+        sums: dict[str, list[float]] = {}  # metric -> [weighted sum, weight]
+        eval_seconds, documents, stopped = 0.0, 0, False
+        for i, step in enumerate(steps):
+            got: dict[str, float] = {}
+            seconds, counts = self._evaluate(model, values, got, step, docs if self.per_doc else None)
+            eval_seconds += seconds
+            documents += sum(counts.values())
+            for key, value in got.items():
+                n = counts.get(key.partition("/")[0], 1)
+                acc = sums.setdefault(key, [0.0, 0])
+                acc[0] += n * value
+                acc[1] += n
+            if versus is not None and i < len(steps) - 1 and self._worse(docs, versus):
+                stopped = True
+                break
+        return {key: total / n for key, (total, n) in sums.items() if n}, eval_seconds, documents, stopped
 
     def _steps(self, part: Part | None, versus: Versus | None) -> list[Part]:
         """The parts scored one after another: ``part`` (default: all), in
@@ -352,45 +234,9 @@ class Evaluator:
         per-document scores when it is given) from the documents of ``part``
         (default: all); return the seconds spent evaluating and the number
         of documents scored per task."""
-        spent = 0.0
-        counts: dict[str, int] = {}
-        if self._task_dict is not None:
-            lm = self._hflm(model)
-            task_dict, samples = self._task_dict, self.sample_indices
-            if part is not None:
-                task_dict = {"tasks": {t: self._task_dict["tasks"][t] for t in part}, "groups": {}, "group_map": {}}
-                samples = {t: sorted(self.order[t][lo:hi]) for t, (lo, hi) in part.items()}
-            for task in task_dict["tasks"].values():
-                # The few-shot sampler's generator advances as it draws; reseeding
-                # gives every candidate the same prompts.
-                task.set_fewshot_seed(seed=self.spec.seed)
-            from lm_eval import evaluator
-
-            t = time.perf_counter()
-            out = evaluator.evaluate(
-                lm=lm,
-                task_dict=task_dict,
-                samples={k: _Indices(v) for k, v in samples.items()} or None,
-                bootstrap_iters=0,
-                log_samples=docs is not None,
-            )
-            spent += time.perf_counter() - t
-            counts = {t: len(samples[t]) if t in samples else len(self.order[t]) for t in task_dict["tasks"]}
-            results = out["results"]
-            for name, row in results.items():
-                for key, value in row.items():
-                    if "," in key and _is_number(value):
-                        metrics[f"{name}/{key.removesuffix(',none')}"] = float(value)
-            for o in self.objectives:
-                if o.task and o.task in results:
-                    target = self._task_objectives[o.name]
-                    value = results.get(target.result, {}).get(target.key)
-                    if not _is_number(value):
-                        raise RuntimeError(f"lm-eval reported no number for {target.result} {target.key}: {value!r}")
-                    values[o.name] = float(value)
-            if docs is not None:
-                self._collect_docs(out["samples"], part or self.full_part(), docs)
-
+        spent, counts = 0.0, {}
+        if self.tasks is not None:
+            spent, counts = self.tasks.evaluate(self.tasks.hflm(model, self.tokenizer), values, metrics, part, docs)
         for o in self.objectives:
             t = time.perf_counter()
             if o.perplexity is not None:
@@ -398,74 +244,20 @@ class Evaluator:
                 values[o.name] = math.exp(nll)
                 metrics.update({f"{o.name}/perplexity": values[o.name], f"{o.name}/nll": nll})
             elif o.custom is not None:
-                out = self._customs[o.custom](model, self.tokenizer)
-                if not isinstance(out, dict) or o.metric not in out:
-                    keys = ", ".join(map(str, out)) if isinstance(out, dict) else type(out).__name__
-                    raise RuntimeError(f"custom objective {o.custom} returned no {o.metric!r} (got {keys})")
-                values[o.name] = float(out[o.metric])
-                metrics.update({f"custom:{o.custom}/{k}": float(v) for k, v in out.items() if _is_number(v)})
+                values[o.name], more = custom_values(o.custom, o.metric, self._customs[o.custom], model, self.tokenizer)
+                metrics.update(more)
             spent += time.perf_counter() - t
         return spent, counts
 
-    def _collect_docs(self, logged: dict[str, list[dict]], part: Part, docs: Docs) -> None:
-        """Append each objective's per-document scores of ``part`` (lm-eval's
-        logged samples) to ``docs``, in document order."""
-        for name, task in self.doc_tasks.items():
-            if task not in part:
-                continue
-            metric, _, filt = self._task_objectives[name].key.partition(",")
-            by_doc = {s["doc_id"]: float(s[metric]) for s in logged[task] if s.get("filter") == filt}
-            lo, hi = part[task]
-            docs[name].extend(by_doc[i] for i in self.order[task][lo:hi])
+    def perplexity_chunks(self, model: torch.nn.Module, perplexity_file: str) -> list[torch.Tensor]:
+        """The token chunks the objective ``perplexity: <file>`` scores (see
+        :func:`evomerge.fitness.perplexity.chunks`)."""
+        return perplexity.chunks(self._texts[perplexity_file], model, self.spec.samples)
 
-    def _hflm(self, model: torch.nn.Module):
-        """lm-eval's wrapper around ``model``, built once per model object."""
-        if self._lm is None or self._lm_model is not model:
-            from lm_eval.models.huggingface import HFLM
-
-            # HFLM warns, every time, that a model object skips its loading options.
-            with _quiet_lm_eval(logging.ERROR):
-                self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.spec.batch_size)
-            self._lm_model = model
-        return self._lm
-
-    def perplexity_chunks(self, model: torch.nn.Module, perplexity: str) -> list[torch.Tensor]:
-        """The token chunks the objective ``perplexity: <file>`` scores: consecutive
-        pieces of ``min(model max positions, PERPLEXITY_MAX_LENGTH)`` tokens (the
-        last may be shorter), the first ``samples`` of them, or up to
-        ``PERPLEXITY_MAX_TOKENS`` tokens when ``samples`` is not set."""
-        ids = self._texts[perplexity]
-        limit = getattr(model.config, "max_position_embeddings", None) or PERPLEXITY_MAX_LENGTH
-        length = min(limit, PERPLEXITY_MAX_LENGTH)
-        count = self.spec.samples or max(1, PERPLEXITY_MAX_TOKENS // length)
-        pieces = [ids[i : i + length] for i in range(0, len(ids), length)][:count]
-        return [p for p in pieces if len(p) >= 2]
-
-    @torch.inference_mode()
-    def _nll(self, model: torch.nn.Module, perplexity: str) -> float:
+    def _nll(self, model: torch.nn.Module, perplexity_file: str) -> float:
         """Mean next-token negative log-likelihood over the file's chunks."""
-        pieces = self.perplexity_chunks(model, perplexity)
-        vocab = getattr(model.config, "vocab_size", None) or 2**17
-        total = torch.zeros((), dtype=torch.float64)
-        n_tokens = 0
-        i = 0
-        while i < len(pieces):
-            # Equal-length chunks go through together; the logits (B, T, V) are
-            # the largest tensor, so their size bounds the batch.
-            length = len(pieces[i])
-            rows = max(1, min(self.spec.batch_size, _LOGITS_BUDGET // (length * vocab)))
-            batch = [pieces[i]]
-            while len(batch) < rows and i + len(batch) < len(pieces) and len(pieces[i + len(batch)]) == length:
-                batch.append(pieces[i + len(batch)])
-            i += len(batch)
-            x = torch.stack(batch).to(self.device)  # (B, T)
-            logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += loss.double().cpu()
-            n_tokens += x.shape[0] * (length - 1)
-        return float(total) / n_tokens
+        pieces = self.perplexity_chunks(model, perplexity_file)
+        return perplexity.mean_nll(model, pieces, self.device, self.spec.batch_size)
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -551,108 +343,6 @@ def write_local_task(
     return path
 
 
-def _load_tokenizer(ref: str | Path):
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(ref))
-    except Exception as e:  # noqa: BLE001 - missing files, bad JSON, offline hub: one fix
-        raise EvomergeError(
-            f"cannot load a tokenizer from {str(ref)!r} ({type(e).__name__}: {_first_line(e)}); "
-            "point it at a model folder that has tokenizer files"
-        ) from None
-
-
-def _import_callable(ref: str, root: Path) -> Callable:
-    module_name, _, attr = ref.partition(":")
-    # A module file next to the config is importable while we import it.
-    added = str(root) not in sys.path
-    if added:
-        sys.path.insert(0, str(root))
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - the user's module may fail in any way
-        raise EvomergeError(
-            f"cannot import custom objective module {module_name!r} ({type(e).__name__}: {_first_line(e)}); "
-            f"install it or put {module_name.replace('.', '/')}.py in {root}"
-        ) from None
-    finally:
-        if added:
-            sys.path.remove(str(root))
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise EvomergeError(f"module {module_name!r} has no function {attr!r}; fix the custom objective {ref!r}")
-    return fn
-
-
-def _unknown_task(name: str, known: list[str], include: str | None) -> str:
-    import difflib
-
-    where = f"in {include} or among lm-eval's built-in tasks" if include else "among lm-eval's built-in tasks"
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return f"unknown lm-eval task {name!r} {where}{hint}; fix the name or add the task's YAML to include_path"
-
-
-def _declared_test_split(index: dict, name: str, depth: int = 0) -> tuple[str, str] | None:
-    """(task, split) for the first task under ``name`` (a task, or a group or
-    tag of them) whose YAML sets a test_split."""
-    entry = index.get(name)
-    if entry is None or depth > 8:
-        return None
-    cfg = entry.cfg if isinstance(entry.cfg, dict) else {}
-    if entry.kind.name == "TASK":
-        return (name, str(cfg["test_split"])) if cfg.get("test_split") else None
-    children = {"GROUP": cfg.get("task"), "TAG": sorted(entry.tags)}.get(entry.kind.name)
-    for child in children if isinstance(children, list) else []:
-        found = _declared_test_split(index, child, depth + 1) if isinstance(child, str) else None
-        if found:
-            return found
-    return None
-
-
-def _test_split_refusal(task: str, split: str, via: str | None = None) -> str:
-    what = f"task {task!r}" if via in (None, task) else f"{via!r} includes task {task!r}, which"
-    return (
-        f"{what} evaluates on its test split {split!r}, and searching against a test set overfits it; "
-        "use a validation/dev split (validation_split, no test_split) or pass --allow-test-sets"
-    )
-
-
-def _reported_metrics(name: str, loaded: dict) -> dict[str, list[str]]:
-    """Metric name -> filter names, as lm-eval will report them for ``name``."""
-
-    def task_metrics(task) -> dict[str, list[str]]:
-        filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
-        return {m: filters for m in task.aggregation()}
-
-    if name in loaded["tasks"]:
-        return task_metrics(loaded["tasks"][name])
-    group = loaded["groups"][name]
-    leaves: dict[str, list[str]] = {}
-    for task in group.get_all_tasks():
-        for m, filters in task_metrics(task).items():
-            leaves.setdefault(m, [])
-            leaves[m] += [f for f in filters if f not in leaves[m]]
-    return {a.metric: list(a.filter_list or leaves.get(a.metric, ["none"])) for a in group.aggregate_metric_list or []}
-
-
-def _metric_key(o: ObjectiveSpec, available: dict[str, list[str]]) -> str:
-    metric, _, filt = o.metric.partition(",")
-    if metric not in available:
-        reported = ", ".join(available) or "nothing (a group without aggregate_metric_list)"
-        raise EvomergeError(
-            f"task {o.task!r} does not report metric {metric!r}; it reports {reported}; set metric to one of those"
-        )
-    filters = available[metric]
-    if filt and filt not in filters:
-        raise EvomergeError(
-            f"task {o.task!r} has no filter {filt!r} for metric {metric!r}; use one of "
-            + ", ".join(f"{metric},{f}" for f in filters)
-        )
-    return f"{metric},{filt or filters[0]}"
-
-
 def _all_finite(model: torch.nn.Module) -> bool:
     # A float64 sum of a float32/16 tensor cannot overflow, so it is finite
     # exactly when every element is; one reduction per tensor, no copies.
@@ -660,43 +350,13 @@ def _all_finite(model: torch.nn.Module) -> bool:
     return not sums or bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all())
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars included
+def _load_tokenizer(ref: str | Path):
+    import transformers
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _without_bar(bar: Callable) -> Callable:
-    # Not functools.partial: lm-eval passes disable=False itself, which would win.
-    def make(*args, **kwargs):
-        return bar(*args, **{**kwargs, "disable": True})
-
-    return make
-
-
-_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
-    """Silence lm-eval's INFO logging and its progress bars (the search draws
-    its own) for the duration; restore them afterwards. Not thread safe: it
-    swaps module globals."""
-    logger = logging.getLogger("lm_eval")
-    old_level = logger.level
-    logger.setLevel(max(level, old_level))
-    bars = {}
-    for name in _BAR_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "tqdm"):
-            bars[module] = module.tqdm
-            module.tqdm = _without_bar(module.tqdm)
     try:
-        yield
-    finally:
-        logger.setLevel(old_level)
-        for module, bar in bars.items():
-            module.tqdm = bar
+        return transformers.AutoTokenizer.from_pretrained(str(ref))
+    except Exception as e:  # noqa: BLE001 - missing files, bad JSON, offline hub: one fix
+        raise EvomergeError(
+            f"cannot load a tokenizer from {str(ref)!r} ({type(e).__name__}: {first_line(e)}); "
+            "point it at a model folder that has tokenizer files"
+        ) from None

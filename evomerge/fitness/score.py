@@ -3,9 +3,10 @@ early against an incumbent (``Versus``)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evomerge.fitness.paired import Docs
 
@@ -107,4 +108,9 @@ class Versus:
     min_docs: int = 16
 
 
-__all__ = ["Score", "Versus"]
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number a score can hold (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars included
+
+
+__all__ = ["Score", "Versus", "is_number"]

@@ -13,40 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError, field_validator
 
 from evomerge.errors import EvomergeError, field_error
 from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
-from evomerge.run.drivers import DRIVER_SETTINGS, setting_problem
+from evomerge.run.drivers.registry import AnyDriverSettings, driver_settings
 from evomerge.schema import Strict
-
-
-class DriverSettings(Strict):
-    """Which optimizer proposes candidates, and its knobs.
-
-    Which driver reads which knob, its default and the values it accepts are
-    declared once, in ``evomerge.run.drivers.DRIVER_SETTINGS``; a value given for
-    a knob is checked against the named driver's declaration. The fields here
-    are the stored shape of the section (every config's dump, and so its
-    fingerprint, lists all of them): a knob the driver does not read keeps
-    its default, and ``popsize`` None stands for the driver's own default.
-    """
-
-    name: Literal["cma", "tpe", "gp", "cmaes", "random", "nsga2"] = "cma"
-    sigma0: float = DRIVER_SETTINGS["cma"]["sigma0"].default
-    popsize: int | None = None
-    restarts: int = DRIVER_SETTINGS["cma"]["restarts"].default
-    startup_trials: int = DRIVER_SETTINGS["tpe"]["startup_trials"].default
-
-    @field_validator("sigma0", "popsize", "restarts", "startup_trials")
-    @classmethod
-    def _declared(cls, v, info: ValidationInfo):
-        name = info.data.get("name")  # absent when the name itself is refused
-        problem = setting_problem(name, info.field_name, v, cls.model_fields[info.field_name].default)
-        if problem:
-            raise PydanticCustomError("driver_setting", problem)
-        return v
 
 
 class Budget(Strict):
@@ -209,7 +181,9 @@ class SearchConfig(Strict):
     select: SelectSettings | None = None
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
-    driver: DriverSettings = Field(default_factory=DriverSettings)
+    # Which optimizer proposes candidates, and its knobs: one settings model
+    # per driver (evomerge.run.drivers.registry), told apart by name.
+    driver: AnyDriverSettings = Field(default_factory=driver_settings)
     storage: str | None = None  # an Optuna RDB URL; default: SQLite in the run folder
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     seed: int = 0
@@ -293,4 +267,4 @@ def load_config(path: str | Path, executor: dict[str, Any] | None = None) -> tup
     try:
         return SearchConfig.model_validate(data), path.resolve().parent
     except ValidationError as e:
-        raise field_error(f"search config {path}", e) from None
+        raise field_error(f"search config {path}", e, tagged={"driver": "name"}) from None

@@ -1,130 +1,31 @@
-"""The run store: a run folder, its Optuna study, and the typed trial record.
+"""The run store: a run's Optuna study, and its trials as typed records.
 
-A run folder holds ``run.yaml`` (the config, its fingerprints and the storage
-URL), a ``.lock`` held by the one search driving it, the Optuna study
-(``study.db``, SQLite, unless the config names another storage) and the
-CMA-ES checkpoint. A trial's record (:class:`TrialRecord`) is stored as the
-Optuna trial's user attributes; a held-out score added after the trial
-finished goes into the study's attributes (a finished Optuna trial cannot be
-changed). This module is the only one that opens a study, turns trials into
-records and back, or touches Optuna's private API; the search, the drivers,
-``status``, ``export``, ``report`` and the demo read and write runs through it.
+A trial's record (:class:`TrialRecord`) is stored as the Optuna trial's user
+attributes. :class:`RunStore` is the one reader and writer of a run's trials
+and attributes, and, with its private helpers (:mod:`evomerge.run._run_folder`
+for the folder and its ``run.yaml``, :mod:`evomerge.run._shared_storage` for
+drivers sharing one database, :mod:`evomerge.run._study_attrs` for the
+study's own attributes), the only code that opens a study or touches Optuna's
+private API; the search, the drivers, ``status``, ``export``, ``report`` and
+the demo read and write runs through it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evomerge.engine.folder import atomic_write
 from evomerge.errors import EvomergeError
-from evomerge.run.record import TrialRecord, best_of, chosen, compact, rank_key, with_heldout
+from evomerge.run._run_folder import OWN_STORAGE, RUN_FILE, RunFolder, storage_url
+from evomerge.run._shared_storage import STALE_REASON, STUDY_NAME, Heartbeat, claim_baselines, fail_stale, rdb_storage
+from evomerge.run._study_attrs import StudyAttributes
+from evomerge.run.record import TrialRecord, best_of, chosen, rank_key, with_heldout
 
-STUDY_NAME = "evomerge"
-RUN_FILE = "run.yaml"
-OWN_FILES = (RUN_FILE, "study.db", "cma_state.pkl", "cma_state.pkl.tmp", "cma_state.tmp")
-HEARTBEAT_S = 30.0  # on a shared storage; a trial is stale after 120 s without one
-CLAIM_EXPIRES_S = 600.0  # a baseline claim not renewed this long belongs to a dead driver
-CLAIM_STAMP_S = 30.0  # how long a new claim may go without its first stamp
-STALE_REASON = "its driver stopped (kill -9, a crash or a lost node) while it was being scored"
 INTERRUPTED_REASON = "the search was stopped (Ctrl-C) while it was being scored"
 
 
-# -- the run folder -----------------------------------------------------------
-
-
-class RunFolder:
-    """A run folder claimed by one search: its lock and its ``run.yaml``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._lock = None
-
-    @property
-    def run_file(self) -> Path:
-        return self.path / RUN_FILE
-
-    def read(self) -> dict[str, Any]:
-        return yaml.safe_load(self.run_file.read_text()) or {}
-
-    def write(self, record: dict[str, Any]) -> None:
-        atomic_write(self.run_file, yaml.safe_dump(record, sort_keys=False))
-
-    def claim(self, record: dict[str, Any], force: bool) -> dict[str, Any]:
-        """Lock the folder for this search and write its ``run.yaml``.
-
-        ``record`` is the new run's (fingerprints, config, storage URL). A
-        folder of the same config keeps its storage and readiness; one of
-        another config is refused unless ``force`` (then its files go).
-        Returns the record written.
-        """
-        d = self.path
-        if d.exists() and not d.is_dir():
-            raise EvomergeError(f"run folder {d} is a file; pick another --run-dir")
-        if not self.run_file.is_file() and d.is_dir() and any(p.name != ".lock" for p in d.iterdir()) and not force:
-            raise EvomergeError(f"run folder {d} is not empty and holds no evomerge run; use an empty --run-dir")
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            self._lock = open(d / ".lock", "w")
-        except OSError as e:
-            raise EvomergeError(f"cannot create run folder {d} ({e.strerror}); pick a writable --run-dir") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise EvomergeError(f"another evomerge process is running {d}; wait for it or stop it") from None
-        if self.run_file.is_file():
-            old = self.read()
-            if old.get("config_fingerprint") != record["config_fingerprint"]:
-                if not force:
-                    raise EvomergeError(
-                        f"run folder {d} belongs to a different config ({old.get('config_path')}); "
-                        "use another --run-dir, or pass --force to start this config there afresh"
-                    )
-                for name in OWN_FILES:
-                    (d / name).unlink(missing_ok=True)
-            else:
-                record = {**record, "storage": old.get("storage", record["storage"])}
-                if old.get("study_ready"):
-                    record["study_ready"] = True
-        self.write(record)
-        return record
-
-    def mark_ready(self) -> None:
-        # Readers (status, export) wait for this mark: opening an Optuna
-        # storage stamps its schema version, which would race the search's
-        # own stamping of a new database.
-        record = self.read()
-        if not record.get("study_ready"):
-            self.write({**record, "study_ready": True})
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-
-
-OWN_STORAGE = "study.db"  # run.yaml's storage for a run's own database, in its folder
-
-
-def storage_url(run_dir: str | Path, record: dict[str, Any]) -> str:
-    """The storage URL of a run: the config's own storage (a shared database)
-    as given; otherwise the run folder's ``study.db``, wherever the folder is
-    now, so a copied or moved run uses its own database. (Runs written before
-    recorded an absolute path to their database; it is not used.)"""
-    if (record.get("config") or {}).get("storage"):
-        return record["storage"]
-    return f"sqlite:///{(Path(run_dir) / OWN_STORAGE).resolve()}"
-
-
-# -- the store ------------------------------------------------------------------
-
-
-class RunStore:
+class RunStore(StudyAttributes):
     """A run's study: the one reader and writer of its trials and attributes.
 
     Open a finished or running run to read it with :meth:`open`; a search
@@ -188,82 +89,20 @@ class RunStore:
         folder = RunFolder(run_dir)
         record = folder.claim(record, force)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = _rdb_storage(storage_url(run_dir, record), shared)
+        storage = rdb_storage(storage_url(run_dir, record), shared)
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
         store = cls(run_dir, record, study, folder)
-        store.stale = store._fail_stale(shared)
+        store.stale = fail_stale(study, shared)
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         folder.mark_ready()
         return store
 
-    def _fail_stale(self, shared: bool) -> int:
-        """Fail the trials a dead driver left running, marked ``status:
-        stale`` with the reason; return how many. On the run's own storage
-        this process holds the folder's lock, so every running trial is
-        stale; on a shared one, those whose heartbeat stopped."""
-        import optuna
-
-        storage = self.study._storage
-        if shared:
-            ids = storage._get_stale_trial_ids(self.study._study_id)
-        else:
-            running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            ids = [t._trial_id for t in running]
-        failed = 0
-        for trial_id in ids:
-            try:
-                storage.set_trial_user_attr(trial_id, "status", "stale")
-                storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
-                failed += bool(storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL))
-            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-                pass  # another driver failed or finished it meanwhile
-        return failed
-
     def close(self) -> None:
         if self.folder is not None:
             self.folder.release()
 
-    # -- reading ------------------------------------------------------------
-
-    @property
-    def objectives(self) -> list[str]:
-        return list(self.study.user_attrs.get("objectives", []))
-
-    @property
-    def directions(self) -> list[str]:
-        """Per optimizer value: "maximize" or "minimize"."""
-        import optuna
-
-        up = optuna.study.StudyDirection.MAXIMIZE
-        return ["maximize" if d == up else "minimize" for d in self.study.directions]
-
-    def weights(self, section: str = "eval") -> dict[str, float]:
-        """Signed objective weights of a config section (``eval``,
-        ``heldout``, ``select``), for :mod:`evomerge.fitness.paired`; empty when
-        the run's config has no such section."""
-        from evomerge.fitness.paired import signed_weights
-        from evomerge.run.config import SearchConfig
-
-        try:
-            cfg = SearchConfig.model_validate(self.record.get("config") or {})
-        except Exception:  # noqa: BLE001 - a run written by an older version: no weights
-            return {}
-        spec = cfg.select.spec(cfg.eval) if section == "select" and cfg.select else getattr(cfg, section, None)
-        return signed_weights(spec.objectives) if spec is not None and hasattr(spec, "objectives") else {}
-
-    def run_attr(self, name: str, default: Any = None) -> Any:
-        """A study-level attribute: ``objectives``, ``space_fingerprint``,
-        ``config_fingerprint``, ``elapsed_s``."""
-        return self.study.user_attrs.get(name, default)
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds searched so far, over every session."""
-        return float(self.study.user_attrs.get("elapsed_s", 0.0))
-
-    def save_elapsed(self, seconds: float) -> None:
-        self.study.set_user_attr("elapsed_s", seconds)
+    # -- reading trials -------------------------------------------------------
 
     def trials(self, kind: str | None = None, *, heldout: bool = True, everything: bool = False) -> list[TrialRecord]:
         """The complete trials (of one kind), by number. ``heldout``: with the
@@ -274,12 +113,12 @@ class RunStore:
         attrs = self.study.user_attrs if heldout else {}
         states = None if everything else (optuna.trial.TrialState.COMPLETE,)
         out = []
-        for t in self.study.get_trials(deepcopy=False, states=states):
-            if kind is not None and t.user_attrs.get("kind") != kind:
+        for trial in self.study.get_trials(deepcopy=False, states=states):
+            if kind is not None and trial.user_attrs.get("kind") != kind:
                 continue
-            told = list(t.values) if t.values is not None else None
-            record = TrialRecord.from_attrs(t.user_attrs, number=t.number, told=told, params=dict(t.params))
-            later = attrs.get(f"heldout_{t.number}")
+            told = list(trial.values) if trial.values is not None else None
+            record = TrialRecord.from_attrs(trial.user_attrs, number=trial.number, told=told, params=dict(trial.params))
+            later = attrs.get(f"heldout_{trial.number}")
             out.append(with_heldout(record, later) if later else record)
         return out
 
@@ -290,34 +129,20 @@ class RunStore:
 
     def ranked(self, kind: str | None = None) -> list[TrialRecord]:
         """The complete trials (of one kind), best first."""
-        return sorted((r for r in self.trials(kind) if r.complete), key=rank_key)
+        return sorted((record for record in self.trials(kind) if record.complete), key=rank_key)
 
     def chosen(self) -> tuple[TrialRecord | None, str]:
         """The exported best and the rule that chose it (see :func:`chosen`)."""
         return chosen(self.trials(), self.race())
 
-    def selections(self, fingerprint: str) -> dict[int, dict[str, Any]]:
-        """Trial number -> its selection scores so far (``docs``, or
-        ``values`` without per-document scores, or ``failed``) for the
-        selection documents of ``fingerprint``."""
-        out = {}
-        for key, value in self.study.user_attrs.items():
-            if key.startswith("select_") and isinstance(value, dict) and value.get("fp") == fingerprint:
-                out[int(key.removeprefix("select_"))] = value
-        return out
-
-    def race(self) -> dict[str, Any] | None:
-        """The selection race's summary (winner, rounds), once it ran."""
-        return self.study.user_attrs.get("race")
-
     def trial(self, number: int) -> TrialRecord | None:
-        return next((r for r in self.trials() if r.number == number), None)
+        return next((record for record in self.trials() if record.number == number), None)
 
     def penalty(self) -> list[float]:
         """What the optimizer is told for a failed candidate: the worst value
         seen so far, per optimizer value (in its direction), or 0 with none."""
         directions = self.directions
-        scored = [r.told for r in self.trials(heldout=False) if r.status == "ok"]
+        scored = [record.told for record in self.trials(heldout=False) if record.status == "ok"]
         if not scored:
             return [0.0] * len(directions)
         worst = {"maximize": min, "minimize": max}
@@ -329,9 +154,10 @@ class RunStore:
         import optuna
 
         counts: dict[str, int] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            if t.state != optuna.trial.TrialState.COMPLETE:
-                counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state != optuna.trial.TrialState.COMPLETE:
+                state = trial.state.name.lower()
+                counts[state] = counts.get(state, 0) + 1
         return counts
 
     def count_shared(self, mine: list) -> tuple[int, int]:
@@ -339,12 +165,12 @@ class RunStore:
         ``mine`` (Optuna trials this driver is scoring): other drivers'."""
         import optuna
 
-        ids = {t._trial_id for t in mine}
+        ids = {trial._trial_id for trial in mine}
         finished = running = 0
-        for t in self.study.get_trials(deepcopy=False):
-            if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("kind") == "search":
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs.get("kind") == "search":
                 finished += 1
-            elif t.state == optuna.trial.TrialState.RUNNING and t._trial_id not in ids:
+            elif trial.state == optuna.trial.TrialState.RUNNING and trial._trial_id not in ids:
                 running += 1
         return finished, running
 
@@ -378,21 +204,6 @@ class RunStore:
         trial.set_user_attr("reason", INTERRUPTED_REASON)
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
-    def set_heldout(self, number: int, **fields: Any) -> None:
-        """Add a held-out result (``TrialRecord``'s ``heldout_*`` fields) to a finished trial."""
-        held = TrialRecord(kind="search", **fields)
-        self.study.set_user_attr(f"heldout_{number}", held.heldout_attrs())
-
-    def set_selection(self, number: int, entry: dict[str, Any]) -> None:
-        """Store a trial's selection scores so far (see :meth:`selections`);
-        each write replaces the last, so a kill leaves the previous one."""
-        if "docs" in entry:
-            entry = {**entry, "docs": compact(entry["docs"])}
-        self.study.set_user_attr(f"select_{number}", entry)
-
-    def set_race(self, summary: dict[str, Any]) -> None:
-        self.study.set_user_attr("race", summary)
-
     def heartbeat(self, trial) -> None:
         """Mark a running Optuna trial alive (shared storage)."""
         self.study._storage.record_heartbeat(trial._trial_id)
@@ -405,21 +216,9 @@ class RunStore:
         claim atomic), or any driver once the claimer has been silent for
         ``CLAIM_EXPIRES_S`` (it died before finishing them). True: this
         driver holds the claim (stamp it with :meth:`stamp_claim`)."""
-        import optuna
-
-        name = f"{STUDY_NAME}-baselines"
-        storage = self.study._storage
-        try:
-            claim = optuna.create_study(storage=storage, study_name=name)
-        except optuna.exceptions.DuplicatedStudyError:
-            claim = optuna.load_study(study_name=name, storage=storage)
-            # The claimer stamps its claim just after creating it: a claim
-            # without a stamp yet is fresh, not dead. Wait for the stamp.
-            waited = time.monotonic()
-            while "alive" not in claim.user_attrs and time.monotonic() - waited < CLAIM_STAMP_S:
-                time.sleep(0.2)
-            if time.time() - float(claim.user_attrs.get("alive", 0)) < CLAIM_EXPIRES_S:
-                return False
+        claim = claim_baselines(self.study)
+        if claim is None:
+            return False
         self.claim = claim
         self.stamp_claim()
         return True
@@ -429,54 +228,4 @@ class RunStore:
             self.claim.set_user_attr("alive", time.time())
 
 
-def _rdb_storage(url: str, shared: bool, attempts: int = 5):
-    import optuna
-    import sqlalchemy.exc
-
-    options = {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)} if shared else {}
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(url, **options)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-            # Two drivers starting at once on a new shared database both
-            # create its tables and stamp its schema version; the loser finds
-            # them made when it tries again.
-            if not shared or attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-class Heartbeat:
-    """On a shared storage, beats for the Optuna trials being scored, so that
-    another driver's ``fail_stale_trials`` fails them only if this driver dies
-    (Optuna beats only inside ``study.optimize``, which we do not use), and
-    stamps the baseline claim while ``stamping`` is set."""
-
-    def __init__(self, store: RunStore, inflight: dict, every: float = HEARTBEAT_S):
-        self.store, self.inflight, self.every = store, inflight, every
-        self.stamping = False  # True while this driver runs the baselines
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            if self.stamping:
-                try:
-                    self.store.stamp_claim()
-                except Exception:  # noqa: BLE001 - a busy storage; the next beat is soon
-                    pass
-            for c in list(self.inflight.values()):
-                if c.trial is not None:
-                    try:
-                        self.store.heartbeat(c.trial)
-                    except Exception:  # noqa: BLE001 - a trial finished meanwhile; the next beat is soon
-                        pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-__all__ = ["Heartbeat", "RunFolder", "RunStore"]
+__all__ = ["OWN_STORAGE", "STALE_REASON", "Heartbeat", "RunFolder", "RunStore", "storage_url"]

@@ -114,24 +114,49 @@ class Gene:
     kind: str = "float"  # or "bool" (route slots) or "choice" (route path picks)
     choices: tuple = ()
 
+    def from_unit(self, unit: float) -> float:
+        """The value at ``unit`` (in [0, 1]) of this gene's range, rounded to ``DIGITS``."""
+        return round(self.low + unit * (self.high - self.low), DIGITS)
+
+    def to_unit(self, value: Any) -> float:
+        """Where ``value`` lies in this gene's range, as a unit-cube coordinate."""
+        return (float(value) - self.low) / (self.high - self.low)
+
+
+def equal_bin(unit: float, count: int) -> int:
+    """Which of ``count`` equal bins of [0, 1] holds ``unit`` (1.0 in the last)."""
+    return min(count - 1, int(unit * count))
+
+
+def bin_centre(index: int, count: int) -> float:
+    """The centre of bin ``index`` of ``count`` equal bins of [0, 1]."""
+    return (index + 0.5) / count
+
+
+def value_in(params: dict[str, Any], gene: Gene) -> Any:
+    """The named value of ``gene`` in a point; a point without it is from another space."""
+    if gene.name not in params:
+        raise EvomergeError(f"point lacks {gene.name!r}; it does not belong to this space")
+    return params[gene.name]
+
 
 def short_names(refs: list[str]) -> dict[str, str]:
     """Readable, unique labels for model paths (their last path part)."""
     out: dict[str, str] = {}
-    for i, r in enumerate(refs):
-        label = Path(r).name or r
-        out[r] = label if label not in out.values() else f"{label}#{i}"
+    for i, ref in enumerate(refs):
+        label = Path(ref).name or ref
+        out[ref] = label if label not in out.values() else f"{label}#{i}"
     return out
 
 
 def check_param_names(methods: list[MergeMethod], search: dict, fixed: dict, where: str) -> None:
     """Refuse parameters no listed method declares, and ones both searched and fixed."""
-    names = {p for m in methods for p in m.param_names}
+    names = {name for method in methods for name in method.param_names}
     for group in (search, fixed):
         for name in group:
             if name not in names:
                 raise EvomergeError(
-                    f"{where}: no method in {[m.name for m in methods]} has a parameter {name!r}; "
+                    f"{where}: no method in {[method.name for method in methods]} has a parameter {name!r}; "
                     f"use one of {', '.join(sorted(names))}"
                 )
     both = set(search) & set(fixed)
@@ -140,10 +165,12 @@ def check_param_names(methods: list[MergeMethod], search: dict, fixed: dict, whe
 
 
 def in_words(n: int) -> str:
+    """A small count in words, for messages ("two models")."""
     return {1: "one", 2: "two", 3: "three"}.get(n, str(n))
 
 
 def number(value: Any, what: str) -> float:
+    """``value`` as a float; a recipe's value that is no number is not in the space."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -158,8 +185,11 @@ __all__ = [
     "PathSpec",
     "RoutingSpec",
     "SearchedParam",
+    "bin_centre",
     "check_param_names",
+    "equal_bin",
     "in_words",
     "number",
     "short_names",
+    "value_in",
 ]

@@ -341,7 +341,7 @@ def test_unknown_metric_is_refused_at_construction(tiny, root):
 def test_test_splits_are_refused_unless_allowed(tiny, root, monkeypatch):
     import lm_eval.tasks
 
-    import evomerge.fitness.evaluate
+    import evomerge.fitness.lm_eval_tasks
 
     objectives = [{"task": "demo_test", "metric": "acc"}]
     load = lm_eval.tasks.TaskManager.load
@@ -353,7 +353,7 @@ def test_test_splits_are_refused_unless_allowed(tiny, root, monkeypatch):
         _evaluator(tiny, root, objectives)
     assert loaded == []  # refused from the YAML, before its dataset is loaded
     # Where the YAML does not tell (Python tasks, inline configs), the loaded task does.
-    monkeypatch.setattr(evomerge.fitness.evaluate, "_declared_test_split", lambda *_: None)
+    monkeypatch.setattr(evomerge.fitness.lm_eval_tasks, "_declared_test_split", lambda *_: None)
     with pytest.raises(EvomergeError, match="test split 'test'.*--allow-test-sets"):
         _evaluator(tiny, root, objectives)
     spec = EvalSpec(objectives=[ObjectiveSpec(**objectives[0])], include_path="tasks")

@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 from evomerge.engine.recipe import Recipe
-from evomerge.run.config import DriverSettings
-from evomerge.run.drivers import make_driver
+from evomerge.run.drivers import driver_settings, make_driver
 from evomerge.run.drivers.base import Driver
 from evomerge.run.record import TrialRecord
 from evomerge.run.store import RunStore
@@ -48,7 +47,7 @@ class DriverContract:
     def open(self, run_dir: Path, seed: int = 0) -> tuple[Driver, RunStore]:
         directions = ["maximize"]
         store = RunStore.create(run_dir, dict(RECORD), shared=False, directions=directions, attrs={"objectives": ["a"]})
-        driver = make_driver(DriverSettings(**self.settings), tiny_space(), store, run_dir, seed)
+        driver = make_driver(driver_settings(self.settings), tiny_space(), store, run_dir, seed)
         return driver, store
 
     def score(self, driver: Driver, candidates, fail: set[int] = frozenset(), tell: bool = True) -> list[list[float]]:

@@ -469,14 +469,15 @@ def test_one_driver_claims_the_baselines_even_mid_claim(tmp_path, monkeypatch):
     import threading
     import time
 
-    import evomerge.run.store as store
+    import evomerge.run._shared_storage as store
+    from evomerge.run._baselines import baselines_are_mine
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'claim.db'}")
     said = []
     first, bar = _claimer(storage, said, tmp_path)
-    assert Run._baselines_are_mine(first, bar)
+    assert baselines_are_mine(first, bar)
     second, bar = _claimer(storage, said, tmp_path)
-    assert not Run._baselines_are_mine(second, bar)
+    assert not baselines_are_mine(second, bar)
     assert said == ["another driver runs the baselines"]
 
     # A claim created but not yet stamped (the claimer is between the two
@@ -485,16 +486,16 @@ def test_one_driver_claims_the_baselines_even_mid_claim(tmp_path, monkeypatch):
     optuna.delete_study(study_name="evomerge-baselines", storage=storage)
     claim = optuna.create_study(storage=storage, study_name="evomerge-baselines")
     threading.Timer(0.5, lambda: claim.set_user_attr("alive", time.time())).start()
-    assert not Run._baselines_are_mine(second, bar)
+    assert not baselines_are_mine(second, bar)
 
     # A claim whose stamp never comes, or one left stale, belongs to a dead driver.
     optuna.delete_study(study_name="evomerge-baselines", storage=storage)
     optuna.create_study(storage=storage, study_name="evomerge-baselines")
     monkeypatch.setattr(store, "CLAIM_STAMP_S", 0.3)
-    assert Run._baselines_are_mine(second, bar)
+    assert baselines_are_mine(second, bar)
     stale = optuna.load_study(study_name="evomerge-baselines", storage=storage)
     stale.set_user_attr("alive", time.time() - store.CLAIM_EXPIRES_S - 1)
-    assert Run._baselines_are_mine(first, bar)
+    assert baselines_are_mine(first, bar)
 
 
 def test_the_heartbeat_keeps_the_baseline_claim_alive(tmp_path):
@@ -530,7 +531,7 @@ def test_the_heartbeat_keeps_the_baseline_claim_alive(tmp_path):
 def test_a_shared_search_keeps_its_baseline_claim_alive_while_scoring_them(experiment, tmp_path, monkeypatch):
     import time
 
-    import evomerge.run.run as search
+    import evomerge.run._loop as search
 
     config = write_config(experiment, "claim.yaml", budget={"trials": 1}, storage=f"sqlite:///{tmp_path / 'shared.db'}")
     beat = search.Heartbeat
@@ -558,10 +559,10 @@ def test_a_shared_search_keeps_its_baseline_claim_alive_while_scoring_them(exper
 
 
 def _open_shared_storage(url, queue):
-    from evomerge.run.store import _rdb_storage
+    from evomerge.run._shared_storage import rdb_storage
 
     try:
-        _rdb_storage(url, shared=True)
+        rdb_storage(url, shared=True)
         queue.put("ok")
     except Exception as e:  # noqa: BLE001 - the test reports what went wrong
         queue.put(f"{type(e).__name__}: {e}"[:200])

@@ -80,12 +80,12 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
         print("no candidate was scored successfully; see the status table above")
         return 1
     rows = []
-    for r in store.trials():
-        if r.heldout_fitness is not None and r.complete:
-            what = r.name if r.kind == "baseline" else f"evolved (trial {r.number})"
-            if r is winner or r.number == winner.number:
+    for record in store.trials():
+        if record.heldout_fitness is not None and record.complete:
+            what = record.name if record.kind == "baseline" else f"evolved (trial {record.number})"
+            if record is winner or record.number == winner.number:
                 what += " *"
-            rows.append((what, r, r.heldout_values))
+            rows.append((what, record, record.heldout_values))
     n = len(rows[0][2]) if rows else 1
     print(f"\nheld-out accuracy (mean over {n} skills; the search never saw these documents):")
     for what, r, per in rows:

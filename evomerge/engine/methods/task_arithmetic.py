@@ -223,6 +223,42 @@ def sum_over_models(tensors: list[torch.Tensor], dtype: torch.dtype, rnd: Callab
     return rnd(acc, dtype)
 
 
+def _weighted_delta(d, keep, cut, rank, factor, work, weight, dtype, high, rnd) -> torch.Tensor:
+    """One model's task vector, sparsified (by its mask, or by comparing its
+    magnitude or rank with its cut), rescaled and weighted, in ``high``."""
+    if rank is not None:
+        keep = (rank >= cut[0:1]) & (rank <= cut[1:2])
+    elif cut is not None:
+        magnitude = d.abs()
+        keep = (magnitude > cut[0:1]) & (magnitude < cut[1:2])
+    d = d.to(high)
+    if keep is not None and work == dtype and factor is None:
+        d = d * keep.to(high)  # exact: no rounding
+    elif keep is not None:
+        masked = rnd(d, work) * keep.to(high)
+        if factor is not None:
+            masked = rnd(masked * factor, work)
+        d = rnd(masked, dtype)
+    return rnd(d * weight, dtype)
+
+
+def _mix(weighted, w, consensus: bool, dtype, wide: bool, high, rnd) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of the weighted task vectors (with TIES consensus, only the
+    entries agreeing with the sign of the sum) and what normalize divides by."""
+    if consensus:
+        # TIES: keep only entries whose sign agrees with the sign of the sum.
+        # Rounding a nonzero sum of narrow values never makes it zero or
+        # flips its sign, so the sign test can skip that round trip.
+        positive = sum_over_models(weighted, dtype, rnd if not wide else lambda t, to: t) >= 0
+        agree = [torch.where(positive, wd > 0, wd < 0).to(high) for wd in weighted]
+        mixed = sum_over_models([wd * a for wd, a in zip(weighted, agree)], dtype, rnd)
+        divisor = sum_over_models([w[j] * a for j, a in enumerate(agree)], dtype, rnd)
+        return mixed, torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    mixed = sum_over_models(weighted, dtype, rnd)
+    divisor = rnd(w.sum(), dtype)
+    return mixed, torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+
+
 def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -260,39 +296,11 @@ def combine(
         return t.to(to).to(high) if wide else t.to(to)
 
     w = weights.to(high)
-    weighted = []
-    for j, d in enumerate(deltas):
-        work = works[j] or dtype
-        keep = keeps[j]
-        if ranks[j] is not None:
-            keep = (ranks[j] >= cuts[j][0:1]) & (ranks[j] <= cuts[j][1:2])
-        elif cuts[j] is not None:
-            magnitude = d.abs()
-            keep = (magnitude > cuts[j][0:1]) & (magnitude < cuts[j][1:2])
-        d = d.to(high)
-        if keep is not None and work == dtype and factors[j] is None:
-            d = d * keep.to(high)  # exact: no rounding
-        elif keep is not None:
-            masked = rnd(d, work) * keep.to(high)
-            if factors[j] is not None:
-                masked = rnd(masked * factors[j], work)
-            d = rnd(masked, dtype)
-        weighted.append(rnd(d * w[j], dtype))
-
-    if consensus:
-        # TIES: keep only entries whose sign agrees with the sign of the sum.
-        # Rounding a nonzero sum of narrow values never makes it zero or
-        # flips its sign, so the sign test can skip that round trip.
-        positive = sum_over_models(weighted, dtype, rnd if not wide else lambda t, to: t) >= 0
-        agree = [torch.where(positive, wd > 0, wd < 0).to(high) for wd in weighted]
-        mixed = sum_over_models([wd * a for wd, a in zip(weighted, agree)], dtype, rnd)
-        divisor = sum_over_models([w[j] * a for j, a in enumerate(agree)], dtype, rnd)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = sum_over_models(weighted, dtype, rnd)
-        divisor = rnd(w.sum(), dtype)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-
+    weighted = [
+        _weighted_delta(d, keeps[j], cuts[j], ranks[j], factors[j], works[j] or dtype, w[j], dtype, high, rnd)
+        for j, d in enumerate(deltas)
+    ]
+    mixed, divisor = _mix(weighted, w, consensus, dtype, wide, high, rnd)
     if normalize:
         mixed = rnd(mixed / divisor, dtype)
     if lam is not None:
@@ -324,6 +332,28 @@ def fused_combine():
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _FUSED = torch.compile(combine, dynamic=True)
     return _FUSED
+
+
+def _keeps_at(at: torch.Tensor, plans: list, deltas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each model's explicit keep mask at the entries ``at`` (sorted), where
+    some model's magnitude equals its cut value: there the fast path's
+    comparison with the cut cannot decide, so those entries are recomputed
+    exactly with these masks."""
+    keeps: list[torch.Tensor | None] = []
+    for s, d in zip(plans, deltas):
+        if s.rank is not None:
+            keeps.append((s.rank[at] >= s.cut[0]) & (s.rank[at] <= s.cut[1]))
+            continue
+        if s.cut is None:
+            keeps.append(None if s.keep is None else s.keep.reshape(-1)[at])
+            continue
+        magnitude = d[at].abs()
+        keep = (magnitude > s.cut[0:1]) & (magnitude < s.cut[1:2])
+        if s.ties is not None:
+            # ``at`` is sorted, so a binary search finds each tie's place.
+            keep[torch.searchsorted(at, s.ties)] = True
+        keeps.append(keep)
+    return keeps
 
 
 def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sparsify: str | None) -> torch.Tensor:
@@ -361,34 +391,10 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
     )
     ties = [s.ties for s in plans if s.ties is not None and s.ties.numel()]
     if ties:
-        # Entries at a cut value: recompute them exactly, with explicit masks.
         at = torch.unique(torch.cat(ties))
-        keeps = []
-        for s, d in zip(plans, deltas):
-            if s.rank is not None:
-                keeps.append((s.rank[at] >= s.cut[0]) & (s.rank[at] <= s.cut[1]))
-                continue
-            if s.cut is None:
-                keeps.append(None if s.keep is None else s.keep.reshape(-1)[at])
-                continue
-            magnitude = d[at].abs()
-            keep = (magnitude > s.cut[0:1]) & (magnitude < s.cut[1:2])
-            if s.ties is not None:
-                # ``at`` is sorted, so a binary search finds each tie's place.
-                keep[torch.searchsorted(at, s.ties)] = True
-            keeps.append(keep)
-        out[at] = combine(
-            base.reshape(-1)[at],
-            [d[at] for d in deltas],
-            keeps,
-            [None] * len(deltas),
-            [None] * len(deltas),
-            factors,
-            works,
-            weights,
-            lam,
-            *consensus_normalize,
-        )
+        keeps = _keeps_at(at, plans, deltas)
+        common = (factors, works, weights, lam, *consensus_normalize)
+        out[at] = combine(base.reshape(-1)[at], [d[at] for d in deltas], keeps, *([[None] * len(deltas)] * 2), *common)
     return x.out if x.out is not None else out.reshape(base.shape)
 
 

@@ -7,12 +7,25 @@ import math
 import pickle
 import random
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from evomerge.engine.folder import atomic_write
-from evomerge.run.drivers import setting
 from evomerge.run.drivers.base import Candidate, Driver
+from evomerge.run.drivers.settings import DriverSettings, knob
+
+
+class CmaSettings(DriverSettings):
+    """pycma's knobs (pycma refuses a population under 2)."""
+
+    name: Literal["cma"] = "cma"
+    sigma0: knob(float, 0.2, low=0, high=1, low_open=True, doc="initial step, a fraction of each range")
+    popsize: knob(int, None, low=2, doc="default: pycma's 4 + 3 ln(dimensions)")
+    restarts: knob(int, 9, low=0, doc="IPOP restarts, each doubling the population")
+
+
+STATE_FILE = "cma_state.pkl"  # in the run folder
 
 
 class CmaDriver(Driver):
@@ -35,10 +48,10 @@ class CmaDriver(Driver):
 
     name = "cma"
 
-    def __init__(self, space, store, state_path: Path, settings, seed: int, workers: int = 1):
+    def __init__(self, space, store, settings: CmaSettings, seed: int, workers: int = 1, run_dir: Path | None = None):
         self.space = space
         self.store = store
-        self.state_path = Path(state_path)
+        self.state_path = Path(run_dir if run_dir is not None else store.run_dir) / STATE_FILE
         self.settings = settings
         self.seed = seed
         self._pad = [0.5] if space.dim == 1 else []  # an unused coordinate (pycma needs two)
@@ -49,7 +62,7 @@ class CmaDriver(Driver):
         else:
             self.es = None
             self.restarts = 0
-            self.popsize = setting(settings, "popsize")
+            self.popsize = settings.value("popsize")
             if self.popsize is None and workers > 1:
                 default = 4 + int(3 * math.log(max(space.dim, 1)))
                 self.popsize = -(-default // workers) * workers
@@ -72,7 +85,7 @@ class CmaDriver(Driver):
         }
         if self.popsize:
             opts["popsize"] = self.popsize
-        es = cma.CMAEvolutionStrategy(x0, setting(self.settings, "sigma0"), opts)
+        es = cma.CMAEvolutionStrategy(x0, self.settings.value("sigma0"), opts)
         self.popsize = es.popsize
         return es
 
@@ -105,7 +118,7 @@ class CmaDriver(Driver):
         ]
 
     def _restart(self) -> bool:
-        if self.restarts >= setting(self.settings, "restarts"):
+        if self.restarts >= self.settings.value("restarts"):
             return False
         self.restarts += 1
         self.popsize = self.es.popsize * 2
@@ -121,10 +134,10 @@ class CmaDriver(Driver):
     def recorded(self, candidate):
         # A resumed strategy asks the generation the killed one asked; the
         # candidates it finished are in the study already.
-        r = self._seen.get((candidate.extra["cma_generation"], candidate.extra["cma_index"]))
-        if r is None or r.fingerprint != candidate.recipe.fingerprint():
+        seen = self._seen.get((candidate.extra["cma_generation"], candidate.extra["cma_index"]))
+        if seen is None or seen.fingerprint != candidate.recipe.fingerprint():
             return None
-        return list(r.told), r
+        return list(seen.told), seen
 
     def tell(self, candidates, values) -> None:
         # pycma minimises; fitness is higher-is-better. It finds the genotype
@@ -136,7 +149,7 @@ class CmaDriver(Driver):
         self._save()
 
     def should_stop(self) -> bool:
-        return self.es is not None and bool(self.es.stop()) and self.restarts >= setting(self.settings, "restarts")
+        return self.es is not None and bool(self.es.stop()) and self.restarts >= self.settings.value("restarts")
 
     def _save(self) -> None:
         atomic_write(self.state_path, pickle.dumps({"es": self.es, "restarts": self.restarts, "popsize": self.popsize}))

@@ -2,33 +2,81 @@
 
 from __future__ import annotations
 
-from evomerge.run.drivers import setting
+from pathlib import Path
+from typing import Literal
+
 from evomerge.run.drivers.base import Candidate, Driver
+from evomerge.run.drivers.settings import DriverSettings, knob
+
+_STARTUP = {"low": 0, "doc": "random trials before the sampler models the scores"}
 
 
-def make_sampler(settings, seed: int, workers: int = 1):
-    """The Optuna sampler a driver name stands for, seeded. With several
-    workers, TPE treats running trials as bad ones (constant liar), so
-    parallel asks spread out instead of piling onto one point."""
-    import optuna
+class OptunaSettings(DriverSettings):
+    """The settings of a driver that is one of Optuna's samplers."""
 
-    name = settings.name
-    if name == "tpe":
-        startup = setting(settings, "startup_trials")
+    def sampler(self, seed: int, workers: int = 1):
+        """The Optuna sampler these settings stand for, seeded, for ``workers`` parallel asks."""
+        raise NotImplementedError
+
+
+class TpeSettings(OptunaSettings):
+    name: Literal["tpe"] = "tpe"
+    startup_trials: knob(int, 10, **_STARTUP)
+
+    def sampler(self, seed: int, workers: int = 1):
+        # With several workers, TPE treats running trials as bad ones
+        # (constant liar), so parallel asks spread out instead of piling up.
+        import optuna
+
+        startup = self.value("startup_trials")
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, n_startup_trials=startup, constant_liar=workers > 1
         )
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=setting(settings, "startup_trials"))
-    if name == "cmaes":
+
+
+class GpSettings(OptunaSettings):
+    name: Literal["gp"] = "gp"
+    startup_trials: knob(int, 10, **_STARTUP)
+
+    def sampler(self, seed: int, workers: int = 1):
+        import optuna
+
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=self.value("startup_trials"))
+
+
+class CmaEsSettings(OptunaSettings):
+    """Optuna's CMA-ES (the cmaes package fails at a population of 1)."""
+
+    name: Literal["cmaes"] = "cmaes"
+    popsize: knob(int, None, low=2, doc="default: Optuna's 4 + 3 ln(dimensions)")
+
+    def sampler(self, seed: int, workers: int = 1):
+        import optuna
+
         # Optuna's own start (the centre) and step: its sigma0 and x0 arguments are deprecated.
-        popsize = setting(settings, "popsize")
+        popsize = self.value("popsize")
         return optuna.samplers.CmaEsSampler(seed=seed, popsize=popsize, warn_independent_sampling=False)
-    if name == "random":
+
+
+class RandomSettings(OptunaSettings):
+    name: Literal["random"] = "random"
+
+    def sampler(self, seed: int, workers: int = 1):
+        import optuna
+
         return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=setting(settings, "popsize"))
-    raise ValueError(name)
+
+
+class Nsga2Settings(OptunaSettings):
+    """NSGA-II, the multi-objective driver (Optuna refuses a population under 2)."""
+
+    name: Literal["nsga2"] = "nsga2"
+    popsize: knob(int, 16, stored=None, low=2, doc="individuals per generation")
+
+    def sampler(self, seed: int, workers: int = 1):
+        import optuna
+
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.value("popsize"))
 
 
 class OptunaDriver(Driver):
@@ -42,7 +90,9 @@ class OptunaDriver(Driver):
 
     asynchronous = True
 
-    def __init__(self, space, store, settings, seed: int, workers: int = 1):
+    def __init__(
+        self, space, store, settings: OptunaSettings, seed: int, workers: int = 1, run_dir: Path | None = None
+    ):
         self.space = space
         self.store = store
         self.study = store.study  # Optuna's public API: ask, and the sampler
@@ -50,7 +100,7 @@ class OptunaDriver(Driver):
         self.multi_objective = settings.name == "nsga2"
         self.settings = settings
         self.seed = seed + len(self.study.trials)
-        self.study.sampler = make_sampler(settings, self.seed, workers)
+        self.study.sampler = settings.sampler(self.seed, workers)
 
     def ask(self) -> list[Candidate]:
         trial = self.study.ask()

@@ -1,9 +1,13 @@
 """Driver settings: checked against each driver's declaration when the config
 is read (before any baseline is scored), and a CMA-ES search stays quiet."""
 
+import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import trials, write_config
 
 from evomerge.app.cli import main
@@ -73,11 +77,13 @@ def _at_limits(declared):
 
 
 def test_valid_settings_pass_and_a_config_dump_reads_back(experiment):
-    from evomerge.run.drivers import DRIVER_SETTINGS, DRIVERS
+    from evomerge.run.drivers import DRIVERS
 
-    assert set(DRIVER_SETTINGS) == set(DRIVERS)
-    for driver in _at_limits(DRIVER_SETTINGS):
+    for name, (_, settings) in DRIVERS.items():
+        assert settings().name == name  # each row's settings model is tagged by its own name
+    for driver in _at_limits({name: settings.declared() for name, (_, settings) in DRIVERS.items()}):
         cfg, _ = load_config(write_config(experiment, "good_driver.yaml", driver=driver))
+        assert type(cfg.driver) is DRIVERS[driver["name"]][1]
         dumped = cfg.model_dump(mode="json")
         # the stored shape of the driver section is unchanged (config fingerprints of old runs)
         assert list(dumped["driver"]) == ["name", "sigma0", "popsize", "restarts", "startup_trials"]
@@ -89,18 +95,56 @@ def test_valid_settings_pass_and_a_config_dump_reads_back(experiment):
 def test_drivers_use_their_declared_defaults(monkeypatch):
     import optuna
 
-    from evomerge.run.drivers import DRIVER_SETTINGS, setting
-    from evomerge.run.drivers.optuna_driver import make_sampler
-
     made = {}
     monkeypatch.setattr(optuna.samplers, "NSGAIISampler", lambda **kw: made.update(kw))
     nsga2 = SearchConfig.model_validate(_minimal("nsga2")).driver
-    make_sampler(nsga2, seed=0)
-    assert made["population_size"] == DRIVER_SETTINGS["nsga2"]["popsize"].default == 16
+    nsga2.sampler(seed=0)
+    assert nsga2.popsize is None  # the stored value: the driver's own default
+    assert made["population_size"] == nsga2.declared()["popsize"].default == 16
     cma = SearchConfig.model_validate(_minimal("cma")).driver
-    assert (setting(cma, "sigma0"), setting(cma, "popsize"), setting(cma, "restarts")) == (0.2, None, 9)
+    assert (cma.value("sigma0"), cma.value("popsize"), cma.value("restarts")) == (0.2, None, 9)
     with pytest.raises(KeyError):
-        setting(cma, "startup_trials")  # not a cma setting
+        cma.value("startup_trials")  # not a cma setting
+
+
+OLD_RUNS = Path(__file__).parent / "data" / "old_runs"  # made by data/make_old_runs.py at 9752c0e
+
+
+def test_every_driver_section_keeps_the_fingerprint_runs_made_before_carry():
+    from evomerge.run.drivers import DRIVERS
+
+    stored = json.loads((OLD_RUNS / "fingerprints.json").read_text())
+    base = {k: v for k, v in stored["config"].items() if k != "driver"}
+    sections = [entry["driver"] for entry in stored["fingerprints"]]
+    assert {section.get("name", "cma") for section in sections} == set(DRIVERS)
+    for entry in stored["fingerprints"]:
+        data = {**base, "driver": entry["driver"]} if entry["driver"] else base
+        assert SearchConfig.model_validate(data).fingerprint() == entry["fingerprint"], entry["driver"]
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2"])
+def test_a_run_made_before_the_settings_split_opens_resumes_and_exports(experiment, tmp_path, capsys, name):
+    """A stored run folder (its run.yaml lists every driver's knobs) reads
+    back, continues under a larger budget, and exports its best."""
+    stored = OLD_RUNS / name
+    config = yaml.safe_load((stored / "config.yaml").read_text())
+    config["budget"] = {"trials": 5}  # the budget may change between sessions
+    path = experiment / f"old_{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for part in ("run.yaml", "study.db"):
+        shutil.copy(stored / part, run_dir / part)
+    assert len(trials(run_dir, "search")) == 3
+    assert main(["status", str(run_dir)]) == 0
+    assert main(["search", str(path), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert len(trials(run_dir, "search")) == 5  # resumed: the three stored trials kept, two more
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["driver"]["name"] == name
+    out = tmp_path / "best.yaml"
+    assert main(["export", str(run_dir), "--out", str(out), "--no-progress"]) == 0
+    kept = yaml.safe_load((stored / "run.yaml").read_text())["config_fingerprint"]
+    assert yaml.safe_load(out.read_text())["metadata"]["evomerge"]["config_fingerprint"] == kept
+    capsys.readouterr()
 
 
 def _minimal(driver: str) -> dict:

@@ -1,0 +1,123 @@
+"""Scores into what a run records: the trial record and the values the
+optimizer is told (with the failure penalty), the cache of scored recipes,
+and the incumbent early stopping compares with."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.engine.recipe import Recipe
+from evomerge.fitness.score import Score
+from evomerge.run.record import TrialRecord
+from evomerge.run.store import RunStore
+
+
+@dataclass
+class Outcome:
+    """What one candidate scored, as the run records it."""
+
+    values: list[float]  # what the optimizer is told
+    record: TrialRecord  # what the trial stores
+
+
+class Outcomes:
+    """Turns workers' scores into trial outcomes, and caches them by recipe
+    fingerprint (successes and non-finite failures: both are properties of
+    the recipe)."""
+
+    def __init__(self, store: RunStore, objectives: list, heldout_objectives: list):
+        self.store, self.objectives, self.heldout_objectives = store, objectives, heldout_objectives
+        self.cache: dict[str, Outcome] = {}
+        # The best trial scored on every dev document, with per-document
+        # scores: what early stopping compares a candidate with.
+        self.incumbent: TrialRecord | None = None
+        for record in store.trials(heldout=False):
+            if record.fingerprint and (record.status == "ok" or record.non_finite):
+                self.cache.setdefault(record.fingerprint, Outcome(record.told, record))
+            self._consider(record)
+
+    def _consider(self, record: TrialRecord) -> None:
+        if record.complete and record.docs and (self.incumbent is None or record.fitness > self.incumbent.fitness):
+            self.incumbent = record
+
+    def _values(self, score: Score) -> list[float]:
+        if len(self.store.directions) == 1:
+            return [score.fitness(self.objectives)]
+        return [score.values[o.name] for o in self.objectives]
+
+    def cached(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome | None:
+        """A finished score of the same recipe, as a new trial's outcome (or None)."""
+        hit = self.cache.get(recipe.fingerprint())
+        if hit is None:
+            return None
+        source = hit.record
+        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint", "stopped")
+        record = TrialRecord(kind=kind, name=name, cached=True, **{k: getattr(source, k) for k in keep})
+        record.heldout_values, record.heldout_fitness = source.heldout_values, source.heldout_fitness
+        record.heldout_docs = source.heldout_docs
+        return Outcome(list(hit.values), record)
+
+    def from_score(self, recipe: Recipe, kind: str, name: str | None, score: Score) -> Outcome:
+        """A worker's score as what the optimizer is told and the trial stores:
+        a failure (or a non-finite fitness) is told the penalty."""
+        fingerprint = recipe.fingerprint()
+        record = TrialRecord(
+            kind=kind,
+            name=name,
+            fingerprint=fingerprint,
+            recipe=recipe.model_dump(mode="json", exclude_none=True),
+            status=score.status,
+            reason=score.reason,
+            non_finite=score.non_finite,
+            values=score.values,
+            metrics=score.metrics,
+            seconds=score.seconds,
+            merge_seconds=score.merge_seconds,
+            eval_seconds=score.eval_seconds,
+            attempts=score.attempts,
+            docs=score.docs,
+            documents=score.documents,
+            stopped=score.stopped,
+        )
+        if score.ok:
+            values = self._values(score)
+            record.fitness = score.fitness(self.objectives)
+            if not all(math.isfinite(v) for v in values):
+                record.status, record.reason, record.non_finite, record.fitness = (
+                    "failed",
+                    "non-finite fitness",
+                    True,
+                    None,
+                )
+        if record.status != "ok":
+            record.status, record.reason = "failed", record.reason or "unknown"
+            values = self.store.penalty()
+        if score.heldout is not None:
+            record = dataclasses.replace(record, **self.heldout_fields(score.heldout))
+        outcome = Outcome(values, record)
+        if record.status == "ok" or record.non_finite:
+            self.cache[fingerprint] = outcome
+        self._consider(record)
+        return outcome
+
+    def heldout_fields(self, score: Score) -> dict[str, Any]:
+        """A held-out score as ``TrialRecord``'s ``heldout_*`` fields."""
+        if not score.ok:
+            return {"heldout_status": f"failed: {score.reason}"[:300]}
+        fitness = score.fitness(self.heldout_objectives)
+        return {
+            "heldout_values": score.values,
+            "heldout_fitness": fitness,
+            "heldout_metrics": score.metrics,
+            "heldout_docs": score.docs,
+        }
+
+
+def describe(record: TrialRecord) -> str:
+    """A trial's score in a few characters, for the progress bar and log."""
+    if record.status != "ok":
+        return f"failed ({(record.reason or '?')[:40]})"
+    return f"{record.fitness:.4f}" + (" (cached)" if record.cached else "")

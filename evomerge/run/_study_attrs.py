@@ -1,0 +1,86 @@
+"""The study-level attributes of a run: its objectives and directions, the
+time searched, the selection race's scores and summary, and the held-out
+scores added after a trial finished (a finished Optuna trial cannot be
+changed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.run.record import TrialRecord, compact
+
+
+class StudyAttributes:
+    """The part of :class:`~evomerge.run.store.RunStore` that reads and
+    writes the study's own attributes (``self.study``, ``self.record``)."""
+
+    study: Any
+    record: dict[str, Any]
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.study.user_attrs.get("objectives", []))
+
+    @property
+    def directions(self) -> list[str]:
+        """Per optimizer value: "maximize" or "minimize"."""
+        import optuna
+
+        up = optuna.study.StudyDirection.MAXIMIZE
+        return ["maximize" if d == up else "minimize" for d in self.study.directions]
+
+    def weights(self, section: str = "eval") -> dict[str, float]:
+        """Signed objective weights of a config section (``eval``,
+        ``heldout``, ``select``), for :mod:`evomerge.fitness.paired`; empty when
+        the run's config has no such section."""
+        from evomerge.fitness.paired import signed_weights
+        from evomerge.run.config import SearchConfig
+
+        try:
+            cfg = SearchConfig.model_validate(self.record.get("config") or {})
+        except Exception:  # noqa: BLE001 - a run written by an older version: no weights
+            return {}
+        spec = cfg.select.spec(cfg.eval) if section == "select" and cfg.select else getattr(cfg, section, None)
+        return signed_weights(spec.objectives) if spec is not None and hasattr(spec, "objectives") else {}
+
+    def run_attr(self, name: str, default: Any = None) -> Any:
+        """A study-level attribute: ``objectives``, ``space_fingerprint``,
+        ``config_fingerprint``, ``elapsed_s``."""
+        return self.study.user_attrs.get(name, default)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds searched so far, over every session."""
+        return float(self.study.user_attrs.get("elapsed_s", 0.0))
+
+    def save_elapsed(self, seconds: float) -> None:
+        self.study.set_user_attr("elapsed_s", seconds)
+
+    def selections(self, fingerprint: str) -> dict[int, dict[str, Any]]:
+        """Trial number -> its selection scores so far (``docs``, or
+        ``values`` without per-document scores, or ``failed``) for the
+        selection documents of ``fingerprint``."""
+        out = {}
+        for key, value in self.study.user_attrs.items():
+            if key.startswith("select_") and isinstance(value, dict) and value.get("fp") == fingerprint:
+                out[int(key.removeprefix("select_"))] = value
+        return out
+
+    def race(self) -> dict[str, Any] | None:
+        """The selection race's summary (winner, rounds), once it ran."""
+        return self.study.user_attrs.get("race")
+
+    def set_heldout(self, number: int, **fields: Any) -> None:
+        """Add a held-out result (``TrialRecord``'s ``heldout_*`` fields) to a finished trial."""
+        held = TrialRecord(kind="search", **fields)
+        self.study.set_user_attr(f"heldout_{number}", held.heldout_attrs())
+
+    def set_selection(self, number: int, entry: dict[str, Any]) -> None:
+        """Store a trial's selection scores so far (see :meth:`selections`);
+        each write replaces the last, so a kill leaves the previous one."""
+        if "docs" in entry:
+            entry = {**entry, "docs": compact(entry["docs"])}
+        self.study.set_user_attr(f"select_{number}", entry)
+
+    def set_race(self, summary: dict[str, Any]) -> None:
+        self.study.set_user_attr("race", summary)
