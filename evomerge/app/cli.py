@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from evomerge.engine.progress import is_terminal
 from evomerge.errors import EvomergeError
 
 
@@ -166,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-outside-paths", action="store_true", help="let paths leave the config's folder")
     s.add_argument("--allow-test-sets", action="store_true", help="allow objectives scored on a test split")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    s.add_argument("--top", type=int, default=10, help="search trials shown in the final table")
+    s.add_argument("--top", type=_positive, default=10, help="search trials shown in the final table")
     s.add_argument("--executor", choices=["local", "ray"], help="where candidates are scored (overrides the config)")
     s.add_argument("--address", help="Ray cluster: auto or host:port (default: start Ray on this machine)")
-    s.add_argument("--workers", type=int, help="Ray workers (default: as many as the cluster's GPUs, or CPUs)")
+    s.add_argument("--workers", type=_positive, help="Ray workers (default: as many as the cluster's GPUs, or CPUs)")
     s.set_defaults(func=cmd_search)
 
     st = sub.add_parser("status", help="top trials of a run against its baselines")
     st.add_argument("run_dir")
-    st.add_argument("--top", type=int, default=10, help="search trials shown")
+    st.add_argument("--top", type=_positive, default=10, help="search trials shown")
     st.set_defaults(func=cmd_status)
 
     e = sub.add_parser("export", help="write a run's best recipe (and optionally merge it)")
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write an HTML report of a run: figures and tables, readable offline")
     r.add_argument("run_dir")
     r.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
-    r.add_argument("--top", type=int, default=20, help="search trials in the top-trials table")
+    r.add_argument("--top", type=_positive, default=20, help="search trials in the top-trials table")
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser(
@@ -205,9 +206,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    """An argument that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1; give 1 or more")
+    return value
+
+
+def _quiet_library_bars() -> None:
+    """Turn off the progress bars of the libraries under us (loading and
+    saving weights, datasets): ours show the work in lines when the output is
+    a log, and theirs would fill it with carriage returns."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "no_progress") and (args.no_progress or not is_terminal(sys.stderr)):
+        _quiet_library_bars()
     try:
         return args.func(args)
     except EvomergeError as e:

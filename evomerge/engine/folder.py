@@ -11,6 +11,7 @@ sha256. Nothing here imports torch.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,6 +36,19 @@ def check_output_folder(out_dir: Path | str, overwrite: bool) -> Path:
     return out_dir
 
 
+def write_fix(error: OSError, out_dir: Path) -> str:
+    """What to do about a failed write, by its cause: the disk-space hint only for a full disk."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space or choose an output folder on another disk"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose a writable output folder"
+    if error.errno in (errno.ENOENT, errno.ENOTDIR):
+        if out_dir.parent.is_dir():  # a parent that takes no new folder (/proc, /sys)
+            return "choose a writable output folder"
+        return "create its parent folder or choose an output folder whose parent exists"
+    return "choose another output folder"
+
+
 def write_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a hidden sibling folder and rename it to
     ``out_dir`` at the end: a failed write leaves nothing behind."""
@@ -47,9 +61,7 @@ def write_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
         tmp.rename(out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EvomergeError(
-            f"could not write {out_dir}: {e.strerror or e}; free disk space or choose a writable output folder"
-        ) from None
+        raise EvomergeError(f"could not write {out_dir}: {e.strerror or e}; {write_fix(e, out_dir)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

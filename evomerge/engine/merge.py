@@ -34,6 +34,7 @@ from evomerge.engine.plan import (
     plan_merge,
     referenced,
 )
+from evomerge.engine.progress import progress_bar
 from evomerge.engine.recipe import Recipe
 from evomerge.engine.routing import RouteMerger
 from evomerge.errors import EvomergeError
@@ -123,9 +124,7 @@ def _write_shards(
     def load(ref: str, name: str) -> torch.Tensor:
         return sources[ref].get(name)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress)
+    bar = progress_bar(enabled=progress, total=len(plan.jobs), desc="merging", unit="tensor")
     weight_map = {}
     for fname, jobs in zip(names, shards):
         with _ShardWriter(out / fname, jobs) as writer:

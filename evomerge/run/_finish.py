@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from evomerge.engine.progress import progress_bar
 from evomerge.engine.recipe import Recipe
 from evomerge.fitness.score import Score
 from evomerge.run.executors.worker import Job
@@ -45,7 +46,6 @@ def _entrants(run) -> list[TrialRecord]:
 
 def race(run) -> dict[str, Any] | None:
     """Run (or continue) the selection race; store and return its summary."""
-    from tqdm.auto import tqdm
 
     from evomerge.fitness.paired import signed_weights
     from evomerge.fitness.race import Entrant, plan
@@ -60,7 +60,7 @@ def race(run) -> dict[str, Any] | None:
     runners = [Entrant(record.number, record.fitness) for record in entrants]
     before = run.store.race() or {}
     documents = int(before.get("documents", 0)) if before.get("fp") == fingerprint else 0
-    bar = tqdm(total=0, desc="selection race", unit="candidate", disable=not run.progress)
+    bar = progress_bar(enabled=run.progress, total=0, desc="selection race", unit="candidate")
     try:
         while True:
             stored = run.store.selections(fingerprint)
@@ -114,12 +114,11 @@ def _score_heldout(run, picks: list[TrialRecord]) -> None:
     # Submitted together, so that every worker of a Ray run takes one.
     if not picks:
         return
-    from tqdm.auto import tqdm
 
     run.open_executor()
     for record in picks:
         run.executor.submit(record.number, Recipe.model_validate(record.recipe), "heldout")
-    with tqdm(total=len(picks), desc="held-out", unit="trial", disable=not run.progress) as bar:
+    with progress_bar(enabled=run.progress, total=len(picks), desc="held-out", unit="trial") as bar:
         while run.executor.pending():
             for number, score in run.executor.wait():
                 run.store.set_heldout(number, **run.outcomes.heldout_fields(score))

@@ -5,11 +5,13 @@ the tally of that budget. Each function takes the
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import sys
 import time
 
+from evomerge.engine.progress import progress_bar
 from evomerge.run._baselines import baselines_are_mine
 from evomerge.run._outcomes import Outcome, describe
 from evomerge.run.drivers import Candidate, Driver, make_driver
@@ -18,23 +20,16 @@ from evomerge.run.record import TrialRecord
 from evomerge.run.schedulers import make_schedule
 from evomerge.run.store import Heartbeat, RunStore
 
+HUGE_TRIALS = 100_000  # more search trials than a night of even the tiniest models holds
 ELAPSED_EVERY_S = 5.0  # how often the search stores its elapsed time (for budget.minutes across resumes)
 
 
 def search(run) -> TrialRecord | None:
     """Run (or continue) the search until the budget is spent; return the
     best trial (held-out scored, when the config has a held-out set)."""
-    from tqdm.auto import tqdm
-
     done = len(run.store.trials("search", heldout=False))
-    bar = tqdm(
-        total=run.cfg.budget.trials,
-        initial=done,
-        desc="search",
-        unit="trial",
-        disable=not run.progress,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(enabled=run.progress, total=run.cfg.budget.trials, initial=done, desc="search", unit="trial")
+    bar.write(budget_line(run.cfg.budget, done, run.store.elapsed))
     run.open_executor(log=bar.write)
     run.inflight = {}
     beat = Heartbeat(run.store, run.inflight) if run.cfg.storage is not None else None
@@ -59,6 +54,28 @@ def search(run) -> TrialRecord | None:
             beat.stop()
         run.executor.close()
         run.executor = None
+
+
+def budget_line(budget, done: int, elapsed_s: float, now: datetime.datetime | None = None) -> str:
+    """One line, at the start, on which limit ends the search and when."""
+    limits = []
+    if budget.trials is not None:
+        limits.append(f"{budget.trials:,} search trials ({done:,} done)")
+    if budget.documents is not None:
+        limits.append(f"{budget.documents:,} dev documents scored")
+    if budget.minutes is not None:
+        left = max(0.0, budget.minutes * 60 - elapsed_s)
+        end = (now or datetime.datetime.now()) + datetime.timedelta(seconds=left)
+        limits.append(f"{budget.minutes:g} minutes searched (about {end:%Y-%m-%d %H:%M}, {left / 60:.0f} min from now)")
+    forever = "it runs until the driver converges or you stop it (Ctrl-C; the same command resumes)"
+    if not limits:
+        return f"budget: no limit is set, so {forever}; set budget.trials or budget.minutes"
+    line = f"budget: the search ends after {' or '.join(limits)}, whichever comes first"
+    if len(limits) == 1:
+        line = line.removesuffix(", whichever comes first")
+    if budget.minutes is None and budget.documents is None and budget.trials > HUGE_TRIALS:
+        line += f"; that many trials will not finish, so {forever}; set budget.minutes to end it on time"
+    return line
 
 
 def _make_driver(run) -> Driver:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 STUDY_NAME = "evomerge"
 HEARTBEAT_S = 30.0  # on a shared storage; a trial is stale after 120 s without one
@@ -23,7 +24,12 @@ def rdb_storage(url: str, shared: bool, attempts: int = 5):
     options = {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)} if shared else {}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, **options)
+            with warnings.catch_warnings():
+                # Heartbeats are chosen knowingly; Optuna calls them experimental.
+                warnings.filterwarnings(
+                    "ignore", r".*(heartbeat_interval|grace_period)", optuna.exceptions.ExperimentalWarning
+                )
+                return optuna.storages.RDBStorage(url, **options)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             # Two drivers starting at once on a new shared database both
             # create its tables and stamp its schema version; the loser finds

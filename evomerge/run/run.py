@@ -33,6 +33,7 @@ from evomerge.engine.recipe import MERGED, Recipe, Source
 from evomerge.errors import EvomergeError
 from evomerge.run import _baselines, _finish, _loop
 from evomerge.run._outcomes import Outcome, Outcomes, describe
+from evomerge.run._run_folder import check_run_folder, masked
 from evomerge.run.config import load_config, load_fixed_merge, resolve_path
 from evomerge.run.drivers import Candidate
 from evomerge.run.executors import Executor, make_executor
@@ -58,6 +59,8 @@ class Run:
     ):
         self.config_path = Path(config_path)
         self.cfg, self.root = load_config(config_path, executor)
+        if not force:  # before any model is read
+            check_run_folder(Path(run_dir), own_storage=self.cfg.storage is None)
         self.progress = progress
         self.objectives = list(self.cfg.eval.objectives)
         self._build_space(allow_outside_paths)
@@ -164,11 +167,14 @@ class Run:
 
     def _open_store(self, force: bool) -> RunStore:
         fingerprints = {"config_fingerprint": self.cfg.fingerprint(), "space_fingerprint": self.space.fingerprint()}
+        config = self.cfg.model_dump(mode="json")
+        if self.cfg.storage:  # run.yaml never holds a database password
+            config["storage"] = masked(self.cfg.storage)
         record = {
             **fingerprints,
             "config_path": str(self.config_path.resolve()),
-            "storage": self.cfg.storage or OWN_STORAGE,
-            "config": self.cfg.model_dump(mode="json"),
+            "storage": config["storage"] or OWN_STORAGE,
+            "config": config,
         }
         multi = self.cfg.driver.name == "nsga2"
         return RunStore.create(
@@ -177,6 +183,7 @@ class Run:
             shared=self.cfg.storage is not None,
             directions=[o.direction for o in self.objectives] if multi else ["maximize"],
             force=force,
+            url=self.cfg.storage,
             attrs={"objectives": [o.name for o in self.objectives], **fingerprints},
         )
 

@@ -16,13 +16,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
-from evomerge.run._run_folder import OWN_STORAGE, RUN_FILE, RunFolder, storage_url
+from evomerge.errors import EvomergeError, first_line
+from evomerge.run._run_folder import (
+    OWN_STORAGE,
+    RUN_FILE,
+    RunFolder,
+    connect_url,
+    corrupt_study,
+    masked,
+    own_study_problem,
+    storage_url,
+)
 from evomerge.run._shared_storage import STALE_REASON, STUDY_NAME, Heartbeat, claim_baselines, fail_stale, rdb_storage
 from evomerge.run._study_attrs import StudyAttributes
 from evomerge.run.record import TrialRecord, best_of, chosen, rank_key, with_heldout
 
 INTERRUPTED_REASON = "the search was stopped (Ctrl-C) while it was being scored"
+
+
+def open_storage(url: str, shared: bool):
+    """The Optuna storage at ``url`` (see :func:`connect_url`); a URL that
+    is no database URL, or a database that cannot be reached, is one line
+    naming it with its password masked."""
+    import sqlalchemy.exc
+
+    try:
+        return rdb_storage(connect_url(url), shared)
+    except sqlalchemy.exc.ArgumentError:
+        raise EvomergeError(
+            f"storage {masked(url)} is not a database URL; write it as dialect+driver://user@host/database"
+        ) from None
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.DatabaseError, ImportError) as e:
+        raise EvomergeError(
+            f"cannot open the storage {masked(url)} ({masked(first_line(e))}); check the server and the user, "
+            "and give the password as ${VAR} in the URL, in PGPASSWORD or in a password file"
+        ) from None
 
 
 class RunStore(StudyAttributes):
@@ -52,6 +80,9 @@ class RunStore(StudyAttributes):
         folder = RunFolder(run_dir)
         if not folder.run_file.is_file():
             raise EvomergeError(f"{run_dir} holds no evomerge run (no {RUN_FILE}); pass the --run-dir of a search")
+        problem = own_study_problem(run_dir)
+        if problem:
+            raise corrupt_study(run_dir, problem, search=False)
         record = folder.read()
         if not record.get("study_ready"):
             raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first")
@@ -59,7 +90,7 @@ class RunStore(StudyAttributes):
         try:
             # Readers never create tables: a reader that did, while a new
             # search was creating them, could make that search fail.
-            storage = optuna.storages.RDBStorage(storage_url(run_dir, record), skip_table_creation=True)
+            storage = optuna.storages.RDBStorage(connect_url(storage_url(run_dir, record)), skip_table_creation=True)
             study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         except (KeyError, sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
             raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first") from None
@@ -75,6 +106,7 @@ class RunStore(StudyAttributes):
         directions: list[str],
         attrs: dict[str, Any],
         force: bool = False,
+        url: str | None = None,
     ) -> RunStore:
         """Claim ``run_dir`` for a search and open (or create) its study.
 
@@ -83,13 +115,19 @@ class RunStore(StudyAttributes):
         which other drivers may use too (heartbeats, stale trials); otherwise
         it is this folder's, and a trial left running belongs to a dead process.
         ``attrs``: the study's own attributes (objective names, fingerprints).
+        ``url``: the config's storage as written (its password, which
+        ``record`` holds masked, included); None for the folder's own.
         """
         import optuna
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # A shared database is reached before the folder is touched: a
+        # wrong URL or password leaves nothing behind.
+        storage = open_storage(url, shared) if url else None
         folder = RunFolder(run_dir)
         record = folder.claim(record, force)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = rdb_storage(storage_url(run_dir, record), shared)
+        if storage is None:
+            storage = open_storage(storage_url(run_dir, record), shared)
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
         store = cls(run_dir, record, study, folder)
         store.stale = fail_stale(study, shared)

@@ -164,7 +164,12 @@ def test_paths_may_not_escape_the_recipe_folder(capsys, tmp_path, llama):
 
 
 @pytest.mark.parametrize(
-    "err_no, words", [(errno.ENOSPC, ["No space left", "free disk space"]), (errno.EACCES, ["Permission denied"])]
+    "err_no, words",
+    [
+        (errno.ENOSPC, ["No space left", "free disk space"]),
+        (errno.EACCES, ["Permission denied", "writable"]),
+        (errno.ENOENT, ["No such file", "writable"]),
+    ],
 )
 def test_write_errors_leave_nothing(capsys, tmp_path, llama, monkeypatch, err_no, words):
     import os
@@ -184,6 +189,15 @@ def test_write_errors_leave_nothing(capsys, tmp_path, llama, monkeypatch, err_no
     code, err, out = run_cli(capsys, tmp_path, _ties(llama.base, llama.ft[0], llama.ft[1]))
     assert calls["n"] == 5
     assert_refused(code, err, out, *words)
+    assert ("free disk space" in err) == (err_no == errno.ENOSPC)  # the disk-space hint only for a full disk
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_an_output_folder_where_none_can_be_made_is_one_line_without_the_disk_hint(capsys, tmp_path, llama):
+    code, err, out = run_cli(capsys, tmp_path, _ties(llama.base, llama.ft[0]), out="/proc/x")
+    assert out == Path("/proc/x")
+    assert_refused(code, err, out, "/proc/x", "writable")
+    assert "disk space" not in err
 
 
 def test_real_process_exit_code_and_debug_traceback(tmp_path, llama):
@@ -398,3 +412,18 @@ def _method(method: str, base, *models, shared=None, per_model=None) -> dict:
 def test_bad_parameters_of_the_new_methods(capsys, tmp_path, llama, make, words):
     code, err, out = run_cli(capsys, tmp_path, make(llama))
     assert_refused(code, err, out, *words)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "run", "--top", "0"],
+        ["report", "run", "--top", "-3"],
+        ["search", "c.yaml", "--run-dir", "r", "--workers", "0"],
+    ],
+)
+def test_a_count_below_one_on_the_command_line_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "give 1 or more" in capsys.readouterr().err

@@ -8,8 +8,7 @@ from evomerge.app.demo import problem as demo_problem
 from evomerge.app.demo import run as demo
 
 
-@pytest.mark.slow
-def test_demo_builds_searches_reports_and_resumes(tmp_path, capsys, monkeypatch):
+def _shrink(monkeypatch):
     # The real demo trains for a minute or two and searches for a few; the
     # pipeline is the same with less of everything.
     monkeypatch.setattr(demo_problem, "PRETRAIN", dict(demo_problem.PRETRAIN, steps=20))
@@ -17,6 +16,11 @@ def test_demo_builds_searches_reports_and_resumes(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(demo_problem, "DEV_DOCS", 12)
     monkeypatch.setattr(demo_problem, "HELDOUT_DOCS", 12)
     monkeypatch.setattr(demo, "DEMO_TRIALS", 4)
+
+
+@pytest.mark.slow
+def test_demo_builds_searches_reports_and_resumes(tmp_path, capsys, monkeypatch):
+    _shrink(monkeypatch)
     workdir = tmp_path / "demo"
     code = main(["demo", "--workdir", str(workdir), "--no-progress"])
     out = capsys.readouterr().out
@@ -28,6 +32,19 @@ def test_demo_builds_searches_reports_and_resumes(tmp_path, capsys, monkeypatch)
     assert main(["demo", "--workdir", str(workdir), "--no-progress"]) == code
     assert (workdir / "models" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
     assert "4 search trials" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_demo_writes_a_log_of_short_lines_when_its_output_is_not_a_terminal(tmp_path, capfd, monkeypatch):
+    """`evomerge demo > log 2>&1`: progress as plain lines, no carriage returns."""
+    _shrink(monkeypatch)
+    code = main(["demo", "--workdir", str(tmp_path / "demo")])  # progress on; the captured output is no terminal
+    log = "".join(capfd.readouterr())
+    assert code in (0, 1)
+    assert "\r" not in log
+    lines = log.splitlines()
+    assert any(line.startswith("search:") for line in lines)  # the search's progress, as lines
+    assert max(len(line) for line in lines) < 300, max(lines, key=len)
 
 
 def test_build_once_builds_models_once_and_only_rewrites_tasks_when_the_folder_moved(tmp_path):
@@ -76,3 +93,12 @@ def test_build_once_builds_models_once_and_only_rewrites_tasks_when_the_folder_m
     with pytest.raises(KeyboardInterrupt):
         demo_problem.build_once(stamp, 2, assets, interrupted)
     assert not stamp.exists()  # an interrupted build must not look finished
+
+
+def test_the_demo_refuses_a_workdir_it_cannot_build_in(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert main(["demo", "--workdir", str(a_file), "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "is a file" in err[0] and "--workdir" in err[0]
+    assert a_file.read_text() == "not a folder"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.app.demo.tiny import make_tokenizer, save_model, tiny_config
+from evomerge.engine.progress import progress_bar
 
 VERSION = 3  # 3: models trained on one thread, the same on every machine
 SEED = 0
@@ -291,9 +292,7 @@ def train_answers(model, tok, batches, steps: int, lr: float, answer_only: bool,
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    return progress_bar(enabled=progress, total=total, desc=desc, leave=False)
 
 
 def _build_models(workdir: Path, items: dict, progress: bool) -> None:

@@ -9,10 +9,12 @@ held-out split.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from evomerge.app.demo import problem as demo_problem
 from evomerge.app.demo.problem import build_demo
+from evomerge.errors import EvomergeError
 
 # The demo's search: what the README's first command runs.
 DEMO_SPACE = "ties_layerwise"
@@ -54,6 +56,20 @@ def demo_config(workdir: Path) -> Path:
     return path
 
 
+def _check_workdir(workdir: Path) -> None:
+    """Refuse a ``--workdir`` the demo cannot build in, in one line."""
+    if workdir.exists() and not workdir.is_dir():
+        raise EvomergeError(f"demo folder {workdir} is a file; pass a folder as --workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvomergeError(
+            f"cannot create the demo folder {workdir} ({e.strerror or e}); pass a writable --workdir"
+        ) from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise EvomergeError(f"demo folder {workdir} is not writable; pass a writable --workdir")
+
+
 def run_demo(workdir: Path, progress: bool = True) -> int:
     """Build (once) a tiny base and two experts on different synthetic skills,
     search for the best merge, and compare it with the sources and the
@@ -64,6 +80,7 @@ def run_demo(workdir: Path, progress: bool = True) -> int:
     from evomerge.run.store import RunStore
 
     workdir = Path(workdir)
+    _check_workdir(workdir)
     config = demo_config(workdir)
     run_dir = workdir / "run"
     run = Run(config, run_dir, progress=progress, force=True)
