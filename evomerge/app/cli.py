@@ -98,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             run.search()
     finally:
         run.close()
-    print(status_table(args.run_dir, top=args.top))
+    print(status_table(args.run_dir, top=args.top, store=run.store))
     return 0
 
 

@@ -127,15 +127,16 @@ def _row(record: TrialRecord, objectives: list[str], scores: Scores) -> list[str
     ]
 
 
-def status_table(run_dir: str | Path, top: int = 10) -> str:
+def status_table(run_dir: str | Path, top: int = 10, store: RunStore | None = None) -> str:
     """The baselines and the top search trials of a run, as a text table.
 
     Search trials scored on every dev document come first, by dev fitness;
     trials stopped early (their fitness an estimate on part of the
     documents) follow while ``top`` allows. The exported best is always
-    shown, marked ``*``; a stopped trial is marked ``~``.
+    shown, marked ``*``; a stopped trial is marked ``~``. ``store``: the
+    run's store when the caller has it open (the search that just ran).
     """
-    store = RunStore.open(run_dir)
+    store = store if store is not None else RunStore.open(run_dir)
     scores = read_scores(store)
     objectives = store.objectives
     baselines = [r for r in scores.records if r.kind == "baseline"]

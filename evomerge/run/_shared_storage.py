@@ -22,6 +22,10 @@ def rdb_storage(url: str, shared: bool, attempts: int = 5):
     import sqlalchemy.exc
 
     options = {"heartbeat_interval": int(HEARTBEAT_S), "grace_period": 4 * int(HEARTBEAT_S)} if shared else {}
+    if shared:
+        # The search beats for its own trials (Heartbeat), so asking with a
+        # heartbeat storage outside Study.optimize is meant.
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():

@@ -34,6 +34,41 @@ from evomerge.run.record import TrialRecord, best_of, chosen, rank_key, with_hel
 INTERRUPTED_REASON = "the search was stopped (Ctrl-C) while it was being scored"
 
 
+def reachable(url: str) -> None:
+    """Connect to the database at ``url`` once; one line (see
+    :func:`open_storage`) when it cannot be reached."""
+    import sqlalchemy
+
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(connect_url(url))
+        engine.connect().close()
+    except (
+        sqlalchemy.exc.ArgumentError,
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.DatabaseError,
+        ImportError,
+    ) as e:
+        raise storage_error(url, e) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def storage_error(url: str, error: Exception) -> EvomergeError:
+    """The one line for a storage that cannot be opened, its password masked."""
+    import sqlalchemy.exc
+
+    if isinstance(error, sqlalchemy.exc.ArgumentError):
+        return EvomergeError(
+            f"storage {masked(url)} is not a database URL; write it as dialect+driver://user@host/database"
+        )
+    return EvomergeError(
+        f"cannot open the storage {masked(url)} ({masked(first_line(error))}); check the server and the user, "
+        "and give the password as ${VAR} in the URL, in PGPASSWORD or in a password file"
+    )
+
+
 def open_storage(url: str, shared: bool):
     """The Optuna storage at ``url`` (see :func:`connect_url`); a URL that
     is no database URL, or a database that cannot be reached, is one line
@@ -42,15 +77,13 @@ def open_storage(url: str, shared: bool):
 
     try:
         return rdb_storage(connect_url(url), shared)
-    except sqlalchemy.exc.ArgumentError:
-        raise EvomergeError(
-            f"storage {masked(url)} is not a database URL; write it as dialect+driver://user@host/database"
-        ) from None
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.DatabaseError, ImportError) as e:
-        raise EvomergeError(
-            f"cannot open the storage {masked(url)} ({masked(first_line(e))}); check the server and the user, "
-            "and give the password as ${VAR} in the URL, in PGPASSWORD or in a password file"
-        ) from None
+    except (
+        sqlalchemy.exc.ArgumentError,
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.DatabaseError,
+        ImportError,
+    ) as e:
+        raise storage_error(url, e) from None
 
 
 class RunStore(StudyAttributes):
@@ -87,10 +120,13 @@ class RunStore(StudyAttributes):
         if not record.get("study_ready"):
             raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        url = storage_url(run_dir, record)
+        if (record.get("config") or {}).get("storage"):
+            reachable(url)  # a shared database: its server and password, before the study
         try:
             # Readers never create tables: a reader that did, while a new
             # search was creating them, could make that search fail.
-            storage = optuna.storages.RDBStorage(connect_url(storage_url(run_dir, record)), skip_table_creation=True)
+            storage = optuna.storages.RDBStorage(connect_url(url), skip_table_creation=True)
             study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         except (KeyError, sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
             raise EvomergeError(f"run folder {run_dir} has no study yet; run the search first") from None

@@ -1,8 +1,10 @@
 """A run folder: its own database wherever it goes, stale trials marked, and
 refusals that write nothing (issue 17's run-folder cases)."""
 
+import os
 import random
 import shutil
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -168,13 +170,20 @@ SECRET = "S3cret-pw-4711"
 
 
 class PasswordSqlite(SQLiteDialect_pysqlite):
-    """SQLite behind a URL with a user and password (``sqlite+pwtest://user:pw@//path``),
-    which it ignores: a database that takes a password, without a server."""
+    """SQLite behind a URL with a user and password (``sqlite+pwtest://user:pw@//path``):
+    a database that wants its password, without a server. As PostgreSQL's
+    driver does, it takes the password from ``PGPASSWORD`` when the URL has none."""
 
     supports_statement_cache = True
 
     def create_connect_args(self, url):
+        self.password_given = url.password or os.environ.get("PGPASSWORD")
         return super().create_connect_args(URL.create(url.drivername, database=url.database, query=url.query))
+
+    def connect(self, *args, **kwargs):
+        if self.password_given != SECRET:
+            raise sqlite3.OperationalError("password authentication failed for user evomerge")
+        return super().connect(*args, **kwargs)
 
 
 registry.register("sqlite.pwtest", __name__, "PasswordSqlite")
@@ -198,13 +207,18 @@ def test_masked_hides_a_password_and_connect_url_fills_it_from_the_environment(m
 
 
 @pytest.mark.slow
-def test_a_password_in_the_storage_url_is_written_nowhere(experiment, tmp_path, capsys):
+def test_a_password_in_the_storage_url_is_written_nowhere(experiment, tmp_path, capsys, monkeypatch):
     storage = f"sqlite+pwtest://evomerge:{SECRET}@/{tmp_path / 'shared.db'}"
     config = write_config(experiment, "secret.yaml", budget={"trials": 2}, storage=storage)
     run_dir = tmp_path / "run"
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
     config = write_config(experiment, "secret.yaml", budget={"trials": 3}, storage=storage)
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0  # resumes
+    capsys.readouterr()
+    # run.yaml holds the URL masked: a reader needs the password from elsewhere, and says so.
+    err = _one_line(capsys, ["status", str(run_dir)], "cannot open the storage", "***", "PGPASSWORD")
+    assert SECRET not in err
+    monkeypatch.setenv("PGPASSWORD", SECRET)
     assert main(["status", str(run_dir)]) == 0
     out = tmp_path / "out"
     assert main(["export", str(run_dir), "--out", str(out / "best.yaml"), "--merge", str(out / "model")]) == 0
