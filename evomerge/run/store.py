@@ -59,6 +59,11 @@ def storage_error(url: str, error: Exception) -> EvomergeError:
     """The one line for a storage that cannot be opened, its password masked."""
     import sqlalchemy.exc
 
+    if isinstance(error, (sqlalchemy.exc.NoSuchModuleError, ImportError)):
+        return EvomergeError(
+            f"storage {masked(url)} needs a database driver that is not installed ({masked(first_line(error))}); "
+            "install it (psycopg[binary] for postgresql+psycopg) or fix the URL"
+        )
     if isinstance(error, sqlalchemy.exc.ArgumentError):
         return EvomergeError(
             f"storage {masked(url)} is not a database URL; write it as dialect+driver://user@host/database"

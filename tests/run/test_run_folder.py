@@ -262,3 +262,17 @@ def test_a_damaged_run_file_is_one_line_on_every_command_and_force_keeps_it_asid
     kept = sorted(p.name.split(".corrupt-")[0] for p in run_dir.iterdir() if ".corrupt-" in p.name)
     assert kept == ["run.yaml", "study.db"]
     assert len(RunStore.open(run_dir).trials("search")) == 3
+
+
+@pytest.mark.parametrize(
+    "storage, fragment",
+    [("notaurl", "not a database URL"), (f"mysql+nosuchdriver://u:{SECRET}@h/d", "not installed")],
+    ids=["not a URL", "no driver"],
+)
+def test_a_storage_that_cannot_be_opened_is_one_line_with_its_password_masked(
+    experiment, tmp_path, capsys, storage, fragment
+):
+    config = write_config(experiment, "bad_storage.yaml", storage=storage)
+    run_dir = tmp_path / "run"
+    err = _one_line(capsys, ["search", str(config), "--run-dir", str(run_dir), "--no-progress"], fragment)
+    assert SECRET not in err and not run_dir.exists()
