@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from evomerge.engine.devices import parse_devices, place
+from evomerge.engine.memory import budgets, choose, plan_memory
 from evomerge.engine.plan import FUSE_MIN_PARAMS, merge_tensor, open_sources, plan_merge, referenced
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
@@ -26,6 +27,14 @@ class InPlaceMerger:
     ``fuse`` runs the elementwise work through torch.compile (bit-identical;
     default: on for models of ``FUSE_MIN_PARAMS`` parameters or more).
 
+    ``memory`` is the strategy (see evomerge.engine.memory): ``cached``
+    keeps task vectors and magnitude orders across candidates, ``lean``
+    recomputes them per tensor (about experts + 2 model sizes), ``offload``
+    keeps the sources in host memory; ``auto`` (default) takes the fastest
+    that fits ``memory_budget`` (a fraction of each device's free memory,
+    default 0.9, or bytes). All give the same bits. ``strategy`` and
+    ``memory_plan`` say what was chosen and why.
+
     Every recipe given to ``apply`` must use the sources of the template
     recipe and produce the same tensor names and shapes.
     """
@@ -39,13 +48,22 @@ class InPlaceMerger:
         allow_outside: bool = False,
         model: torch.nn.Module | None = None,
         fuse: bool | None = None,
+        memory: str = "auto",
+        memory_budget: float | int | None = None,
+        also: list[Recipe] | None = None,
     ):
         self.devices = parse_devices(device)
         self.root = Path(root)
         self.sources = open_sources(template, root, allow_outside)
         plan = plan_merge(template, self.sources)
         self.config = plan.config
-        self._cache: dict = {}
+        # The memory plan, from the headers, before any tensor is read;
+        # ``also``: other recipes of the same layout the caches must hold
+        # (every method a search may pick).
+        others = [plan_merge(r, self.sources) for r in also or []]
+        self.memory_plan = plan_memory([plan, *others], self.devices)
+        self.strategy = choose(self.memory_plan, memory, budgets(self.devices, memory_budget))
+        self._cache: dict | None = {} if self.strategy == "cached" else None
         self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
         named = dict(self.model.named_parameters(remove_duplicate=False))
         named.update(dict(self.model.named_buffers()))
@@ -63,7 +81,12 @@ class InPlaceMerger:
                 key = (ref, name)
                 if key not in self._tensors:
                     where = self._targets[job.name].device
-                    self._tensors[key] = self.sources[ref].get(name).to(where, job.compute_dtype)
+                    if self.strategy == "offload" and where.type != "cpu":
+                        where = torch.device("cpu")  # copied to the device tensor by tensor
+                    tensor = self.sources[ref].get(name).to(where, job.compute_dtype)
+                    if where.type == "cpu" and self.strategy == "offload" and torch.cuda.is_available():
+                        tensor = tensor.pin_memory()
+                    self._tensors[key] = tensor
         written = {t.data_ptr() for t in self._targets.values()}
         unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
         if unwritten:
@@ -110,7 +133,10 @@ class InPlaceMerger:
             )
         for job in plan.jobs:
             target = self._targets[job.name]
-            merge_tensor(job, plan.method, self._load, recipe.seed, target.device, self._cache, True, self.fuse, target)
+            cached = self._cache is not None
+            merge_tensor(
+                job, plan.method, self._load, recipe.seed, target.device, self._cache, cached, self.fuse, target
+            )
         return self.model
 
 

@@ -340,6 +340,9 @@ class RouteMerger:
         device: str | None = None,
         allow_outside: bool = False,
         max_depth: int | None = None,
+        memory: str = "auto",
+        memory_budget: float | int | None = None,
+        also: list[Recipe] | None = None,
     ):
         self.root = Path(root)
         self.devices = parse_devices(device)
@@ -347,8 +350,15 @@ class RouteMerger:
         self._merged: str | None = None  # fingerprint of the merge the live model holds
         pool: dict[str, nn.Module] = {}
         if template is not None and template.method is not None:
+            merges = [r.merge_part() for r in also or [] if r.method is not None]
             self.merger = InPlaceMerger(
-                template.merge_part(), root=self.root, device=self.devices, allow_outside=allow_outside
+                template.merge_part(),
+                root=self.root,
+                device=self.devices,
+                allow_outside=allow_outside,
+                memory=memory,
+                memory_budget=memory_budget,
+                also=merges,
             )
             pool[MERGED] = self.merger.model
         if routed is None:

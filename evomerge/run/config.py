@@ -40,6 +40,23 @@ class Budget(Strict):
         return v
 
 
+class MemorySettings(Strict):
+    """How the in-place merger holds the sources (evomerge.engine.memory):
+    ``auto`` takes the fastest strategy that fits ``budget`` (a fraction of
+    each device's free memory, at most 1, or bytes; default 0.9); ``cached``,
+    ``lean`` and ``offload`` force one. Every strategy gives the same bits."""
+
+    strategy: Literal["auto", "cached", "lean", "offload"] = "auto"
+    budget: float | None = None
+
+    @field_validator("budget")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and not v > 0:
+            raise ValueError("give a fraction in (0, 1] of the free memory, or bytes")
+        return v
+
+
 class ExecutorSettings(Strict):
     """Where candidates are scored: ``local`` (in process) or ``ray``.
 
@@ -186,6 +203,7 @@ class SearchConfig(Strict):
     driver: AnyDriverSettings = Field(default_factory=driver_settings)
     storage: str | None = None  # an Optuna RDB URL; default: SQLite in the run folder
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
@@ -194,6 +212,11 @@ class SearchConfig(Strict):
     # A fixed merge recipe (e.g. a previous run's exported best) that is the
     # routing source ``merge`` of a hybrid run; its paths are relative to it.
     merge: str | None = None
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_shorthand(cls, v):
+        return {"strategy": v} if isinstance(v, str) else v  # memory: lean
 
     @field_validator("models")
     @classmethod
@@ -205,7 +228,7 @@ class SearchConfig(Strict):
     def fingerprint(self) -> str:
         # Selection and early stopping decide how candidates are scored and
         # chosen, not what is searched: a run may change them and continue.
-        exclude = {"budget", "storage", "device", "executor", "select", "early_stop"}
+        exclude = {"budget", "storage", "device", "executor", "select", "early_stop", "memory"}
         data = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -134,6 +134,46 @@ class Run:
         sources = [Source(model=r, parameters={"weight": 1.0}) for r in self.refs]
         return Recipe(method="linear", sources=sources, dtype=self.space.dtype)
 
+    def _in_place_merger(self):
+        """The local worker's in-place merger (a routing run's parameter-space one), if any."""
+        merger = getattr(self.worker, "merger", None)
+        merger = getattr(merger, "merger", merger)  # a RouteMerger holds one, or None
+        return merger if hasattr(merger, "memory_plan") else None
+
+    def memory_record(self) -> dict[str, Any] | None:
+        """The memory strategy chosen and its planned bytes per device (for run.yaml)."""
+        merger = self._in_place_merger()
+        if merger is None:
+            return None
+        need = merger.memory_plan.need(merger.strategy)
+        return {"strategy": merger.strategy, "asked": self.cfg.memory.strategy, "planned_bytes": need}
+
+    def memory_line(self) -> str | None:
+        """One line at the start: the strategy, how it was chosen, and its plan."""
+        merger = self._in_place_merger()
+        if merger is None:
+            return None
+        how = "chosen by memory: auto" if self.cfg.memory.strategy == "auto" else "as the config asks"
+        return f"memory: {merger.memory_plan.describe(merger.strategy)}, {how}"
+
+    def _memory_recipes(self) -> list[Recipe]:
+        """What the merger's memory plan must hold besides the template: the
+        default merges and the space's first candidate (their caches)."""
+        from evomerge.fitness.baselines import plain_baselines
+        from evomerge.search.genes import bin_centre
+
+        out = []
+        if not self.routing:
+            common = {"dtype": self.space.dtype, "seed": self.cfg.seed}
+            out += [r for _, r in plain_baselines(self.cfg.base_model, self.cfg.models, common)]
+        k = len(self.space.methods)
+        for i in range(k):  # one candidate per method of a choice (its gene is the first, in k bins)
+            x = self.space.x0()
+            if k > 1:
+                x[0] = bin_centre(i, k)
+            out.append(self.space.decode(x))
+        return out
+
     def _build_workers(self, allow_outside: bool, allow_test_sets: bool) -> None:
         """The worker spec; the local worker (the local executor's), or, for
         Ray, the evaluators' checks and the sources' sha256 here and now."""
@@ -150,6 +190,7 @@ class Run:
             routed=self.refs if self.routing else None,
             max_depth=self.space.max_depth if self.routing else None,
             device=cfg.device,
+            also=[r.model_dump(mode="json", exclude_none=True) for r in self._memory_recipes()],
             allow_outside=allow_outside,
             allow_test_sets=allow_test_sets,
         )
@@ -176,6 +217,9 @@ class Run:
             "storage": config["storage"] or OWN_STORAGE,
             "config": config,
         }
+        memory = self.memory_record()
+        if memory is not None:
+            record["memory"] = memory
         multi = self.cfg.driver.name == "nsga2"
         return RunStore.create(
             self.run_dir,

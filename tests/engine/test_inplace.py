@@ -478,3 +478,63 @@ def test_a_template_the_live_model_cannot_hold_is_refused(llama):
     )
     with pytest.raises(EvomergeError, match="live model"):
         InPlaceMerger(r, allow_outside=True, model=wrong)
+
+
+# -- memory strategies (evomerge.engine.memory) ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_memory_strategy_gives_the_same_bits(llama, method, dtype, disk):
+    r = recipe(method, llama).model_copy(update={"dtype": dtype})
+    expected = disk(r)
+    for strategy in ("cached", "lean", "offload"):
+        merger = InPlaceMerger(r, allow_outside=True, memory=strategy)
+        assert merger.strategy == strategy
+        assert_model_equals(merger.apply(r), expected)
+        assert_model_equals(merger.apply(r), expected)  # and again, from whatever the first left
+        assert (merger._cache is not None) == (strategy == "cached")
+
+
+def _cache_bytes(cache) -> int:
+    def size(value):
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(size(v) for v in value) if isinstance(value, (tuple, list)) else 0
+
+    return sum(size(v) for v in cache.values())
+
+
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "della", "task_arithmetic", "breadcrumbs_ties", "sce", "slerp"]
+)
+def test_the_memory_plan_predicts_what_the_merger_holds(llama, method):
+    r = recipe(method, llama)
+    merger = InPlaceMerger(r, allow_outside=True, memory="cached")
+    merger.apply(r)
+    (part,) = merger.memory_plan.parts
+    live = sum(p.numel() * p.element_size() for p in merger.model.parameters())
+    assert part.live >= live  # a tied head is planned twice, held once
+    assert part.sources == sum(t.numel() * t.element_size() for t in merger._tensors.values())
+    held = _cache_bytes(merger._cache)
+    assert abs(part.cache - held) <= 0.01 * max(held, 1), (part.cache, held)
+    lean, cached = merger.memory_plan.need("lean")[0], merger.memory_plan.need("cached")[0]
+    assert cached - lean == part.cache
+
+
+def test_auto_takes_the_fastest_strategy_that_fits_and_refuses_when_none_does(llama):
+    r = recipe("ties", llama)
+    plan = InPlaceMerger(r, allow_outside=True, memory="lean").memory_plan
+    lean, cached = plan.need("lean")[0], plan.need("cached")[0]
+    assert cached > 2 * lean - plan.parts[0].live  # TIES's orders and ranks outweigh the sources
+    assert InPlaceMerger(r, allow_outside=True, memory_budget=cached).strategy == "cached"
+    assert InPlaceMerger(r, allow_outside=True, memory_budget=cached - 1).strategy == "lean"
+    with pytest.raises(EvomergeError) as e:
+        InPlaceMerger(r, allow_outside=True, memory_budget=lean - 1)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and "does not fit" in message and "GB" in message
+    assert "memory budget" in message and "model sizes" in message
+    with pytest.raises(EvomergeError, match="memory: auto"):
+        InPlaceMerger(r, allow_outside=True, memory="cached", memory_budget=cached - 1)
+    with pytest.raises(EvomergeError, match="unknown"):
+        InPlaceMerger(r, allow_outside=True, memory="tiny")

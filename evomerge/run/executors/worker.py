@@ -64,6 +64,9 @@ class WorkerSpec:
     allow_outside: bool = False
     allow_test_sets: bool = False
     sha256: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Recipes the merger's memory plan must hold besides the template (the
+    # baselines, the space's first candidate): their methods' caches.
+    also: list[dict[str, Any]] = field(default_factory=list)
 
 
 def source_digests(refs: list[str], root: Path, allow_outside: bool) -> dict[str, dict[str, str]]:
@@ -134,6 +137,11 @@ class Worker:
         self.cfg, self.dev, self.heldout, self.select = build_evaluators(spec, device)
         template = Recipe.model_validate(spec.template) if spec.template is not None else None
         root = Path(spec.root)
+        memory = {
+            "memory": self.cfg.memory.strategy,
+            "memory_budget": self.cfg.memory.budget,
+            "also": [Recipe.model_validate(r) for r in spec.also],
+        }
         if spec.routed is not None:
             from evomerge.engine.routing import RouteMerger
 
@@ -144,11 +152,12 @@ class Worker:
                 device=device,
                 allow_outside=spec.allow_outside,
                 max_depth=spec.max_depth,
+                **memory,
             )
         else:
             from evomerge.engine.merge import InPlaceMerger
 
-            self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside)
+            self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside, **memory)
 
     def score(self, recipe: Recipe | dict, job: Job | str = "dev") -> Score:
         """Merge ``recipe`` into the live model and score it as ``job`` says.

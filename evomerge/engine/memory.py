@@ -1,0 +1,232 @@
+"""The memory plan of an in-place merger: what each strategy keeps resident,
+per device, computed from the safetensors headers before any tensor is read.
+
+Strategies (:data:`STRATEGIES`):
+
+- ``cached``: the live model, every source tensor in the compute dtype, and
+  what the methods cache across candidates (task vectors, magnitude orders
+  and ranks, SCE's spread): the fastest per candidate.
+- ``lean``: the live model and the sources only; the caches are recomputed
+  per tensor per candidate (the same arithmetic as a merge to disk, so the
+  same bits). About (experts + 2) model sizes.
+- ``offload``: on a GPU, the sources stay in (pinned) host memory and each
+  tensor's inputs are copied to the device as it is merged: the device holds
+  the live model and one tensor's worth of temporaries. On a CPU it is lean.
+
+``auto`` picks the first of cached, lean, offload that fits the budget
+(default: 90% of each device's free memory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from evomerge.engine.devices import plan_layers
+from evomerge.engine.methods.base import TensorInputs
+from evomerge.errors import EvomergeError
+
+STRATEGIES = ("cached", "lean", "offload")
+MODES = ("auto", *STRATEGIES)
+DEFAULT_BUDGET = 0.9  # of each device's free memory
+SAMPLE = (24, 40)  # the small tensor a method's caches are measured on
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class DeviceBytes:
+    """What one device holds, by kind, in bytes."""
+
+    live: int = 0  # the live model's parameters
+    sources: int = 0  # every source tensor, in the compute dtype
+    cache: int = 0  # what the cached strategy keeps besides
+    temporaries: int = 0  # one tensor's merge at a time: inputs, task vectors, masks
+
+
+@dataclass
+class MemoryPlan:
+    """Resident bytes per strategy, per device; ``host`` is what offload keeps in host memory."""
+
+    devices: list[torch.device]
+    parts: list[DeviceBytes]
+    host: int = 0
+    model_bytes: int = 0  # the live model, for "model sizes"
+    free: list[int] = field(default_factory=list)  # per device, when measured
+
+    def need(self, strategy: str) -> list[int]:
+        """Bytes per device that ``strategy`` keeps resident (peaks included)."""
+        out = []
+        for device, part in zip(self.devices, self.parts):
+            if strategy == "cached":
+                out.append(part.live + part.sources + part.cache + part.temporaries)
+            elif strategy == "lean" or device.type == "cpu":
+                out.append(part.live + part.sources + part.temporaries)
+            else:  # offload on an accelerator
+                out.append(part.live + part.temporaries)
+        return out
+
+    def fits(self, strategy: str, budgets: list[int]) -> bool:
+        return all(need <= budget for need, budget in zip(self.need(strategy), budgets))
+
+    def describe(self, strategy: str) -> str:
+        """One line: the strategy, its bytes per device, in GB and model sizes."""
+        needs = self.need(strategy)
+        where = ", ".join(f"{_gb(n)} on {d}" for n, d in zip(needs, self.devices))
+        sizes = sum(needs) / self.model_bytes if self.model_bytes else 0.0
+        host = f"; {_gb(self.host)} in host memory" if strategy == "offload" and self.host and self._gpu() else ""
+        return f"{strategy}: {where} ({sizes:.1f} model sizes){host}"
+
+    def _gpu(self) -> bool:
+        return any(d.type != "cpu" for d in self.devices)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def cache_bytes_per_element(merges, seed: int = 0) -> float:
+    """What the methods cache per element of one output tensor, measured on
+    a small sample. ``merges``: (method, job) pairs for that tensor, one per
+    recipe; all run into one cache, keyed by their inputs, so what they
+    share (task vectors) is counted once."""
+    g = torch.Generator().manual_seed(seed)
+    shape = SAMPLE if len(merges[0][1].shape) >= 2 else (SAMPLE[0] * SAMPLE[1],)
+    samples: dict = {}
+    cache: dict = {}
+    for method, job in merges:
+        for key in job.inputs:
+            if (key, job.compute_dtype) not in samples:
+                samples[(key, job.compute_dtype)] = torch.randn(shape, generator=g).to(job.compute_dtype)
+        tensors = [samples[(key, job.compute_dtype)] for key in job.inputs]
+        x = TensorInputs(job.name, tensors, job.base_index, seed, cache, job.inputs, resident=True)
+        method.fn(x, job.params)
+    return sum(_nbytes(v) for v in cache.values()) / _numel(shape)
+
+
+def layer_devices(jobs, n_devices: int) -> dict[str, int]:
+    """The device index of each output tensor, as the live model is split
+    (layers in contiguous runs of about equal size; the rest on the first)."""
+    if n_devices == 1:
+        return {j.name: 0 for j in jobs}
+    layer_of = {j.name: int(m.group(1)) if (m := _LAYER.search(j.name)) else None for j in jobs}
+    layers = sorted({i for i in layer_of.values() if i is not None})
+    sizes = {i: 0 for i in layers}
+    ends = 0
+    for j in jobs:
+        if layer_of[j.name] is None:
+            ends += j.nbytes
+        else:
+            sizes[layer_of[j.name]] += j.nbytes
+    index = dict(zip(layers, plan_layers([sizes[i] for i in layers], ends, n_devices)))
+    return {j.name: 0 if layer_of[j.name] is None else index[layer_of[j.name]] for j in jobs}
+
+
+def plan_memory(plans, devices: list[torch.device]) -> MemoryPlan:
+    """The memory plan of merging ``plans`` (``MergePlan``\\ s of one layout:
+    the template, or every method a search may pick) in place on ``devices``."""
+    first = plans[0]
+    names = [j.name for j in first.jobs]
+    plans = [p for p in plans if [j.name for j in p.jobs] == names]  # the template's layout only
+    where = layer_devices(first.jobs, len(devices))
+    parts = [DeviceBytes() for _ in devices]
+    seen: set[tuple[str, str]] = set()
+    host = 0
+    factors: dict[tuple, float] = {}
+    for i, job in enumerate(first.jobs):
+        part = parts[where[job.name]]
+        numel = _numel(job.shape)
+        size = job.compute_dtype.itemsize
+        part.live += job.nbytes
+        fresh = [key for key in job.inputs if key not in seen]
+        seen.update(fresh)
+        part.sources += len(fresh) * numel * size
+        host += len(fresh) * numel * size
+        merges = [(p.method, p.jobs[i]) for p in plans]
+        key = (
+            len(job.shape) >= 2,
+            repr([(m.name, j.inputs, j.base_index, j.compute_dtype, j.params) for m, j in merges]),
+        )
+        if key not in factors:
+            factors[key] = cache_bytes_per_element(merges)
+        part.cache += int(factors[key] * numel)
+        # One tensor at a time: its inputs moved or cast, a task vector and a
+        # mask or two per input, and the result.
+        part.temporaries = max(part.temporaries, (2 * len(job.inputs) + 3) * numel * size)
+    return MemoryPlan(devices, parts, host, sum(j.nbytes for j in first.jobs))
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: the GPU's free bytes, or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def budgets(devices: list[torch.device], budget: float | int | None) -> list[int]:
+    """Bytes each device may hold: ``budget`` as a fraction (at most 1) of its
+    free memory, or as bytes; default 90% of the free memory."""
+    budget = DEFAULT_BUDGET if budget is None else budget
+    if budget <= 0:
+        raise EvomergeError(f"memory budget {budget} is not positive; give a fraction in (0, 1] or bytes")
+    if budget <= 1:
+        return [int(budget * free_bytes(d)) for d in devices]
+    return [int(budget)] * len(devices)
+
+
+def choose(plan: MemoryPlan, mode: str, limits: list[int]) -> str:
+    """The strategy ``mode`` stands for under ``limits`` (bytes per device);
+    one line naming the numbers and the fix when none fits."""
+    if mode not in MODES:
+        raise EvomergeError(f"memory strategy {mode!r} is unknown; use one of {', '.join(MODES)}")
+    tried = STRATEGIES if mode == "auto" else (mode,)
+    for strategy in tried:
+        if plan.fits(strategy, limits):
+            return strategy
+    budget = ", ".join(f"{_gb(b)} on {d}" for b, d in zip(limits, plan.devices))
+    leanest = plan.describe("offload" if plan._gpu() else "lean")
+    fixes = "more devices (device: cuda:all), a smaller dtype, fewer experts"
+    if mode != "auto":
+        fixes = "memory: auto, " + fixes
+    raise EvomergeError(
+        f"the in-place merge does not fit: {plan.describe(tried[-1])} against a budget of {budget} "
+        f"(leanest: {leanest}); use {fixes}, or raise the memory budget"
+    )
+
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "MODES",
+    "STRATEGIES",
+    "MemoryPlan",
+    "budgets",
+    "cache_bytes_per_element",
+    "choose",
+    "free_bytes",
+    "plan_memory",
+]
