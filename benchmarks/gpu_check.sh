@@ -6,16 +6,21 @@
 # with .whl carried:
 #   benchmarks/gpu_check.sh OUT_DIR
 # It installs the wheels into /tmp/site (when .whl/ is there), then
-#   1. runs tests/test_devices.py: one model split over a GPU and the CPU
-#      (and over two GPUs where there are two), checked against one device;
+#   1. runs tests/engine/test_devices.py: one model split over a GPU and the
+#      CPU (and over two GPUs where there are two), checked against one device;
+#   1b. a 7B-shaped search step (benchmarks/gpu_memory.py): a random Llama of
+#      32 layers, hidden 4096, GQA 32/8, bfloat16, and three seeded
+#      fine-tunes made on the GPU, then 5 TIES and 5 DARE-TIES candidates in
+#      place with memory: auto (the strategy, peak GPU memory, s/candidate);
 #   2. times the in-place merger on the GPU (benchmarks/merge_speed.py,
 #      in place only: no mergekit there) against the GPU's copy bandwidth;
 #   3. times the merge-and-evaluate loop, a search on the GPU
 #      (benchmarks/search_throughput.py --no-loop: evomerge alone), on models
 #      shaped like SmolLM2-135M and -360M.
 # Logs and JSON go to OUT_DIR. MERGE_SIZES, LOOP_SIZES and LARGE_TRIALS
-# override the sizes and the large models' candidates (e.g. for a dry run on
-# a CPU: MERGE_SIZES=tiny LOOP_SIZES=tiny,135m LARGE_TRIALS=3).
+# override the sizes and the large models' candidates, MEMORY_SHAPE the 7B
+# step's shape (e.g. for a dry run on a CPU: MERGE_SIZES=tiny
+# LOOP_SIZES=tiny,135m LARGE_TRIALS=3 MEMORY_SHAPE=small).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?give the folder the results go to}
@@ -41,7 +46,9 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure
   tail -n 8 "$OUT/$name.log"
   echo "   $((SECONDS - t0)) s"
 }
-step tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py -rs
+step tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/engine/test_devices.py -rs
+step memory_7b "$PYTHON" benchmarks/gpu_memory.py --shape "${MEMORY_SHAPE:-7b}" --candidates 5 \
+  --json "$OUT/gpu_memory.json"
 step merge_speed "$PYTHON" benchmarks/merge_speed.py --sizes "${MERGE_SIZES:-tiny,large,large-bf16}" --repeats 0 \
   --candidates 10 --workdir /tmp/evomerge-bench --json "$OUT/merge_speed.json"
 step search_throughput "$PYTHON" benchmarks/search_throughput.py --sizes "${LOOP_SIZES:-tiny,135m,360m}" --no-loop \

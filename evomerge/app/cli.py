@@ -46,6 +46,56 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_search_config(path: Path) -> bool:
+    """Whether a YAML file is a search config (it has a space or an eval section), not a recipe."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False  # the recipe reader says what is wrong with it
+    return isinstance(data, dict) and ("space" in data or "eval" in data)
+
+
+def _budget(text: str) -> float:
+    """A memory budget: a fraction of the free memory (0.8) or a size (70GB)."""
+    from evomerge.engine.memory import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from evomerge.engine.devices import parse_devices
+    from evomerge.engine.memory import budgets, choose, recipe_plan
+    from evomerge.engine.recipe import load_recipe
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise EvomergeError(f"{path} does not exist; give a recipe or a search config")
+    if _is_search_config(path):
+        from evomerge.run.run import Run
+
+        plan, memory = Run.memory_plan(path, device=args.device, allow_outside_paths=args.allow_outside_paths)
+        mode, budget = memory.strategy, memory.budget
+        what = f"search config {path}"
+    else:
+        recipe = load_recipe(path)
+        plan = recipe_plan(recipe, path.parent, parse_devices(args.device), args.allow_outside_paths)
+        mode, budget, what = "auto", None, f"recipe {path} ({recipe.method})"
+    mode = args.memory or mode
+    budget = args.memory_budget if args.memory_budget is not None else budget
+    limits = budgets(plan.devices, budget)
+    print(f"memory plan of {what}, in place: the live model is {plan.model_bytes / 1e9:.2f} GB")
+    print(plan.table(limits))
+    strategy = choose(plan, mode, limits)  # one line and exit 2 when it does not fit
+    how = "memory: auto takes" if mode == "auto" else "the config asks for" if not args.memory else "--memory asks for"
+    print(f"{how} {plan.describe(strategy)}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from evomerge.engine.methods import METHODS
 
@@ -200,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="runs/demo", help="where demo models and outputs go")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser(
+        "plan", help="the memory an in-place merge (a recipe, or a search config's candidates) needs, per strategy"
+    )
+    pl.add_argument("file", help="a recipe (evomerge or mergekit YAML) or a search config")
+    pl.add_argument("--device", help="cpu, cuda, cuda:0,cuda:1 or cuda:all (default: the config's, or the first GPU)")
+    pl.add_argument("--memory", choices=["auto", "cached", "lean", "offload"], help="strategy (default: the config's)")
+    pl.add_argument(
+        "--memory-budget", type=_budget, help="a fraction of each device's free memory (0.8) or a size (70GB)"
+    )
+    pl.add_argument("--allow-outside-paths", action="store_true", help="let model paths leave the file's folder")
+    pl.set_defaults(func=cmd_plan)
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")
     ls.set_defaults(func=cmd_methods)

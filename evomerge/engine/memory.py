@@ -82,9 +82,28 @@ class MemoryPlan:
     def _gpu(self) -> bool:
         return any(d.type != "cpu" for d in self.devices)
 
+    def table(self, limits: list[int], mode: str = "auto") -> str:
+        """Every strategy's bytes per device against ``limits``, and what ``mode`` takes."""
+        width = max(12, *(len(str(d)) + 3 for d in self.devices))
+        head = "strategy  " + "".join(f"{str(d):>{width}}" for d in self.devices) + "  model sizes  fits"
+        rows = [head, "budget    " + "".join(f"{_gb(b):>{width}}" for b in limits)]
+        for strategy in STRATEGIES:
+            needs = self.need(strategy)
+            sizes = sum(needs) / self.model_bytes if self.model_bytes else 0.0
+            note = "" if strategy != "offload" or self._gpu() else "  (on a CPU, offload is lean)"
+            fits = "yes" if self.fits(strategy, limits) else "no"
+            cells = "".join(f"{_gb(n):>{width}}" for n in needs)
+            rows.append(f"{strategy:<10}{cells}  {sizes:>11.1f}  {fits:<4}{note}")
+        if self.host and self._gpu():
+            rows.append(f"offload also keeps {_gb(self.host)} of sources in host memory")
+        return "\n".join(rows)
+
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """Bytes for people: GB (10^9) with two decimals, MB or kB below one GB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _numel(shape) -> int:
@@ -173,6 +192,13 @@ def plan_memory(plans, devices: list[torch.device]) -> MemoryPlan:
     return MemoryPlan(devices, parts, host, sum(j.nbytes for j in first.jobs))
 
 
+def recipe_plan(recipe, root, devices: list[torch.device], allow_outside: bool = False) -> MemoryPlan:
+    """The memory plan of merging ``recipe`` in place (its headers only)."""
+    from evomerge.engine.plan import open_sources, plan_merge
+
+    return plan_memory([plan_merge(recipe, open_sources(recipe, root, allow_outside))], devices)
+
+
 def free_bytes(device: torch.device) -> int:
     """Free memory on ``device``: the GPU's free bytes, or the host's available memory."""
     if device.type == "cuda":
@@ -186,6 +212,28 @@ def free_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_budget(value) -> float:
+    """A memory budget: a fraction of the free memory (``0.8``), bytes, or a
+    size (``70GB``: 10^9 bytes a GB; ``64GiB``: 2^30)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        try:
+            number = float(digits) * _UNITS[text[len(digits) :]]
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"{value!r} is not a memory budget; give a fraction such as 0.8 or a size such as 70GB"
+            ) from None
+    if not number > 0:
+        raise ValueError(f"{value!r} is not positive; give a fraction such as 0.8 or a size such as 70GB")
+    return number
 
 
 def budgets(devices: list[torch.device], budget: float | int | None) -> list[int]:
@@ -209,13 +257,17 @@ def choose(plan: MemoryPlan, mode: str, limits: list[int]) -> str:
         if plan.fits(strategy, limits):
             return strategy
     budget = ", ".join(f"{_gb(b)} on {d}" for b, d in zip(limits, plan.devices))
-    leanest = plan.describe("offload" if plan._gpu() else "lean")
-    fixes = "more devices (device: cuda:all), a smaller dtype, fewer experts"
-    if mode != "auto":
-        fixes = "memory: auto, " + fixes
+    leanest = "offload" if plan._gpu() else "lean"  # on a CPU, offload is lean
+    if mode == "auto":
+        need, fixes = f"even {plan.describe(leanest)}", ""
+    else:
+        need = plan.describe(mode)
+        fixes = "memory: auto, " if plan.fits(leanest, limits) else ""
+        if mode != leanest:
+            need += f" (leanest: {plan.describe(leanest)})"
     raise EvomergeError(
-        f"the in-place merge does not fit: {plan.describe(tried[-1])} against a budget of {budget} "
-        f"(leanest: {leanest}); use {fixes}, or raise the memory budget"
+        f"the in-place merge does not fit: {need} against a budget of {budget}; "
+        f"use {fixes}more devices (device: cuda:all), a smaller dtype or fewer experts, or raise the memory budget"
     )
 
 
@@ -228,5 +280,7 @@ __all__ = [
     "cache_bytes_per_element",
     "choose",
     "free_bytes",
+    "parse_budget",
     "plan_memory",
+    "recipe_plan",
 ]

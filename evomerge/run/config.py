@@ -47,14 +47,14 @@ class MemorySettings(Strict):
     ``lean`` and ``offload`` force one. Every strategy gives the same bits."""
 
     strategy: Literal["auto", "cached", "lean", "offload"] = "auto"
-    budget: float | None = None
+    budget: float | None = None  # written as 0.8, 70000000000 or 70GB
 
-    @field_validator("budget")
+    @field_validator("budget", mode="before")
     @classmethod
-    def _positive(cls, v):
-        if v is not None and not v > 0:
-            raise ValueError("give a fraction in (0, 1] of the free memory, or bytes")
-        return v
+    def _budget(cls, v):
+        from evomerge.engine.memory import parse_budget
+
+        return None if v is None else parse_budget(v)
 
 
 class ExecutorSettings(Strict):

@@ -134,27 +134,13 @@ class Run:
         sources = [Source(model=r, parameters={"weight": 1.0}) for r in self.refs]
         return Recipe(method="linear", sources=sources, dtype=self.space.dtype)
 
-    def _in_place_merger(self):
-        """The local worker's in-place merger (a routing run's parameter-space one), if any."""
-        merger = getattr(self.worker, "merger", None)
-        merger = getattr(merger, "merger", merger)  # a RouteMerger holds one, or None
-        return merger if hasattr(merger, "memory_plan") else None
-
     def memory_record(self) -> dict[str, Any] | None:
-        """The memory strategy chosen and its planned bytes per device (for run.yaml)."""
-        merger = self._in_place_merger()
-        if merger is None:
-            return None
-        need = merger.memory_plan.need(merger.strategy)
-        return {"strategy": merger.strategy, "asked": self.cfg.memory.strategy, "planned_bytes": need}
+        """The local worker's memory strategy and plan (for run.yaml; Ray workers log theirs)."""
+        return self.worker.memory_record() if self.worker is not None else None
 
     def memory_line(self) -> str | None:
-        """One line at the start: the strategy, how it was chosen, and its plan."""
-        merger = self._in_place_merger()
-        if merger is None:
-            return None
-        how = "chosen by memory: auto" if self.cfg.memory.strategy == "auto" else "as the config asks"
-        return f"memory: {merger.memory_plan.describe(merger.strategy)}, {how}"
+        """The local worker's memory line, printed at start."""
+        return self.worker.memory_line() if self.worker is not None else None
 
     def _memory_recipes(self) -> list[Recipe]:
         """What the merger's memory plan must hold besides the template: the
@@ -173,6 +159,31 @@ class Run:
                 x[0] = bin_centre(i, k)
             out.append(self.space.decode(x))
         return out
+
+    @classmethod
+    def memory_plan(cls, config_path: str | Path, device: str | None = None, allow_outside_paths: bool = False):
+        """The memory plan of a search's in-place merger (``evomerge plan``):
+        the space and the recipes it holds, from the headers alone; nothing
+        is loaded and no run folder is touched. Returns the plan and the
+        config's memory settings."""
+        from evomerge.engine.devices import parse_devices
+        from evomerge.engine.memory import plan_memory
+        from evomerge.engine.merge import open_sources, plan_merge
+
+        run = cls.__new__(cls)  # the assembly's first half only: no workers, no store
+        run.config_path = Path(config_path)
+        run.cfg, run.root = load_config(config_path)
+        run._build_space(allow_outside_paths)
+        template = run._template()
+        if template is None or template.method is None:
+            raise EvomergeError(
+                f"search config {config_path} routes sources of different depths: nothing is merged in place, "
+                "so there is no memory plan; run the search"
+            )
+        recipes = [r.merge_part() for r in [template, *run._memory_recipes()] if r.method is not None]
+        sources = open_sources(recipes[0], run.root, allow_outside_paths)
+        plans = [plan_merge(r, sources) for r in recipes]
+        return plan_memory(plans, parse_devices(device or run.cfg.device)), run.cfg.memory
 
     def _build_workers(self, allow_outside: bool, allow_test_sets: bool) -> None:
         """The worker spec; the local worker (the local executor's), or, for

@@ -40,3 +40,49 @@ def test_a_plan_that_cannot_fit_is_refused_before_anything_is_written(experiment
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not fit" in err and "memory budget" in err, err
     assert not run_dir.exists()
+
+
+def test_a_budget_is_a_fraction_bytes_or_a_size(experiment):
+    base = yaml.safe_load(write_config(experiment, "b.yaml").read_text())
+
+    def budget(value):
+        return SearchConfig.model_validate({**base, "memory": {"budget": value}}).memory.budget
+
+    assert (budget(0.8), budget(5e9), budget("70GB"), budget("2GiB")) == (0.8, 5e9, 70e9, 2 * 2**30)
+    for bad in ("lots", 0, "-3GB"):
+        with pytest.raises(Exception, match="budget|positive"):
+            budget(bad)
+
+
+def test_plan_prints_every_strategy_and_what_the_config_would_take(experiment, capsys):
+    config = write_config(experiment, "plan.yaml", memory="lean")
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out if line.split() and line.split()[0] in ("cached", "lean", "offload")}
+    assert set(rows) == {"cached", "lean", "offload"} and all(" yes" in row for row in rows.values())
+    assert "(on a CPU, offload is lean)" in rows["offload"]
+    assert out[-1].startswith("the config asks for lean: ")
+
+    def sizes(row):  # the plan, in model sizes
+        return float(row.split()[3])
+
+    assert sizes(rows["cached"]) > sizes(rows["lean"]) == sizes(rows["offload"])  # ties caches its magnitude orders
+    assert main(["plan", str(config), "--memory", "auto"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("memory: auto takes cached: ")
+
+
+def test_plan_refuses_in_one_line_when_nothing_fits_and_reads_recipes_too(experiment, tmp_path, capsys):
+    config = write_config(experiment, "plan.yaml")
+    assert main(["plan", str(config), "--memory-budget", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit" in err and "kB on cpu" in err, err
+    data = yaml.safe_load(config.read_text())
+    models = [str((config.parent / m).resolve()) for m in data["models"]]
+    base = str((config.parent / data["base_model"]).resolve())
+    recipe = tmp_path / "recipe.yaml"
+    sources = [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in models]
+    recipe.write_text(yaml.safe_dump({"method": "ties", "base_model": base, "sources": [{"model": base}, *sources]}))
+    assert main(["plan", str(recipe), "--allow-outside-paths"]) == 0
+    assert "recipe" in capsys.readouterr().out
+    assert main(["plan", str(recipe)]) == 2  # its models lie outside its folder
+    assert main(["plan", str(tmp_path / "none.yaml")]) == 2

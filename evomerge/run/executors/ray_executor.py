@@ -74,6 +74,7 @@ class _Actor:
             "pid": os.getpid(),
             "gpus": [str(g) for g in ray.get_gpu_ids()],
             "devices": [str(d) for d in self.worker.merger.devices] if self.worker else [],
+            "memory": self.worker.memory_line() if self.worker else None,
         }
 
     def score(self, recipe: dict, job) -> tuple[Score, tuple[float, float]]:
@@ -216,6 +217,8 @@ class RayExecutor(Executor):
         self.info = infos
         where = "; ".join(f"{i} on {x['host']} ({','.join(x['devices'])})" for i, x in enumerate(infos))
         self.log(f"{count} Ray worker{'s' if count != 1 else ''} ready: {where}")
+        for line in sorted({x["memory"] for x in infos if x.get("memory")}):
+            self.log(f"Ray workers' {line}")
 
     def _new_actor(self, index: int):
         ray = self.ray

@@ -159,6 +159,27 @@ class Worker:
 
             self.merger = InPlaceMerger(template, root=root, device=device, allow_outside=spec.allow_outside, **memory)
 
+    def _in_place(self):
+        """The in-place merger (a routing run's parameter-space one), if any."""
+        merger = getattr(self.merger, "merger", self.merger)  # a RouteMerger holds one, or None
+        return merger if hasattr(merger, "memory_plan") else None
+
+    def memory_record(self) -> dict[str, Any] | None:
+        """The memory strategy chosen and its planned bytes per device (for run.yaml)."""
+        merger = self._in_place()
+        if merger is None:
+            return None
+        need = merger.memory_plan.need(merger.strategy)
+        return {"strategy": merger.strategy, "asked": self.cfg.memory.strategy, "planned_bytes": need}
+
+    def memory_line(self) -> str | None:
+        """One line: the strategy, how it was chosen, and its plan."""
+        merger = self._in_place()
+        if merger is None:
+            return None
+        how = "chosen by memory: auto" if self.cfg.memory.strategy == "auto" else "as the config asks"
+        return f"memory: {merger.memory_plan.describe(merger.strategy)}, {how}"
+
     def score(self, recipe: Recipe | dict, job: Job | str = "dev") -> Score:
         """Merge ``recipe`` into the live model and score it as ``job`` says.
 

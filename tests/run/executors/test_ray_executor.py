@@ -145,7 +145,7 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
         run.close()
     settings = run.cfg.executor.model_copy(update={"name": "ray", "workers": 2})
     # The workers split their live model over two devices (the CPU twice:
-    # the split path, see tests/test_devices.py) and still score like the
+    # the split path, see tests/engine/test_devices.py) and still score like the
     # local executor's one-device worker.
     split = dataclasses.replace(run.spec, device="cpu,cpu")
     lines = []
@@ -155,6 +155,8 @@ def test_ray_and_local_executors_score_the_same_candidates_the_same(experiment, 
         assert len(set(pids)) == 2  # two worker processes
         assert all(info["devices"] == ["cpu", "cpu"] for info in executor.info)
         assert lines[0].startswith("2 Ray workers ready: 0 on ") and lines[0].count("(cpu,cpu)") == 2
+        # Both workers planned their memory alike: one line for both.
+        assert lines[1].startswith("Ray workers' memory: cached: ") and lines[1].endswith("chosen by memory: auto")
         results = {}
         queue = list(enumerate(recipes))
         while queue or executor.pending():
@@ -218,6 +220,10 @@ def test_a_worker_with_different_sources_refuses_to_score(experiment, tmp_path, 
     settings = run.cfg.executor.model_copy(update={"name": "ray", "workers": 1})
     with pytest.raises(EvomergeError, match=r"^worker on .*sha256 of models/expert_b"):
         RayExecutor(settings, spec, log=lambda _: None)
+    # A worker whose memory plan does not fit its device says so, in one line.
+    tight = dataclasses.replace(run.spec, config={**run.spec.config, "memory": {"budget": 1000}})
+    with pytest.raises(EvomergeError, match=r"^worker on .*: the in-place merge does not fit: even lean: .* kB on cpu"):
+        RayExecutor(settings, tight, log=lambda _: None)
     # A worker larger than any node is refused at once (the local instance
     # has 2 CPUs and 2 declared GPUs), not waited for until the start timeout.
     for change, words in [
