@@ -7,7 +7,8 @@ plus seeded noise), saves them as safetensors under --workdir (no download),
 then for TIES and for DARE-TIES builds ``InPlaceMerger(..., memory="auto")``
 and merges --candidates candidates with seeded random weights and densities.
 It prints the memory plan, the strategy auto took, the peak GPU memory and
-the seconds per candidate.
+the seconds per candidate; then merges TIES's first candidate once more with
+``memory="offload"`` and checks it against auto's (per-tensor sums).
 
 Usage:
     python benchmarks/gpu_memory.py [--shape 7b|small] [--candidates 5] [--workdir DIR] [--json out.json]
@@ -155,6 +156,31 @@ def bench(method: str, paths: dict, candidates: int) -> dict:
     return row
 
 
+def fingerprints(model) -> dict[str, float]:
+    """A float64 sum of each parameter: a cheap check that two merges agree."""
+    return {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
+
+
+def offload_agrees(paths: dict) -> bool:
+    """TIES's first candidate merged with memory: offload equals the same candidate under auto."""
+    from evomerge.engine.merge import InPlaceMerger
+
+    first = recipe("ties", paths, random.Random(0))
+    sums = {}
+    for memory in ("auto", "offload"):
+        merger = InPlaceMerger(first, allow_outside=True, device=DEVICE, memory=memory)
+        sums[memory] = fingerprints(merger.apply(first))
+        del merger
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    same = sums["auto"] == sums["offload"]
+    print(
+        f"ties: offload gives {'the same' if same else 'OTHER'} weights as auto (per-tensor float64 sums)", flush=True
+    )
+    return same
+
+
 def _free() -> int:
     from evomerge.engine.memory import free_bytes
 
@@ -175,6 +201,7 @@ def main() -> None:
     print(f"device {DEVICE}, shape {args.shape}, models in {workdir}", file=sys.stderr, flush=True)
     paths = build(args.shape, workdir)
     rows = [bench(method, paths, args.candidates) for method in ("ties", "dare_ties")]
+    rows.append({"offload_agrees": offload_agrees(paths)})
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)  # 54 GB of host memory when in /dev/shm
     if args.json:

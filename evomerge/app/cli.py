@@ -69,7 +69,7 @@ def _budget(text: str) -> float:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from evomerge.engine.devices import parse_devices
-    from evomerge.engine.memory import budgets, choose, recipe_plan
+    from evomerge.engine.memory import budgets, choose, host_budget, recipe_plan
     from evomerge.engine.recipe import load_recipe
 
     path = Path(args.file)
@@ -87,6 +87,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mode, budget, what = "auto", None, f"recipe {path} ({recipe.method})"
     mode = args.memory or mode
     budget = args.memory_budget if args.memory_budget is not None else budget
+    if plan.on_gpu():
+        plan.host_limit = host_budget()
     limits = budgets(plan.devices, budget)
     print(f"memory plan of {what}, in place: the live model is {plan.model_bytes / 1e9:.2f} GB")
     print(plan.table(limits))

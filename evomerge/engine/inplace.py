@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from evomerge.engine.devices import parse_devices, place
-from evomerge.engine.memory import budgets, choose, plan_memory
+from evomerge.engine.memory import budgets, choose, host_budget, plan_memory, size_text
 from evomerge.engine.plan import FUSE_MIN_PARAMS, merge_tensor, open_sources, plan_merge, referenced
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
@@ -32,8 +32,9 @@ class InPlaceMerger:
     recomputes them per tensor (about experts + 2 model sizes), ``offload``
     keeps the sources in host memory; ``auto`` (default) takes the fastest
     that fits ``memory_budget`` (a fraction of each device's free memory,
-    default 0.9, or bytes). All give the same bits. ``strategy`` and
-    ``memory_plan`` say what was chosen and why.
+    default 0.9, or bytes), and when that is lean it still keeps the caches
+    of as many tensors as fit the budget. All give the same bits.
+    ``strategy``, ``cached_tensors`` and ``memory_plan`` say what was chosen.
 
     Every recipe given to ``apply`` must use the sources of the template
     recipe and produce the same tensor names and shapes.
@@ -62,8 +63,18 @@ class InPlaceMerger:
         # (every method a search may pick).
         others = [plan_merge(r, self.sources) for r in also or []]
         self.memory_plan = plan_memory([plan, *others], self.devices)
-        self.strategy = choose(self.memory_plan, memory, budgets(self.devices, memory_budget))
-        self._cache: dict | None = {} if self.strategy == "cached" else None
+        if any(d.type != "cpu" for d in self.devices):
+            self.memory_plan.host_limit = host_budget()
+        limits = budgets(self.devices, memory_budget)
+        self.strategy = choose(self.memory_plan, memory, limits)
+        # The tensors whose caches are kept: all (cached), none (lean or
+        # offload as asked), or under auto's lean those that fit the budget.
+        self.cached_tensors: set[str] = set()
+        if self.strategy == "cached":
+            self.cached_tensors = {j.name for j in plan.jobs}
+        elif self.strategy == "lean" and memory == "auto":
+            self.cached_tensors = self.memory_plan.cache_within(limits)
+        self._cache: dict | None = {} if self.cached_tensors else None
         self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
         named = dict(self.model.named_parameters(remove_duplicate=False))
         named.update(dict(self.model.named_buffers()))
@@ -99,6 +110,26 @@ class InPlaceMerger:
         n_params = sum(t.numel() for t in self._targets.values())
         self.fuse = fuse if fuse is not None else n_params >= FUSE_MIN_PARAMS
 
+    @property
+    def planned_bytes(self) -> list[int]:
+        """The plan's bytes per device for what this merger holds (a partial cache included)."""
+        need = self.memory_plan.need("lean" if self.strategy == "cached" else self.strategy)
+        for name in self.cached_tensors:
+            where, size = self.memory_plan.caches[name]
+            need[where] += size
+        return need
+
+    def memory_summary(self) -> str:
+        """The strategy and its bytes; under auto's lean, the share of the caches kept."""
+        plan = self.memory_plan
+        if self.strategy != "lean" or not self.cached_tensors:
+            return plan.describe(self.strategy)
+        kept = sum(plan.caches[n][1] for n in self.cached_tensors)
+        share = kept / max(1, sum(size for _, size in plan.caches.values()))
+        where = ", ".join(f"{size_text(n)} on {d}" for n, d in zip(self.planned_bytes, self.devices))
+        sizes = sum(self.planned_bytes) / plan.model_bytes if plan.model_bytes else 0.0
+        return f"lean: {where} ({sizes:.1f} model sizes), keeping {share:.0%} of the caches that fit the budget"
+
     def _load(self, ref: str, name: str) -> torch.Tensor:
         return self._tensors[(ref, name)]  # apply() checked every key first
 
@@ -133,9 +164,9 @@ class InPlaceMerger:
             )
         for job in plan.jobs:
             target = self._targets[job.name]
-            cached = self._cache is not None
+            cache = self._cache if job.name in self.cached_tensors else None
             merge_tensor(
-                job, plan.method, self._load, recipe.seed, target.device, self._cache, cached, self.fuse, target
+                job, plan.method, self._load, recipe.seed, target.device, cache, cache is not None, self.fuse, target
             )
         return self.model
 

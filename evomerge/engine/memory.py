@@ -32,7 +32,8 @@ from evomerge.errors import EvomergeError
 STRATEGIES = ("cached", "lean", "offload")
 MODES = ("auto", *STRATEGIES)
 DEFAULT_BUDGET = 0.9  # of each device's free memory
-SAMPLE = (24, 40)  # the small tensor a method's caches are measured on
+SAMPLE = (64, 256)  # the small tensor a method's caches are measured on
+FINE_TUNE_SCALE = 0.02  # a sample fine-tune's change, relative to its weights' spread
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -55,6 +56,8 @@ class MemoryPlan:
     host: int = 0
     model_bytes: int = 0  # the live model, for "model sizes"
     free: list[int] = field(default_factory=list)  # per device, when measured
+    caches: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor -> (device index, cache bytes)
+    host_limit: int | None = None  # what offload may keep in host memory (None: unchecked)
 
     def need(self, strategy: str) -> list[int]:
         """Bytes per device that ``strategy`` keeps resident (peaks included)."""
@@ -68,38 +71,54 @@ class MemoryPlan:
                 out.append(part.live + part.temporaries)
         return out
 
+    def cache_within(self, limits: list[int]) -> set[str]:
+        """The tensors whose caches fit beside the lean strategy under
+        ``limits``, in the model's order: what ``auto`` keeps when the cached
+        strategy as a whole does not fit."""
+        room = [limit - need for limit, need in zip(limits, self.need("lean"))]
+        kept = set()
+        for name, (where, size) in self.caches.items():
+            if 0 < size <= room[where]:
+                room[where] -= size
+                kept.add(name)
+        return kept
+
     def fits(self, strategy: str, budgets: list[int]) -> bool:
+        if strategy == "offload" and self.on_gpu() and self.host_limit is not None and self.host > self.host_limit:
+            return False  # the sources must fit in host memory
         return all(need <= budget for need, budget in zip(self.need(strategy), budgets))
 
     def describe(self, strategy: str) -> str:
         """One line: the strategy, its bytes per device, in GB and model sizes."""
         needs = self.need(strategy)
-        where = ", ".join(f"{_gb(n)} on {d}" for n, d in zip(needs, self.devices))
+        where = ", ".join(f"{size_text(n)} on {d}" for n, d in zip(needs, self.devices))
         sizes = sum(needs) / self.model_bytes if self.model_bytes else 0.0
-        host = f"; {_gb(self.host)} in host memory" if strategy == "offload" and self.host and self._gpu() else ""
+        host = (
+            f"; {size_text(self.host)} in host memory" if strategy == "offload" and self.host and self.on_gpu() else ""
+        )
         return f"{strategy}: {where} ({sizes:.1f} model sizes){host}"
 
-    def _gpu(self) -> bool:
+    def on_gpu(self) -> bool:
         return any(d.type != "cpu" for d in self.devices)
 
     def table(self, limits: list[int], mode: str = "auto") -> str:
         """Every strategy's bytes per device against ``limits``, and what ``mode`` takes."""
         width = max(12, *(len(str(d)) + 3 for d in self.devices))
         head = "strategy  " + "".join(f"{str(d):>{width}}" for d in self.devices) + "  model sizes  fits"
-        rows = [head, "budget    " + "".join(f"{_gb(b):>{width}}" for b in limits)]
+        rows = [head, "budget    " + "".join(f"{size_text(b):>{width}}" for b in limits)]
         for strategy in STRATEGIES:
             needs = self.need(strategy)
             sizes = sum(needs) / self.model_bytes if self.model_bytes else 0.0
-            note = "" if strategy != "offload" or self._gpu() else "  (on a CPU, offload is lean)"
+            note = "" if strategy != "offload" or self.on_gpu() else "  (on a CPU, offload is lean)"
             fits = "yes" if self.fits(strategy, limits) else "no"
-            cells = "".join(f"{_gb(n):>{width}}" for n in needs)
+            cells = "".join(f"{size_text(n):>{width}}" for n in needs)
             rows.append(f"{strategy:<10}{cells}  {sizes:>11.1f}  {fits:<4}{note}")
-        if self.host and self._gpu():
-            rows.append(f"offload also keeps {_gb(self.host)} of sources in host memory")
+        if self.host and self.on_gpu():
+            rows.append(f"offload also keeps {size_text(self.host)} of sources in host memory")
         return "\n".join(rows)
 
 
-def _gb(n: int) -> str:
+def size_text(n: int) -> str:
     """Bytes for people: GB (10^9) with two decimals, MB or kB below one GB."""
     if n >= 1e9:
         return f"{n / 1e9:.2f} GB"
@@ -128,12 +147,17 @@ def cache_bytes_per_element(merges, seed: int = 0) -> float:
     share (task vectors) is counted once."""
     g = torch.Generator().manual_seed(seed)
     shape = SAMPLE if len(merges[0][1].shape) >= 2 else (SAMPLE[0] * SAMPLE[1],)
+    # Sample weights like a fine-tune's: a base, and small changes to it, in
+    # the compute dtype; how a method caches depends on how its task vectors
+    # tie (in bfloat16 they tie a lot), so the sample must tie as they do.
+    base = torch.randn(shape, generator=g) * 0.02
     samples: dict = {}
     cache: dict = {}
     for method, job in merges:
-        for key in job.inputs:
+        for i, key in enumerate(job.inputs):
             if (key, job.compute_dtype) not in samples:
-                samples[(key, job.compute_dtype)] = torch.randn(shape, generator=g).to(job.compute_dtype)
+                change = 0 if i == job.base_index else torch.randn(shape, generator=g) * 0.02 * FINE_TUNE_SCALE
+                samples[(key, job.compute_dtype)] = (base + change).to(job.compute_dtype)
         tensors = [samples[(key, job.compute_dtype)] for key in job.inputs]
         x = TensorInputs(job.name, tensors, job.base_index, seed, cache, job.inputs, resident=True)
         method.fn(x, job.params)
@@ -169,6 +193,7 @@ def plan_memory(plans, devices: list[torch.device]) -> MemoryPlan:
     seen: set[tuple[str, str]] = set()
     host = 0
     factors: dict[tuple, float] = {}
+    caches: dict[str, tuple[int, int]] = {}
     for i, job in enumerate(first.jobs):
         part = parts[where[job.name]]
         numel = _numel(job.shape)
@@ -186,10 +211,11 @@ def plan_memory(plans, devices: list[torch.device]) -> MemoryPlan:
         if key not in factors:
             factors[key] = cache_bytes_per_element(merges)
         part.cache += int(factors[key] * numel)
+        caches[job.name] = (where[job.name], int(factors[key] * numel))
         # One tensor at a time: its inputs moved or cast, a task vector and a
         # mask or two per input, and the result.
         part.temporaries = max(part.temporaries, (2 * len(job.inputs) + 3) * numel * size)
-    return MemoryPlan(devices, parts, host, sum(j.nbytes for j in first.jobs))
+    return MemoryPlan(devices, parts, host, sum(j.nbytes for j in first.jobs), caches=caches)
 
 
 def recipe_plan(recipe, root, devices: list[torch.device], allow_outside: bool = False) -> MemoryPlan:
@@ -247,6 +273,11 @@ def budgets(devices: list[torch.device], budget: float | int | None) -> list[int
     return [int(budget)] * len(devices)
 
 
+def host_budget() -> int:
+    """What offload may pin in host memory: 90% of the host's available memory."""
+    return int(DEFAULT_BUDGET * free_bytes(torch.device("cpu")))
+
+
 def choose(plan: MemoryPlan, mode: str, limits: list[int]) -> str:
     """The strategy ``mode`` stands for under ``limits`` (bytes per device);
     one line naming the numbers and the fix when none fits."""
@@ -256,10 +287,14 @@ def choose(plan: MemoryPlan, mode: str, limits: list[int]) -> str:
     for strategy in tried:
         if plan.fits(strategy, limits):
             return strategy
-    budget = ", ".join(f"{_gb(b)} on {d}" for b, d in zip(limits, plan.devices))
-    leanest = "offload" if plan._gpu() else "lean"  # on a CPU, offload is lean
+    budget = ", ".join(f"{size_text(b)} on {d}" for b, d in zip(limits, plan.devices))
+    leanest = "offload" if plan.on_gpu() else "lean"  # on a CPU, offload is lean
+    if leanest == "offload" and plan.host_limit is not None and plan.host > plan.host_limit:
+        host = f"; offload's sources need {size_text(plan.host)} of host memory, {size_text(plan.host_limit)} may be pinned"
+    else:
+        host = ""
     if mode == "auto":
-        need, fixes = f"even {plan.describe(leanest)}", ""
+        need, fixes = f"even {plan.describe(leanest)}{host}", ""
     else:
         need = plan.describe(mode)
         fixes = "memory: auto, " if plan.fits(leanest, limits) else ""
@@ -283,4 +318,5 @@ __all__ = [
     "parse_budget",
     "plan_memory",
     "recipe_plan",
+    "size_text",
 ]

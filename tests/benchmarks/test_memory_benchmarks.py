@@ -41,8 +41,8 @@ def test_the_gpu_memory_step_runs_on_its_small_shape(tmp_path):
     cmd += ["--workdir", str(tmp_path / "models"), "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["ties", "dare_ties"]
+    *rows, check = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["ties", "dare_ties"] and check == {"offload_agrees": True}
     for row in rows:
         assert row["strategy"] in ("cached", "lean") and row["candidates"] == 2 and row["candidate_s"] > 0
         assert f"{row['method']}: memory: auto took {row['strategy']}: " in done.stdout

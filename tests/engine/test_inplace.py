@@ -505,11 +505,12 @@ def _cache_bytes(cache) -> int:
     return sum(size(v) for v in cache.values())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "method", ["ties", "dare_ties", "della", "task_arithmetic", "breadcrumbs_ties", "sce", "slerp"]
 )
-def test_the_memory_plan_predicts_what_the_merger_holds(llama, method):
-    r = recipe(method, llama)
+def test_the_memory_plan_predicts_what_the_merger_holds(llama, method, dtype):
+    r = recipe(method, llama).model_copy(update={"dtype": dtype})
     merger = InPlaceMerger(r, allow_outside=True, memory="cached")
     merger.apply(r)
     (part,) = merger.memory_plan.parts
@@ -517,7 +518,9 @@ def test_the_memory_plan_predicts_what_the_merger_holds(llama, method):
     assert part.live >= live  # a tied head is planned twice, held once
     assert part.sources == sum(t.numel() * t.element_size() for t in merger._tensors.values())
     held = _cache_bytes(merger._cache)
-    assert abs(part.cache - held) <= 0.01 * max(held, 1), (part.cache, held)
+    # bfloat16 task vectors tie in ways the plan's sample only approximates
+    tolerance = 0.01 if dtype == "float32" else 0.1
+    assert abs(part.cache - held) <= tolerance * max(held, 1), (part.cache, held)
     lean, cached = merger.memory_plan.need("lean")[0], merger.memory_plan.need("cached")[0]
     assert cached - lean == part.cache
 
@@ -530,11 +533,36 @@ def test_auto_takes_the_fastest_strategy_that_fits_and_refuses_when_none_does(ll
     assert InPlaceMerger(r, allow_outside=True, memory_budget=cached).strategy == "cached"
     assert InPlaceMerger(r, allow_outside=True, memory_budget=cached - 1).strategy == "lean"
     with pytest.raises(EvomergeError) as e:
-        InPlaceMerger(r, allow_outside=True, memory_budget=lean - 1)
+        InPlaceMerger(r, allow_outside=True, memory_budget=lean // 2)
     message = str(e.value)
-    assert len(message.splitlines()) == 1 and "does not fit" in message and "GB" in message
+    assert len(message.splitlines()) == 1 and "does not fit" in message and " MB on cpu" in message
     assert "memory budget" in message and "model sizes" in message
     with pytest.raises(EvomergeError, match="memory: auto"):
         InPlaceMerger(r, allow_outside=True, memory="cached", memory_budget=cached - 1)
     with pytest.raises(EvomergeError, match="unknown"):
         InPlaceMerger(r, allow_outside=True, memory="tiny")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_keeps_the_caches_that_fit_beside_lean_and_gives_the_same_bits(llama, dtype, disk):
+    r = recipe("ties", llama).model_copy(update={"dtype": dtype})
+    expected = disk(r)
+    plan = InPlaceMerger(r, allow_outside=True, memory="lean").memory_plan
+    lean, cached = plan.need("lean")[0], plan.need("cached")[0]
+    budget = (lean + cached) // 2  # room for about half of the caches
+    merger = InPlaceMerger(r, allow_outside=True, memory_budget=budget)
+    assert merger.strategy == "lean"
+    some = merger.cached_tensors
+    assert 0 < len(some) < len(plan.caches)
+    assert merger.planned_bytes[0] <= budget
+    assert_model_equals(merger.apply(r), expected)
+    assert_model_equals(merger.apply(r), expected)
+    # What it holds is what it planned: the caches of those tensors only.
+    held = _cache_bytes(merger._cache)
+    planned = sum(plan.caches[name][1] for name in some)
+    # bfloat16 task vectors tie in ways a sample only approximates
+    assert abs(held - planned) <= (0.01 if dtype == "float32" else 0.1) * planned, (held, planned)
+    assert "keeping" in merger.memory_summary() and "of the caches" in merger.memory_summary()
+    # Asked for lean by name, it keeps none; asked for cached, all.
+    assert not InPlaceMerger(r, allow_outside=True, memory="lean", memory_budget=budget).cached_tensors
+    assert InPlaceMerger(r, allow_outside=True, memory_budget=cached).cached_tensors == set(plan.caches)

@@ -169,8 +169,7 @@ class Worker:
         merger = self._in_place()
         if merger is None:
             return None
-        need = merger.memory_plan.need(merger.strategy)
-        return {"strategy": merger.strategy, "asked": self.cfg.memory.strategy, "planned_bytes": need}
+        return {"strategy": merger.strategy, "asked": self.cfg.memory.strategy, "planned_bytes": merger.planned_bytes}
 
     def memory_line(self) -> str | None:
         """One line: the strategy, how it was chosen, and its plan."""
@@ -178,7 +177,7 @@ class Worker:
         if merger is None:
             return None
         how = "chosen by memory: auto" if self.cfg.memory.strategy == "auto" else "as the config asks"
-        return f"memory: {merger.memory_plan.describe(merger.strategy)}, {how}"
+        return f"memory: {merger.memory_summary()}, {how}"
 
     def score(self, recipe: Recipe | dict, job: Job | str = "dev") -> Score:
         """Merge ``recipe`` into the live model and score it as ``job`` says.
