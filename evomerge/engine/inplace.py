@@ -58,9 +58,33 @@ class InPlaceMerger:
         self.sources = open_sources(template, root, allow_outside)
         plan = plan_merge(template, self.sources)
         self.config = plan.config
-        # The memory plan, from the headers, before any tensor is read;
-        # ``also``: other recipes of the same layout the caches must hold
-        # (every method a search may pick).
+        self._choose_memory(plan, also, memory, memory_budget)
+        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(dict(self.model.named_buffers()))
+        missing = [j.name for j in plan.jobs if j.name not in named]
+        if missing:
+            raise EvomergeError(
+                f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
+            )
+        self._targets = {j.name: named[j.name] for j in plan.jobs}
+        self._load_sources(plan)
+        written = {t.data_ptr() for t in self._targets.values()}
+        unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
+        if unwritten:
+            raise EvomergeError(
+                f"no source provides the live model's parameter {unwritten[0]}; the sources do not match its config"
+            )
+        # Fusing the elementwise tail with torch.compile costs seconds once
+        # and then makes each candidate several times faster; same bits
+        # either way. Worth it from tens of millions of parameters.
+        n_params = sum(t.numel() for t in self._targets.values())
+        self.fuse = fuse if fuse is not None else n_params >= FUSE_MIN_PARAMS
+
+    def _choose_memory(self, plan, also, memory: str, memory_budget) -> None:
+        """The memory plan, from the headers, before any tensor is read, and
+        the strategy under the budget. ``also``: other recipes of the same
+        layout whose caches the plan must hold (every method a search may pick)."""
         others = [plan_merge(r, self.sources) for r in also or []]
         self.memory_plan = plan_memory([plan, *others], self.devices)
         if any(d.type != "cpu" for d in self.devices):
@@ -75,40 +99,24 @@ class InPlaceMerger:
         elif self.strategy == "lean" and memory == "auto":
             self.cached_tensors = self.memory_plan.cache_within(limits)
         self._cache: dict | None = {} if self.cached_tensors else None
-        self.model = model if model is not None else build_model(plan.config, plan.jobs[0].out_dtype, self.devices)
-        named = dict(self.model.named_parameters(remove_duplicate=False))
-        named.update(dict(self.model.named_buffers()))
-        missing = [j.name for j in plan.jobs if j.name not in named]
-        if missing:
-            raise EvomergeError(
-                f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
-            )
-        self._targets = {j.name: named[j.name] for j in plan.jobs}
-        # Each source tensor sits where the parameter it merges into does
-        # (one device, or the layer's device when the model is split).
+
+    def _load_sources(self, plan) -> None:
+        """Each source tensor, in the compute dtype, where the parameter it
+        merges into sits (one device, or the layer's device when the model is
+        split); offload keeps them in (pinned) host memory instead."""
         self._tensors: dict[tuple[str, str], torch.Tensor] = {}
         for job in plan.jobs:
             for ref, name in job.inputs:
                 key = (ref, name)
-                if key not in self._tensors:
-                    where = self._targets[job.name].device
-                    if self.strategy == "offload" and where.type != "cpu":
-                        where = torch.device("cpu")  # copied to the device tensor by tensor
-                    tensor = self.sources[ref].get(name).to(where, job.compute_dtype)
-                    if where.type == "cpu" and self.strategy == "offload" and torch.cuda.is_available():
-                        tensor = tensor.pin_memory()
-                    self._tensors[key] = tensor
-        written = {t.data_ptr() for t in self._targets.values()}
-        unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
-        if unwritten:
-            raise EvomergeError(
-                f"no source provides the live model's parameter {unwritten[0]}; the sources do not match its config"
-            )
-        # Fusing the elementwise tail with torch.compile costs seconds once
-        # and then makes each candidate several times faster; same bits
-        # either way. Worth it from tens of millions of parameters.
-        n_params = sum(t.numel() for t in self._targets.values())
-        self.fuse = fuse if fuse is not None else n_params >= FUSE_MIN_PARAMS
+                if key in self._tensors:
+                    continue
+                where = self._targets[job.name].device
+                if self.strategy == "offload" and where.type != "cpu":
+                    where = torch.device("cpu")  # copied to the device tensor by tensor
+                tensor = self.sources[ref].get(name).to(where, job.compute_dtype)
+                if where.type == "cpu" and self.strategy == "offload" and torch.cuda.is_available():
+                    tensor = tensor.pin_memory()
+                self._tensors[key] = tensor
 
     @property
     def planned_bytes(self) -> list[int]:
