@@ -4,12 +4,13 @@ fills (``build_model``). evomerge.engine.routing builds its hybrids on it."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from evomerge.engine.devices import parse_devices, place
-from evomerge.engine.memory import budgets, choose, host_budget, plan_memory, size_text
+from evomerge.engine.memory import budgets, choose, host_budget, mapped_large_blocks, plan_memory, size_text
 from evomerge.engine.plan import FUSE_MIN_PARAMS, merge_tensor, open_sources, plan_merge, referenced
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
@@ -68,7 +69,8 @@ class InPlaceMerger:
                 f"the live model has no parameter {missing[0]}; its architecture does not match the sources"
             )
         self._targets = {j.name: named[j.name] for j in plan.jobs}
-        self._load_sources(plan)
+        with mapped_large_blocks():
+            self._load_sources(plan)
         written = {t.data_ptr() for t in self._targets.values()}
         unwritten = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
         if unwritten:
@@ -99,6 +101,7 @@ class InPlaceMerger:
         elif self.strategy == "lean" and memory == "auto":
             self.cached_tensors = self.memory_plan.cache_within(limits)
         self._cache: dict | None = {} if self.cached_tensors else None
+        self._built: set[str] = set()  # methods whose caches are built
 
     def _load_sources(self, plan) -> None:
         """Each source tensor, in the compute dtype, where the parameter it
@@ -170,12 +173,28 @@ class InPlaceMerger:
             raise EvomergeError(
                 f"recipe does not produce {stale}, which the live model has; use a recipe with the template's layout"
             )
-        for job in plan.jobs:
-            target = self._targets[job.name]
-            cache = self._cache if job.name in self.cached_tensors else None
-            merge_tensor(
-                job, plan.method, self._load, recipe.seed, target.device, cache, cache is not None, self.fuse, target
-            )
+        # A method's first candidate builds its caches: long-lived blocks,
+        # made between temporaries; without caches, each tensor's temporaries
+        # are many and large (a sort's). Both would leave holes in the heap
+        # (see mapped_large_blocks); a cached candidate's few reuse it.
+        building = self._cache is not None and plan.method.name not in self._built
+        uncached = len(self.cached_tensors) < len(plan.jobs)
+        with mapped_large_blocks() if building or uncached else contextlib.nullcontext():
+            for job in plan.jobs:
+                target = self._targets[job.name]
+                cache = self._cache if job.name in self.cached_tensors else None
+                merge_tensor(
+                    job,
+                    plan.method,
+                    self._load,
+                    recipe.seed,
+                    target.device,
+                    cache,
+                    cache is not None,
+                    self.fuse,
+                    target,
+                )
+        self._built.add(plan.method.name)
         return self.model
 
 
