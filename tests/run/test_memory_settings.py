@@ -86,3 +86,13 @@ def test_plan_refuses_in_one_line_when_nothing_fits_and_reads_recipes_too(experi
     assert "recipe" in capsys.readouterr().out
     assert main(["plan", str(recipe)]) == 2  # its models lie outside its folder
     assert main(["plan", str(tmp_path / "none.yaml")]) == 2
+
+
+def test_plan_reads_routing_configs(experiment, capsys):
+    hybrid = write_config(experiment, "hybrid_plan.yaml", space="hybrid_ties_dfs")
+    assert main(["plan", str(hybrid)]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan of search config" in out and out.splitlines()[-1].startswith("memory: auto takes ")
+    routed = write_config(experiment, "route_plan.yaml", space="dfs_paper")
+    assert main(["plan", str(routed)]) == 0  # routes over the sources' linear merge, held in place
+    assert capsys.readouterr().out.splitlines()[-1].startswith("memory: auto takes ")
