@@ -88,10 +88,37 @@ def test_wide_arithmetic_rounds_as_the_narrow_dtype_does(dtype, consensus):
         wide = combine(*args, wide=True)
         assert wide.dtype == narrow.dtype == dtype
         assert torch.equal(wide, narrow)
+        # Taking the task vectors from the models in the same pass (the
+        # lean path) rounds them as the eager subtraction does.
+        models = [(base + d).to(dtype) for d in deltas]
+        from_models = (base, models, *args[2:])
+        exact = (base, [m - base for m in models], *args[2:])
+        assert torch.equal(combine(*from_models, wide=True, from_models=True), combine(*exact))
         # Rounding once at the end, in float32, gives other bits: the test sees them.
         wide_args = (base.float(), [d.float() for d in deltas], *args[2:7], args[7].float(), *args[8:])
         once = combine(*wide_args).to(dtype)
         assert not torch.equal(once, narrow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_lean_task_arithmetic_equals_disk(llama, tmp_path, dtype):
+    # Lean: no task vectors kept; the kernel takes them from the models itself.
+    def recipe(w, lam):
+        sources = [
+            {"model": str(llama.ft[0]), "parameters": {"weight": w}},
+            {"model": str(llama.ft[1]), "parameters": {"weight": [0.9, 0.1]}},
+        ]
+        data = {"method": "task_arithmetic", "base_model": str(llama.base), "sources": sources, "dtype": dtype}
+        return Recipe.from_dict({**data, "parameters": {"lambda": lam}})
+
+    merger = InPlaceMerger(recipe(0.5, 1.0), allow_outside=True, fuse=True, memory="lean")
+    assert merger.fuse and merger.strategy == "lean"
+    for i, r in enumerate([recipe(0.3, 1.0), recipe(0.8, 1.3)]):
+        disk = load_file(merge_to_disk(r, tmp_path / str(i), allow_outside=True, progress=False) / "model.safetensors")
+        live = merger.apply(r).state_dict()
+        changed = [k for k in disk if not torch.equal(live[k], disk[k])]
+        assert not changed, changed[:3]
 
 
 @pytest.mark.slow

@@ -273,8 +273,13 @@ def combine(
     normalize: bool,
     out: torch.Tensor | None = None,
     wide: bool = False,
+    from_models: bool = False,
 ) -> torch.Tensor:
     """The elementwise part of generalized task arithmetic, on flat tensors.
+
+    ``from_models``: ``deltas`` are the models' tensors themselves, and each
+    task vector (model - base, rounded to the dtype as the eager subtraction
+    rounds it) is taken here, in the same pass, instead of beforehand.
 
     Everything global (cut values, random masks, rescale factors) is decided
     before; what is left is elementwise, so ``torch.compile`` can fuse it into
@@ -296,6 +301,8 @@ def combine(
         return t.to(to).to(high) if wide else t.to(to)
 
     w = weights.to(high)
+    if from_models:
+        deltas = [rnd(m.to(high) - base.to(high), dtype) for m in deltas]
     weighted = [
         _weighted_delta(d, keeps[j], cuts[j], ranks[j], factors[j], works[j] or dtype, w[j], dtype, high, rnd)
         for j, d in enumerate(deltas)
@@ -362,7 +369,13 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
     models = x.non_base
     if not models:
         return base
-    deltas = [x.delta(i).reshape(-1) for i in models]
+    # Without caches and without sparsifying, the task vectors are taken in
+    # the kernel's own pass over the models (one pass instead of one per model).
+    from_models = sparsify is None and not x.resident
+    if from_models:
+        deltas = [x.tensors[i].reshape(-1) for i in models]
+    else:
+        deltas = [x.delta(i).reshape(-1) for i in models]
     plans = [_sparsify(x, i, x.delta(i), sparsify, p, j) if sparsify else _Sparse() for j, i in enumerate(models)]
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     kernel = fused_combine() if x.fuse else combine
@@ -388,6 +401,7 @@ def generalized_task_arithmetic(x: TensorInputs, p: dict, *, consensus: bool, sp
         *consensus_normalize,
         x.out.reshape(-1) if x.out is not None else None,
         wide=x.fuse,
+        from_models=from_models,
     )
     ties = [s.ties for s in plans if s.ties is not None and s.ties.numel()]
     if ties:
