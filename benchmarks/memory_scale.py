@@ -26,7 +26,10 @@ Usage:
         [--workdir /tmp/evomerge-memory] [--json out.json]
 
 Each child runs at one torch thread (``OMP_NUM_THREADS=1``), so that rows
-compare. On a CPU ``offload`` is the lean strategy (nothing to offload to);
+compare. ``--ratios`` times lean against cached side by side instead: one
+process per method and dtype (2 experts) holds one cached merger and
+alternates its candidates between its caches and none (exactly a lean
+candidate's work), so both strategies see the same machine at the same time. On a CPU ``offload`` is the lean strategy (nothing to offload to);
 its rows measure that. Results go to stdout as a markdown table (copy it
 into docs/benchmarks.md) and to --json.
 """
@@ -152,6 +155,41 @@ def child(args) -> dict:
     return row
 
 
+def ratio_child(args) -> dict:
+    """Lean's time per candidate against cached's, side by side in one process:
+    one cached merger, whose candidates alternate between its caches and none
+    (a lean candidate's exact work), so that both see the same machine."""
+    from evomerge.engine.merge import InPlaceMerger
+    from evomerge.engine.recipe import Recipe
+
+    paths = build_models(Path(args.workdir), args.dtype, args.n, args.layers, args.vocab)
+    rng = random.Random(0)
+    first = Recipe.from_dict(recipe(args.method, paths, args.dtype, rng))
+    merger = InPlaceMerger(first, allow_outside=True, memory="cached")
+    t = time.perf_counter()
+    merger.apply(first)  # builds the caches
+    build_s = time.perf_counter() - t
+    kept, cache = merger.cached_tensors, merger._cache
+    times = {"cached": [], "lean": []}
+    for _ in range(args.candidates):
+        r = Recipe.from_dict(recipe(args.method, paths, args.dtype, rng))
+        for strategy in ("cached", "lean"):
+            merger.cached_tensors, merger._cache = (kept, cache) if strategy == "cached" else (set(), None)
+            t = time.perf_counter()
+            merger.apply(r)
+            times[strategy].append(time.perf_counter() - t)
+    merger.cached_tensors, merger._cache = kept, cache
+    cached, lean = statistics.median(times["cached"]), statistics.median(times["lean"])
+    return {
+        "method": args.method,
+        "dtype": args.dtype,
+        "experts": args.n,
+        "build_s": build_s,
+        "cached_s": cached,
+        "lean_s": lean,
+    }
+
+
 def run_child(method: str, n: int, strategy: str, dtype: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(n), strategy, dtype]
     cmd += ["--workdir", args.workdir, "--candidates", str(args.candidates)]
@@ -162,6 +200,39 @@ def run_child(method: str, n: int, strategy: str, dtype: str, args) -> dict:
         tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
         return {"method": method, "experts": n, "strategy": strategy, "dtype": dtype, "failed": tail[0]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratio_rows(args) -> None:
+    """The side-by-side timing, a fresh process per method and dtype."""
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for dtype in args.dtypes.split(","):
+        build_models(Path(args.workdir), dtype, 2, args.layers, args.vocab)
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--ratio-child", method, dtype, "--workdir", args.workdir]
+            cmd += ["--candidates", str(args.candidates), "--layers", str(args.layers), "--vocab", str(args.vocab)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                rows.append(
+                    {"method": method, "dtype": dtype, "failed": (out.stderr.strip().splitlines() or ["?"])[-1]}
+                )
+            else:
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(
+        "| dtype | method | experts | cached s per candidate | lean s per candidate | lean / cached | cache build s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['dtype']} | {r['method']} | 2 | failed: {r['failed']} ||||")
+            continue
+        print(
+            f"| {r['dtype']} | {r['method']} | {r['experts']} | {r['cached_s']:.2f} | {r['lean_s']:.2f} | "
+            f"{r['lean_s'] / r['cached_s']:.2f} | {r['build_s']:.1f} |"
+        )
 
 
 def _gb(n) -> str:
@@ -223,7 +294,17 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary: 4096 makes the largest tensor 2%% of the model")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=4, metavar=("METHOD", "N", "STRATEGY", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--ratios", action="store_true", help="time lean against cached side by side (2 experts)")
+    p.add_argument("--ratio-child", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.ratio_child:
+        args.method, args.dtype = args.ratio_child
+        args.n = 2
+        print(json.dumps(ratio_child(args)))
+        return
+    if args.ratios:
+        ratio_rows(args)
+        return
     if args.child:
         args.method, n, args.strategy, args.dtype = args.child
         args.n = int(n)
