@@ -46,3 +46,16 @@ def test_the_gpu_memory_step_runs_on_its_small_shape(tmp_path):
     for row in rows:
         assert row["strategy"] in ("cached", "lean") and row["candidates"] == 2 and row["candidate_s"] > 0
         assert f"{row['method']}: memory: auto took {row['strategy']}: " in done.stdout
+
+
+@pytest.mark.slow
+def test_memory_scale_times_lean_against_cached_side_by_side(tmp_path):
+    out = tmp_path / "ratios.json"
+    cmd = [sys.executable, str(BENCHMARKS / "memory_scale.py"), "--ratios", "--layers", "1", "--vocab", "512"]
+    cmd += ["--methods", "ties", "--dtypes", "float32", "--candidates", "1", "--workdir", str(tmp_path / "models")]
+    cmd += ["--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["method"] == "ties" and row["cached_s"] > 0 and row["lean_s"] > 0 and row["build_s"] > 0
+    assert "| float32 | ties | 2 |" in done.stdout and "lean / cached" in done.stdout
