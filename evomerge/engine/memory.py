@@ -61,7 +61,6 @@ class MemoryPlan:
     parts: list[DeviceBytes]
     host: int = 0
     model_bytes: int = 0  # the live model, for "model sizes"
-    free: list[int] = field(default_factory=list)  # per device, when measured
     caches: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor -> (device index, cache bytes)
     host_limit: int | None = None  # what offload may keep in host memory (None: unchecked)
 

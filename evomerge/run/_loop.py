@@ -30,8 +30,9 @@ def search(run) -> TrialRecord | None:
     done = len(run.store.trials("search", heldout=False))
     bar = progress_bar(enabled=run.progress, total=run.cfg.budget.trials, initial=done, desc="search", unit="trial")
     bar.write(budget_line(run.cfg.budget, done, run.store.elapsed))
-    if run.memory_line():
-        bar.write(run.memory_line())
+    memory = run.memory_line()
+    if memory:
+        bar.write(memory)
     run.open_executor(log=bar.write)
     run.inflight = {}
     beat = Heartbeat(run.store, run.inflight) if run.cfg.storage is not None else None

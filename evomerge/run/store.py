@@ -34,6 +34,13 @@ from evomerge.run.record import TrialRecord, best_of, chosen, rank_key, with_hel
 INTERRUPTED_REASON = "the search was stopped (Ctrl-C) while it was being scored"
 
 
+def _storage_failures() -> tuple[type[Exception], ...]:
+    """What opening a storage raises when its URL, driver or server is wrong (see :func:`storage_error`)."""
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.DatabaseError, ImportError)
+
+
 def reachable(url: str) -> None:
     """Connect to the database at ``url`` once; one line (see
     :func:`open_storage`) when it cannot be reached."""
@@ -43,12 +50,7 @@ def reachable(url: str) -> None:
     try:
         engine = sqlalchemy.create_engine(connect_url(url))
         engine.connect().close()
-    except (
-        sqlalchemy.exc.ArgumentError,
-        sqlalchemy.exc.OperationalError,
-        sqlalchemy.exc.DatabaseError,
-        ImportError,
-    ) as e:
+    except _storage_failures() as e:
         raise storage_error(url, e) from None
     finally:
         if engine is not None:
@@ -78,16 +80,10 @@ def open_storage(url: str, shared: bool):
     """The Optuna storage at ``url`` (see :func:`connect_url`); a URL that
     is no database URL, or a database that cannot be reached, is one line
     naming it with its password masked."""
-    import sqlalchemy.exc
 
     try:
         return rdb_storage(connect_url(url), shared)
-    except (
-        sqlalchemy.exc.ArgumentError,
-        sqlalchemy.exc.OperationalError,
-        sqlalchemy.exc.DatabaseError,
-        ImportError,
-    ) as e:
+    except _storage_failures() as e:
         raise storage_error(url, e) from None
 
 
