@@ -83,7 +83,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         what = f"search config {path}"
     else:
         recipe = load_recipe(path)
-        plan = recipe_plan(recipe, path.parent, parse_devices(args.device), args.allow_outside_paths)
+        plan = recipe_plan([recipe], path.parent, parse_devices(args.device), args.allow_outside_paths)
         mode, budget, what = "auto", None, f"recipe {path} ({recipe.method})"
     mode = args.memory or mode
     budget = args.memory_budget if args.memory_budget is not None else budget

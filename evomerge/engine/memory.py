@@ -287,11 +287,13 @@ def plan_memory(plans, devices: list[torch.device]) -> MemoryPlan:
     return MemoryPlan(devices, parts, host, sum(j.nbytes for j in first.jobs), caches=caches)
 
 
-def recipe_plan(recipe, root, devices: list[torch.device], allow_outside: bool = False) -> MemoryPlan:
-    """The memory plan of merging ``recipe`` in place (its headers only)."""
+def recipe_plan(recipes, root, devices: list[torch.device], allow_outside: bool = False) -> MemoryPlan:
+    """The memory plan of merging ``recipes`` in place (headers only): the
+    first is the template whose sources are held, the others may be merged too."""
     from evomerge.engine.plan import open_sources, plan_merge
 
-    return plan_memory([plan_merge(recipe, open_sources(recipe, root, allow_outside))], devices)
+    sources = open_sources(recipes[0], root, allow_outside)
+    return plan_memory([plan_merge(r, sources) for r in recipes], devices)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

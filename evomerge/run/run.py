@@ -167,8 +167,7 @@ class Run:
         is loaded and no run folder is touched. Returns the plan and the
         config's memory settings."""
         from evomerge.engine.devices import parse_devices
-        from evomerge.engine.memory import plan_memory
-        from evomerge.engine.merge import open_sources, plan_merge
+        from evomerge.engine.memory import recipe_plan
 
         run = cls.__new__(cls)  # the assembly's first half only: no workers, no store
         run.config_path = Path(config_path)
@@ -181,9 +180,8 @@ class Run:
                 "so there is no memory plan; run the search"
             )
         recipes = [r.merge_part() for r in [template, *run._memory_recipes()] if r.method is not None]
-        sources = open_sources(recipes[0], run.root, allow_outside_paths)
-        plans = [plan_merge(r, sources) for r in recipes]
-        return plan_memory(plans, parse_devices(device or run.cfg.device)), run.cfg.memory
+        devices = parse_devices(device or run.cfg.device)
+        return recipe_plan(recipes, run.root, devices, allow_outside_paths), run.cfg.memory
 
     def _build_workers(self, allow_outside: bool, allow_test_sets: bool) -> None:
         """The worker spec; the local worker (the local executor's), or, for
