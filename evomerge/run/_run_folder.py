@@ -35,7 +35,10 @@ def study_file_problem(path: Path) -> str | None:
         with open(path, "rb") as f:
             if f.read(16) != b"SQLite format 3\x00":
                 return "it is not an SQLite database"
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        # Read-write, not read-only: a writer killed mid-transaction leaves a
+        # hot journal, which only a connection that may write rolls back
+        # (read-only, SQLite calls that "attempt to write a readonly database").
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
             rows = db.execute("PRAGMA quick_check(1)").fetchall()
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as e:

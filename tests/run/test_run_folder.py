@@ -276,3 +276,28 @@ def test_a_storage_that_cannot_be_opened_is_one_line_with_its_password_masked(
     run_dir = tmp_path / "run"
     err = _one_line(capsys, ["search", str(config), "--run-dir", str(run_dir), "--no-progress"], fragment)
     assert SECRET not in err and not run_dir.exists()
+
+
+def test_a_study_whose_writer_was_killed_mid_transaction_is_not_called_corrupt(tmp_path):
+    import subprocess
+    import sys
+
+    from evomerge.run._run_folder import study_file_problem
+
+    db = tmp_path / "study.db"
+    writer = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size=1')\n"
+        "db.execute('CREATE TABLE t (x BLOB)')\n"
+        "db.execute('INSERT INTO t VALUES (zeroblob(1000))')\n"
+        "db.execute('BEGIN')\n"
+        "for _ in range(2000): db.execute('INSERT INTO t VALUES (zeroblob(1000))')\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(db)])
+    assert (tmp_path / "study.db-journal").is_file()  # a hot journal: the killed transaction's
+    assert study_file_problem(db) is None
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM t").fetchone() == (1,)  # rolled back
