@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEV_DOCS = 300  # per skill, in both problems
 SEARCH_DOCS = 150  # of them, what the select arms search on
 TOP = 8  # search candidates in the race
-ARMS = ("plain", "plain_half", "select", "select_es")
+ARMS = ("plain", "plain_half", "select", "select_es", "plain_es", "fidelity")
 
 
 def build(problem: str, workdir: Path):
@@ -86,15 +86,17 @@ def config(problem: str, assets, arm: str, seed: int, docs: int, root: Path) -> 
         "driver": DEMO_DRIVER,
         "budget": {"documents": docs},
     }
-    if arm != "plain":
+    if arm not in ("plain", "plain_es", "fidelity"):
         cfg["eval"]["samples"] = SEARCH_DOCS
     if arm in ("select", "select_es"):
         cfg["select"] = {"top": TOP}
         baselines = 7  # the sources (3) and default merges (4) of a base and two experts
         sizes = {t: DEV_DOCS - SEARCH_DOCS for t in assets.dev_tasks}
         cfg["budget"]["documents"] = docs - cost(baselines + TOP, sizes)
-    if arm == "select_es":
+    if arm in ("select_es", "plain_es"):
         cfg["early_stop"] = {"enabled": True}
+    if arm == "fidelity":
+        cfg["fidelity"] = {"enabled": True}
     return cfg
 
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,4 +110,98 @@ def combine(estimates: dict[str, Estimate], weights: dict[str, float]) -> Estima
     return Estimate(value, se, scored, total)
 
 
-__all__ = ["Estimate", "combine", "difference", "draw", "plain_mean", "prediction"]
+class Pool:
+    """The running per-document prediction of a search (:func:`prediction`,
+    kept up to date): for each objective, the sum and count of every score
+    recorded on each of its ``totals[objective]`` documents.
+
+    ``add`` takes a trial's per-document scores; ``positions`` (task ->
+    document positions, in the order of its scores) for a trial scored on
+    its own subset, or None for one scored on a prefix of the evaluator's
+    order (every document, or stopped early against the incumbent).
+    """
+
+    def __init__(self, totals: Mapping[str, int], doc_tasks: Mapping[str, str]):
+        self.doc_tasks = dict(doc_tasks)
+        self._sums = {name: np.zeros(n) for name, n in totals.items()}
+        self._counts = {name: np.zeros(n) for name, n in totals.items()}
+
+    def add(self, docs: Mapping[str, Sequence[float]], positions: Mapping[str, Sequence[int]] | None = None) -> None:
+        for name, values in docs.items():
+            if name not in self._sums or not values:
+                continue
+            where = positions[self.doc_tasks[name]] if positions is not None else range(len(values))
+            if len(where) != len(values) or len(values) > len(self._sums[name]):
+                continue  # scored on other documents (a config changed since): not this pool's
+            idx = np.asarray(where, dtype=int)
+            np.add.at(self._sums[name], idx, np.asarray(values, dtype=float))
+            np.add.at(self._counts[name], idx, 1.0)
+
+    def prediction(self) -> dict[str, list[float]]:
+        """Per objective, the mean score recorded on each document (0 where none)."""
+        return {name: (s / np.maximum(self._counts[name], 1.0)).tolist() for name, s in self._sums.items()}
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Multi-fidelity scoring of one candidate (``fidelity:`` in the config).
+
+    The candidate's documents are its own permutation of each task's
+    documents (:func:`draw`, from ``seed`` and ``key``, its recipe's
+    fingerprint: a candidate scored again after a crash gets the same one).
+    They are scored in steps ending at the ``fractions`` of each task's
+    documents (a step that would leave a task fewer than ``min_docs`` is
+    skipped), then at all of them. After each step but the last, every
+    objective is estimated with :func:`difference` from ``predicted`` (the
+    search's :class:`Pool` when the candidate was submitted), and the
+    candidate stops when a point of ``front`` beats it on every axis by
+    more than ``z`` standard errors.
+
+    ``axes``: what is compared, each a weighted sum of objectives (signed:
+    higher is better): one axis, the fitness, for a single-fitness search;
+    one per objective for several (NSGA-II). ``front``: the values on those
+    axes of the best fully scored trials (the incumbent alone, or the
+    Pareto front). Without a front, nothing can stop it.
+    """
+
+    key: str
+    seed: int
+    predicted: dict[str, list[float]]
+    axes: list[dict[str, float]]
+    front: list[list[float]] = field(default_factory=list)
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
+    z: float = 1.0
+    min_docs: int = 16
+
+    def order(self, task: str, total: int) -> list[int]:
+        """The candidate's scoring order of a task's ``total`` positions."""
+        return draw(self.seed, self.key, task, total)
+
+    def ends(self, totals: Mapping[str, int]) -> list[dict[str, int]]:
+        """Per step, how many of each task's documents are scored by its end."""
+        out = []
+        for f in sorted(self.fractions):
+            end = {t: math.ceil(f * n) for t, n in totals.items()}
+            if all(self.min_docs <= e < n for e, n in zip(end.values(), totals.values(), strict=True)):
+                if not out or out[-1] != end:
+                    out.append(end)
+        return [*out, dict(totals)]
+
+    def estimates(self, docs: Mapping[str, Sequence[float]], orders: Mapping[str, Sequence[int]], tasks) -> dict:
+        """Each objective's :class:`Estimate` from its scores so far."""
+        return {
+            name: difference(orders[tasks[name]][: len(y)], y, self.predicted[name])
+            for name, y in docs.items()
+            if name in self.predicted
+        }
+
+    def beaten(self, estimates: Mapping[str, Estimate]) -> bool:
+        """Whether a point of the front beats these estimates by more than
+        ``z`` standard errors on every axis."""
+        on_axes = [combine({n: estimates[n] for n in axis}, axis) for axis in self.axes]
+        return any(
+            all(p > e.value + self.z * e.se for p, e in zip(point, on_axes, strict=True)) for point in self.front
+        )
+
+
+__all__ = ["Estimate", "Pool", "Rungs", "combine", "difference", "draw", "plain_mean", "prediction"]

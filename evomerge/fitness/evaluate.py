@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from evomerge.engine.devices import parse_devices
 from evomerge.errors import EvomergeError, first_line
 from evomerge.fitness import perplexity
 from evomerge.fitness.custom import custom_values, import_callable
-from evomerge.fitness.lm_eval_tasks import LmEvalTasks, Part, quiet_lm_eval
+from evomerge.fitness.estimate import Rungs, difference
+from evomerge.fitness.lm_eval_tasks import LmEvalTasks, Part, Picks, quiet_lm_eval
 from evomerge.fitness.paired import Docs, paired, signed_weights
 from evomerge.fitness.score import Score, Versus
 from evomerge.fitness.spec import EvalSpec
@@ -112,21 +114,31 @@ class Evaluator:
         """Every document of every lm-eval task."""
         return {task: (0, len(order)) for task, order in self.order.items()}
 
-    def score(self, model: torch.nn.Module, part: Part | None = None, versus: Versus | None = None) -> Score:
+    def score(
+        self,
+        model: torch.nn.Module,
+        part: Part | None = None,
+        versus: Versus | None = None,
+        rungs: Rungs | None = None,
+    ) -> Score:
         """Score the live ``model``; never raises for a bad candidate.
 
         ``part``: only these documents (positions in :attr:`order`, per
         task), for an evaluator with per-document scores (:attr:`per_doc`);
         ``versus``: score in steps and stop early against an incumbent (see
-        :class:`Versus`; ignored without per-document scores).
+        :class:`Versus`); ``rungs``: multi-fidelity, the candidate's own
+        subset in growing steps, stopped once the front beats its estimate
+        (see :class:`Rungs`). Both are ignored without per-document scores.
         """
         if part is not None and not self.per_doc:
             raise ValueError("a part of the documents needs per-document scores for every objective")
+        if rungs is not None and (part is not None or versus is not None):
+            raise ValueError("rungs score every document of their own order: no part, no versus")
         t0 = time.perf_counter()
         values: dict[str, float] = {}
         metrics: dict[str, float] = {}
         docs: Docs = {name: [] for name in self.doc_tasks} if self.per_doc else {}
-        eval_seconds, documents, stopped = 0.0, 0, False
+        got = _Steps()
         reason, non_finite = None, False
         with quiet_lm_eval():
             try:
@@ -134,9 +146,9 @@ class Evaluator:
                     reason, non_finite = "non-finite weights", True
                 else:
                     model.eval()
-                    metrics, eval_seconds, documents, stopped = self._score_steps(model, part, versus, values, docs)
+                    metrics, got = self._score_steps(model, part, versus, rungs, values, docs)
                     if self.per_doc:
-                        values.update(self._values(docs, versus if stopped else None))
+                        values.update(self._values(docs, versus if got.stopped else None, rungs, got))
                     bad = [name for name, v in values.items() if not math.isfinite(v)]
                     if bad:
                         reason, non_finite = f"non-finite metric {bad[0]}", True
@@ -147,6 +159,7 @@ class Evaluator:
             except Exception as e:  # noqa: BLE001 - a failing candidate is data, whatever the cause
                 reason = f"{type(e).__name__}: {first_line(e)}"
         values = {o.name: values.get(o.name, math.nan) for o in self.objectives}
+        kept = self.per_doc and reason is None
         return Score(
             values=values,
             metrics=metrics,
@@ -154,42 +167,53 @@ class Evaluator:
             reason=reason,
             non_finite=non_finite,
             seconds=time.perf_counter() - t0,
-            eval_seconds=eval_seconds,
-            docs=docs if self.per_doc and reason is None else None,
-            documents=documents,
-            stopped=stopped,
+            eval_seconds=got.seconds,
+            docs=docs if kept else None,
+            documents=got.documents,
+            stopped=got.stopped,
+            se=got.se if kept and got.stopped else None,
+            positions=got.positions if kept and got.stopped and rungs is not None else None,
         )
 
-    def _score_steps(self, model, part: Part | None, versus: Versus | None, values: dict, docs: Docs):
-        """Score the steps of ``part`` (all of it at once without ``versus``)
-        into ``values`` and ``docs``, stopping after a step that shows the
-        candidate worse than the incumbent; return the metrics (averaged over
-        the steps, by documents), the seconds evaluating, the documents
-        scored and whether it stopped."""
-        steps = self._steps(part, versus) if self.per_doc else [None]
+    def _score_steps(self, model, part: Part | None, versus: Versus | None, rungs: Rungs | None, values, docs: Docs):
+        """Score the steps of ``part`` (all of it at once without ``versus``
+        or ``rungs``) into ``values`` and ``docs``, stopping after a step
+        that shows the candidate worse than the incumbent (or beaten by the
+        front); return the metrics (averaged over the steps, by documents)
+        and what was scored (:class:`_Steps`)."""
+        got = _Steps()
+        if rungs is not None and self.per_doc:
+            got.orders = {t: rungs.order(t, len(order)) for t, order in self.order.items()}
+            steps = _rung_steps(got.orders, rungs)
+        else:
+            steps = self._steps(part, versus) if self.per_doc else [None]
         sums: dict[str, list[float]] = {}  # metric -> [weighted sum, weight]
-        eval_seconds, documents, stopped = 0.0, 0, False
         for i, step in enumerate(steps):
-            got: dict[str, float] = {}
-            seconds, counts = self._evaluate(model, values, got, step, docs if self.per_doc else None)
-            eval_seconds += seconds
-            documents += sum(counts.values())
-            for key, value in got.items():
+            found: dict[str, float] = {}
+            seconds, counts = self._evaluate(model, values, found, step, docs if self.per_doc else None)
+            got.seconds += seconds
+            got.documents += sum(counts.values())
+            for key, value in found.items():
                 n = counts.get(key.partition("/")[0], 1)
                 acc = sums.setdefault(key, [0.0, 0])
                 acc[0] += n * value
                 acc[1] += n
-            if versus is not None and i < len(steps) - 1 and self._worse(docs, versus):
-                stopped = True
+            if i == len(steps) - 1:
                 break
-        return {key: total / n for key, (total, n) in sums.items() if n}, eval_seconds, documents, stopped
+            if versus is not None and self._worse(docs, versus):
+                got.stopped = True
+            elif rungs is not None and rungs.beaten(rungs.estimates(docs, got.orders, self.doc_tasks)):
+                got.stopped = True
+            if got.stopped:
+                break
+        return {key: total / n for key, (total, n) in sums.items() if n}, got
 
-    def _steps(self, part: Part | None, versus: Versus | None) -> list[Part]:
-        """The parts scored one after another: ``part`` (default: all), in
-        steps at ``versus.looks`` when stopping early."""
+    def _steps(self, part: Part | None, versus: Versus | None) -> list[Picks]:
+        """The documents scored one after another: ``part`` (default: all),
+        in steps at ``versus.looks`` when stopping early."""
         whole = part if part is not None else self.full_part()
         if versus is None:
-            return [whole]
+            return [self._picks(whole)]
         ends = []  # per look, the end position of each task's documents
         for f in sorted(versus.looks):
             end = {t: lo + math.ceil(f * (hi - lo)) for t, (lo, hi) in whole.items()}
@@ -200,18 +224,37 @@ class Evaluator:
         for end in ends:
             step = {t: (done[t], e) for t, e in end.items() if e > done[t]}
             if step:
-                steps.append(step)
+                steps.append(self._picks(step))
                 done.update(end)
         return steps
+
+    def _picks(self, part: Part) -> Picks:
+        """A part as the positions it scores, in order."""
+        return {t: range(lo, hi) for t, (lo, hi) in part.items()}
 
     def _worse(self, docs: Docs, versus: Versus) -> bool:
         """Whether the documents scored so far show the candidate worse than the incumbent."""
         weights = signed_weights(self.objectives)
         return paired(docs, versus.docs, weights).p_worse < versus.alpha
 
-    def _values(self, docs: Docs, versus: Versus | None) -> dict[str, float]:
-        """Objective values from per-document scores: their means, or for a
-        stopped candidate the paired estimate (see :class:`Versus`)."""
+    def _values(self, docs: Docs, versus: Versus | None, rungs: Rungs | None, got: _Steps) -> dict[str, float]:
+        """Objective values from per-document scores: their means; for a
+        candidate stopped against the incumbent the paired estimate (see
+        :class:`Versus`), for one stopped by its rungs the difference
+        estimate (see :class:`Rungs`), each with its standard error in
+        ``got.se``. A candidate its rungs took to every document has its
+        scores put back in the evaluator's order."""
+        if rungs is not None and got.stopped:
+            estimates = rungs.estimates(docs, got.orders, self.doc_tasks)
+            got.se = {name: e.se for name, e in estimates.items()}
+            got.positions = {t: order[: len(docs[self._first_objective(t)])] for t, order in got.orders.items()}
+            return {name: e.value for name, e in estimates.items()}
+        if rungs is not None:
+            for name, task in self.doc_tasks.items():
+                back = [0.0] * len(docs[name])
+                for value, position in zip(docs[name], got.orders[task], strict=True):
+                    back[position] = value
+                docs[name][:] = back
         out = {}
         for name, values in docs.items():
             mean = sum(values) / len(values) if values else math.nan
@@ -219,24 +262,28 @@ class Evaluator:
                 theirs = versus.docs[name]
                 mine = theirs[: len(values)]
                 mean = sum(theirs) / len(theirs) + mean - sum(mine) / len(mine)
+                got.se[name] = difference(range(len(values)), values, theirs).se
             out[name] = mean
         return out
+
+    def _first_objective(self, task: str) -> str:
+        return next(name for name, t in self.doc_tasks.items() if t == task)
 
     def _evaluate(
         self,
         model: torch.nn.Module,
         values: dict[str, float],
         metrics: dict[str, float],
-        part: Part | None = None,
+        picks: Picks | None = None,
         docs: Docs | None = None,
     ) -> tuple[float, dict[str, int]]:
         """Fill ``values`` and ``metrics`` (and extend ``docs`` with the
-        per-document scores when it is given) from the documents of ``part``
+        per-document scores when it is given) from the documents of ``picks``
         (default: all); return the seconds spent evaluating and the number
         of documents scored per task."""
         spent, counts = 0.0, {}
         if self.tasks is not None:
-            spent, counts = self.tasks.evaluate(self.tasks.hflm(model, self.tokenizer), values, metrics, part, docs)
+            spent, counts = self.tasks.evaluate(self.tasks.hflm(model, self.tokenizer), values, metrics, picks, docs)
         for o in self.objectives:
             t = time.perf_counter()
             if o.perplexity is not None:
@@ -261,6 +308,29 @@ class Evaluator:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+@dataclass
+class _Steps:
+    """What a candidate's steps scored: seconds evaluating, documents,
+    whether it stopped, and for a stopped one each objective's standard
+    error (and, scored by rungs, each task's positions, in scoring order)."""
+
+    seconds: float = 0.0
+    documents: int = 0
+    stopped: bool = False
+    se: dict[str, float] = field(default_factory=dict)
+    orders: dict[str, list[int]] = field(default_factory=dict)  # rungs: each task's scoring order
+    positions: dict[str, list[int]] | None = None
+
+
+def _rung_steps(orders: dict[str, list[int]], rungs: Rungs) -> list[Picks]:
+    """The candidate's documents in the steps its rungs end at."""
+    steps, done = [], dict.fromkeys(orders, 0)
+    for end in rungs.ends({t: len(order) for t, order in orders.items()}):
+        steps.append({t: orders[t][done[t] : e] for t, e in end.items() if e > done[t]})
+        done.update(end)
+    return [step for step in steps if step]
 
 
 # Spelled out, so that lm-eval does not warn that it falls back on defaults;

@@ -20,6 +20,7 @@ from evomerge.fitness.score import is_number
 from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
 
 Part = dict[str, tuple[int, int]]  # task -> (first, end) positions in its document order
+Picks = dict[str, Sequence[int]]  # task -> the positions in its document order to score, in this order
 
 
 class _Indices(list):
@@ -118,16 +119,17 @@ class LmEvalTasks:
         if len(order) < n_docs:
             self.sample_indices[task_name] = sorted(order)
 
-    def evaluate(self, lm, values: dict, metrics: dict, part: Part | None, docs: Docs | None) -> tuple[float, dict]:
-        """Score the tasks' documents of ``part`` (default: all) with ``lm``
-        into ``values`` and ``metrics`` (and ``docs``, per document, when
-        given); return the seconds spent and the documents scored per task."""
+    def evaluate(self, lm, values: dict, metrics: dict, picks: Picks | None, docs: Docs | None) -> tuple[float, dict]:
+        """Score the tasks' documents of ``picks`` (default: all) with ``lm``
+        into ``values`` and ``metrics`` (and ``docs``, per document in the
+        order of ``picks``, when given); return the seconds spent and the
+        documents scored per task."""
         from lm_eval import evaluator
 
         task_dict, samples = self.task_dict, self.sample_indices
-        if part is not None:
-            task_dict = {"tasks": {t: self.task_dict["tasks"][t] for t in part}, "groups": {}, "group_map": {}}
-            samples = {t: sorted(self.order[t][lo:hi]) for t, (lo, hi) in part.items()}
+        if picks is not None:
+            task_dict = {"tasks": {t: self.task_dict["tasks"][t] for t in picks}, "groups": {}, "group_map": {}}
+            samples = {t: sorted(self.order[t][i] for i in positions) for t, positions in picks.items()}
         for task in task_dict["tasks"].values():
             # The few-shot sampler's generator advances as it draws; reseeding
             # gives every candidate the same prompts.
@@ -155,20 +157,20 @@ class LmEvalTasks:
                     raise RuntimeError(f"lm-eval reported no number for {target.result} {target.key}: {value!r}")
                 values[o.name] = float(value)
         if docs is not None:
-            whole = part or {task: (0, len(order)) for task, order in self.order.items()}
+            whole = picks or {task: range(len(order)) for task, order in self.order.items()}
             self.collect_docs(out["samples"], whole, docs)
         return spent, counts
 
-    def collect_docs(self, logged: dict[str, list[dict]], part: Part, docs: Docs) -> None:
-        """Append each objective's per-document scores of ``part`` (lm-eval's
-        logged samples) to ``docs``, in document order."""
+    def collect_docs(self, logged: dict[str, list[dict]], picks: Picks, docs: Docs) -> None:
+        """Append each objective's per-document scores of ``picks`` (lm-eval's
+        logged samples) to ``docs``, in the order of ``picks``."""
         for name, task in self.doc_tasks.items():
-            if task not in part:
+            if task not in picks:
                 continue
             metric, _, filt = self.task_objectives[name].key.partition(",")
             by_doc = {s["doc_id"]: float(s[metric]) for s in logged[task] if s.get("filter") == filt}
-            lo, hi = part[task]
-            docs[name].extend(by_doc[i] for i in self.order[task][lo:hi])
+            order = self.order[task]
+            docs[name].extend(by_doc[order[i]] for i in picks[task])
 
     def hflm(self, model: torch.nn.Module, tokenizer):
         """lm-eval's wrapper around ``model``, built once per model object."""
@@ -327,4 +329,4 @@ def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
             module.tqdm = bar
 
 
-__all__ = ["LmEvalTasks", "Part", "quiet_lm_eval"]
+__all__ = ["LmEvalTasks", "Part", "Picks", "quiet_lm_eval"]

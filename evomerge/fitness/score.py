@@ -36,8 +36,13 @@ class Score:
     scored) when every objective has them (lm-eval tasks whose metric is a
     mean); ``documents`` counts the lm-eval documents scored. ``stopped``:
     scoring stopped early, the candidate being clearly worse than the
-    incumbent it was scored against; its ``values`` are then estimates (see
-    :class:`Versus`).
+    incumbent it was scored against (:class:`Versus`), or beaten by the
+    search's best at one of its rungs (:class:`~evomerge.fitness.estimate.Rungs`);
+    its ``values`` are then estimates of the full-dev values, and ``se``
+    holds each one's standard error. ``positions``: for a candidate stopped
+    by its rungs, each task's scored positions (in the evaluator's order),
+    in the order of ``docs``; otherwise ``docs`` cover a prefix of that
+    order (every document for a complete candidate).
     """
 
     values: dict[str, float]
@@ -53,6 +58,8 @@ class Score:
     docs: Docs | None = None
     documents: int = 0
     stopped: bool = False
+    se: dict[str, float] | None = None
+    positions: dict[str, list[int]] | None = None
 
     @classmethod
     def failed(cls, reason: str, seconds: float = 0.0) -> Score:

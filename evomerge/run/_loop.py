@@ -30,9 +30,9 @@ def search(run) -> TrialRecord | None:
     done = len(run.store.trials("search", heldout=False))
     bar = progress_bar(enabled=run.progress, total=run.cfg.budget.trials, initial=done, desc="search", unit="trial")
     bar.write(budget_line(run.cfg.budget, done, run.store.elapsed))
-    memory = run.memory_line()
-    if memory:
-        bar.write(memory)
+    for line in (run.memory_line(), run.fidelity_line()):
+        if line:
+            bar.write(line)
     run.open_executor(log=bar.write)
     run.inflight = {}
     beat = Heartbeat(run.store, run.inflight) if run.cfg.storage is not None else None
@@ -127,7 +127,7 @@ def _loop(run, bar, done: int) -> None:
                 continue
             key = next(keys)
             inflight[key] = candidate
-            run.executor.submit(key, candidate.recipe, _dev_job(run))
+            run.executor.submit(key, candidate.recipe, _dev_job(run, candidate.recipe))
             if shared and candidate.trial is not None:  # stale (failed by others) only if this driver dies
                 run.store.heartbeat(candidate.trial)
         for candidate, outcome in schedule.flush():
@@ -151,8 +151,11 @@ def _loop(run, bar, done: int) -> None:
         )
 
 
-def _dev_job(run) -> Job:
-    """How a search candidate is scored: against the incumbent, with early stopping on."""
+def _dev_job(run, recipe) -> Job:
+    """How a search candidate is scored: on its rungs with fidelity on;
+    against the incumbent with early stopping on; else on every document."""
+    if run.fidelity:
+        return Job("dev", rungs=run.outcomes.rungs(recipe, run.cfg.fidelity, run.cfg.seed))
     incumbent = run.outcomes.incumbent
     if not run.early_stop or incumbent is None:
         return Job("dev")

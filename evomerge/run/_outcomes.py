@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.engine.recipe import Recipe
+from evomerge.fitness.estimate import Pool, Rungs
+from evomerge.fitness.paired import signed_weights
 from evomerge.fitness.score import Score
 from evomerge.run.record import TrialRecord
 from evomerge.run.store import RunStore
@@ -28,12 +30,17 @@ class Outcomes:
     fingerprint (successes and non-finite failures: both are properties of
     the recipe)."""
 
-    def __init__(self, store: RunStore, objectives: list, heldout_objectives: list):
+    def __init__(self, store: RunStore, objectives: list, heldout_objectives: list, pool: Pool | None = None):
         self.store, self.objectives, self.heldout_objectives = store, objectives, heldout_objectives
         self.cache: dict[str, Outcome] = {}
         # The best trial scored on every dev document, with per-document
         # scores: what early stopping compares a candidate with.
         self.incumbent: TrialRecord | None = None
+        # Fidelity: every trial's per-document scores pooled (the prediction),
+        # and the signed objective values of the complete ones (the front).
+        self.pool = pool
+        self.front: list[list[float]] = []
+        self.weights = signed_weights(objectives)
         for record in store.trials(heldout=False):
             if record.fingerprint and (record.status == "ok" or record.non_finite):
                 self.cache.setdefault(record.fingerprint, Outcome(record.told, record))
@@ -42,6 +49,34 @@ class Outcomes:
     def _consider(self, record: TrialRecord) -> None:
         if record.complete and record.docs and (self.incumbent is None or record.fitness > self.incumbent.fitness):
             self.incumbent = record
+        if self.pool is not None and record.ok and record.docs and not record.cached:
+            self.pool.add(record.docs, record.positions)
+        if record.complete and all(name in record.values for name in self.weights):
+            self.front = with_point(
+                self.front, [math.copysign(1.0, w) * record.values[n] for n, w in self.weights.items()]
+            )
+
+    def rungs(self, recipe: Recipe, settings, seed: int) -> Rungs:
+        """How a candidate is scored with fidelity on (see :class:`Rungs`):
+        the pool's prediction and the best complete trials to beat, the
+        incumbent's fitness (or, for several optimised objectives, the
+        Pareto front of their values)."""
+        if len(self.store.directions) == 1:
+            axes = [self.weights]
+            front = [[self.incumbent.fitness]] if self.incumbent is not None else []
+        else:
+            axes = [{name: math.copysign(1.0, w)} for name, w in self.weights.items()]
+            front = self.front
+        return Rungs(
+            key=recipe.fingerprint(),
+            seed=seed,
+            predicted=self.pool.prediction() if self.pool is not None else {},
+            axes=axes,
+            front=front,
+            fractions=tuple(settings.rungs),
+            z=settings.z,
+            min_docs=settings.min_docs,
+        )
 
     def _values(self, score: Score) -> list[float]:
         if len(self.store.directions) == 1:
@@ -54,7 +89,8 @@ class Outcomes:
         if hit is None:
             return None
         source = hit.record
-        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "recipe", "fingerprint", "stopped")
+        keep = ("status", "reason", "non_finite", "values", "metrics", "fitness", "fitness_se", "se")
+        keep += ("recipe", "fingerprint", "stopped")
         record = TrialRecord(kind=kind, name=name, cached=True, **{k: getattr(source, k) for k in keep})
         record.heldout_values, record.heldout_fitness = source.heldout_values, source.heldout_fitness
         record.heldout_docs = source.heldout_docs
@@ -81,7 +117,11 @@ class Outcomes:
             docs=score.docs,
             documents=score.documents,
             stopped=score.stopped,
+            se=score.se,
+            positions=score.positions,
         )
+        if score.se:
+            record.fitness_se = math.sqrt(sum((self.weights[n] * se) ** 2 for n, se in score.se.items()))
         if score.ok:
             values = self._values(score)
             record.fitness = score.fitness(self.objectives)
@@ -114,6 +154,14 @@ class Outcomes:
             "heldout_metrics": score.metrics,
             "heldout_docs": score.docs,
         }
+
+
+def with_point(front: list[list[float]], point: list[float]) -> list[list[float]]:
+    """A Pareto front (no point at least as good as another on every axis,
+    higher is better) with ``point`` added."""
+    if any(all(a >= b for a, b in zip(q, point, strict=True)) for q in front):
+        return front
+    return [q for q in front if not all(b >= a for a, b in zip(q, point, strict=True))] + [point]
 
 
 def describe(record: TrialRecord) -> str:

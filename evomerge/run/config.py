@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError, field_error
 from evomerge.fitness.spec import EvalSpec, ObjectiveSpec
@@ -187,6 +188,49 @@ class EarlyStop(Strict):
         return Versus(docs=docs, alpha=self.alpha, looks=tuple(self.looks), min_docs=self.min_docs)
 
 
+class Fidelity(Strict):
+    """Multi-fidelity scoring (``fidelity:``): each candidate is scored on
+    its own random subset of every task's dev documents, growing in steps
+    that end at the fractions ``rungs`` (then at all of them). After each
+    step its full-dev fitness is estimated with the difference estimator
+    (:mod:`evomerge.fitness.estimate`: predicted per document from the
+    baselines and the earlier candidates, corrected by the candidate's own
+    residuals), and scoring stops when the best fully scored trial beats
+    the estimate by more than ``z`` standard errors (with NSGA-II: when a
+    trial of the Pareto front does so on every objective). A stopped
+    candidate is recorded, and told to the driver, with its estimate; only
+    candidates scored on every document can be the incumbent, race or be
+    exported. Needs per-document scores (lm-eval tasks with a mean
+    metric); otherwise every candidate is scored in full. A step that
+    would score fewer than ``min_docs`` of a task is skipped."""
+
+    enabled: bool = False
+    rungs: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
+    z: float = 1.0
+    min_docs: int = 16
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, v):
+        if not v or any(not 0 < f < 1 for f in v):
+            raise ValueError("give at least one fraction between 0 and 1")
+        return sorted(set(v))
+
+    @field_validator("z")
+    @classmethod
+    def _z(cls, v):
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError("must be 0 or more")
+        return v
+
+    @field_validator("min_docs")
+    @classmethod
+    def _min_docs(cls, v):
+        if v < 1:
+            raise ValueError("must be positive")
+        return v
+
+
 class SearchConfig(Strict):
     """An experiment: sources, space, objectives, budget, driver, storage."""
 
@@ -197,6 +241,7 @@ class SearchConfig(Strict):
     heldout: EvalSpec | None = None
     select: SelectSettings | None = None
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
+    fidelity: Fidelity = Field(default_factory=Fidelity)
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     # Which optimizer proposes candidates, and its knobs: one settings model
     # per driver (evomerge.run.drivers.registry), told apart by name.
@@ -225,10 +270,19 @@ class SearchConfig(Strict):
             raise ValueError("list at least one model")
         return v
 
+    @model_validator(mode="after")
+    def _one_way_to_stop(self) -> SearchConfig:
+        if self.fidelity.enabled and self.early_stop.enabled:
+            raise EvomergeError(
+                "early_stop and fidelity are both enabled; enable one of them "
+                "(fidelity also stops candidates that are clearly worse, on fewer documents)"
+            )
+        return self
+
     def fingerprint(self) -> str:
-        # Selection and early stopping decide how candidates are scored and
+        # Selection, early stopping and fidelity decide how candidates are scored and
         # chosen, not what is searched: a run may change them and continue.
-        exclude = {"budget", "storage", "device", "executor", "select", "early_stop", "memory"}
+        exclude = {"budget", "storage", "device", "executor", "select", "early_stop", "fidelity", "memory"}
         data = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -26,6 +26,9 @@ _SCALARS = (
     "eval_seconds",
     "docs",
     "documents",
+    "se",
+    "fitness_se",
+    "positions",
 )
 _HELDOUT = {
     "heldout": "heldout_values",
@@ -65,7 +68,10 @@ class TrialRecord:
     attempts: int = 1  # workers that tried it (a Ray worker may die mid-candidate)
     docs: dict[str, list[float]] | None = None  # per-document dev scores (evomerge.fitness.paired)
     documents: int | None = None  # dev documents scored
-    stopped: bool = False  # stopped early: worse than the incumbent; values and fitness are estimates
+    stopped: bool = False  # stopped early (worse than the incumbent, or by fidelity): values and fitness estimated
+    se: dict[str, float] | None = None  # a stopped trial's standard error per objective value
+    fitness_se: float | None = None  # and of its fitness
+    positions: dict[str, list[int]] | None = None  # fidelity: per task, the positions of ``docs`` (else a prefix)
     heldout_values: dict[str, float] | None = None
     heldout_fitness: float | None = None
     heldout_metrics: dict[str, float] | None = None

@@ -31,6 +31,7 @@ from typing import Any
 
 from evomerge.engine.recipe import MERGED, Recipe, Source
 from evomerge.errors import EvomergeError
+from evomerge.fitness.estimate import Pool
 from evomerge.run import _baselines, _finish, _loop
 from evomerge.run._outcomes import Outcome, Outcomes, describe
 from evomerge.run._run_folder import check_run_folder, masked
@@ -77,9 +78,15 @@ class Run:
                 file=sys.stderr,
             )
         heldout = list(self.cfg.heldout.objectives) if self.cfg.heldout is not None else []
-        self.outcomes = Outcomes(self.store, self.objectives, heldout)
-        # Early stopping needs per-document dev scores and one fitness to compare.
+        # Early stopping needs per-document dev scores and one fitness to
+        # compare; fidelity needs per-document scores.
         self.early_stop = self.cfg.early_stop.enabled and self.dev_eval.per_doc and len(self.store.directions) == 1
+        self.fidelity = self.cfg.fidelity.enabled and self.dev_eval.per_doc
+        pool = None
+        if self.fidelity:
+            order, tasks = self.dev_eval.order, self.dev_eval.doc_tasks
+            pool = Pool({name: len(order[task]) for name, task in tasks.items()}, tasks)
+        self.outcomes = Outcomes(self.store, self.objectives, heldout, pool)
 
     # -- assembly ------------------------------------------------------------
 
@@ -141,6 +148,23 @@ class Run:
     def memory_line(self) -> str | None:
         """The local worker's memory line, printed at start."""
         return self.worker.memory_line() if self.worker is not None else None
+
+    def fidelity_line(self) -> str | None:
+        """One line on multi-fidelity scoring, printed at start when it is asked for."""
+        f = self.cfg.fidelity
+        if not f.enabled:
+            return None
+        if not self.fidelity:
+            no = next(o.name for o in self.objectives if o.name not in self.dev_eval.doc_tasks)
+            return (
+                f"fidelity: off, since objective {no} has no per-document scores "
+                "(only lm-eval tasks with a mean metric do); every candidate is scored in full"
+            )
+        rungs = ", ".join(f"{r:g}" for r in f.rungs)
+        return (
+            f"fidelity: each candidate is scored on its own documents at {rungs}, then all, "
+            f"and stopped when the best beats its estimate by more than {f.z:g} standard errors"
+        )
 
     def _memory_recipes(self) -> list[Recipe]:
         """What the merger's memory plan must hold besides the template: the

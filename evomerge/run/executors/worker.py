@@ -28,11 +28,13 @@ class Job:
     """What a worker does with a recipe: score it on the ``which`` documents
     (``dev``, ``heldout``, ``both``: dev then held-out, or ``select``);
     ``part``: only these documents (see :meth:`Evaluator.score`);
-    ``versus``: stop early against the incumbent (dev only)."""
+    ``versus``: stop early against the incumbent (dev only); ``rungs``:
+    multi-fidelity scoring (dev only)."""
 
     which: str = "dev"
     part: dict[str, tuple[int, int]] | None = None
     versus: Any = None  # an evomerge.fitness.score.Versus
+    rungs: Any = None  # an evomerge.fitness.estimate.Rungs
 
     def __post_init__(self):
         if self.which not in WHICH:
@@ -201,8 +203,13 @@ class Worker:
         evaluator = {"heldout": self.heldout, "select": self.select}.get(which, self.dev)
         if evaluator is None:
             return Score.failed(f"the config has no {which} section")
-        versus = job.versus if evaluator.per_doc and which in ("dev", "both") else None
-        evaluated = evaluator.score(model, part=job.part if evaluator.per_doc else None, versus=versus)
+        dev = evaluator.per_doc and which in ("dev", "both")
+        evaluated = evaluator.score(
+            model,
+            part=job.part if evaluator.per_doc else None,
+            versus=job.versus if dev else None,
+            rungs=job.rungs if dev else None,
+        )
         score = dataclasses.replace(evaluated, seconds=merge_seconds + evaluated.seconds, merge_seconds=merge_seconds)
         if which == "both" and self.heldout is not None and score.ok:
             score.heldout = self.heldout.score(model)
