@@ -62,7 +62,11 @@ class Scores:
     verdict: Verdict | None
 
     def dev(self, record: TrialRecord) -> Estimate | None:
-        """Dev fitness, with its standard error from per-document scores."""
+        """Dev fitness, with its standard error from per-document scores; for
+        a trial stopped early, its estimate's standard error against the
+        full-dev fitness."""
+        if record.stopped and record.fitness_se is not None and record.fitness is not None:
+            return Estimate(record.fitness, record.fitness_se)
         return estimate(record.docs, record.fitness, self.weights["eval"])
 
     def selection(self, record: TrialRecord) -> Estimate | None:
@@ -121,6 +125,7 @@ def _row(record: TrialRecord, objectives: list[str], scores: Scores) -> list[str
         str(record.number),
         what,
         _cell(scores.dev(record)),
+        str(record.documents) if record.documents is not None else "-",
         *[f"{record.values[o]:.4f}" if o in record.values else "-" for o in objectives],
         _cell(scores.selection(record)),
         _cell(scores.heldout(record)),
@@ -147,7 +152,7 @@ def status_table(run_dir: str | Path, top: int = 10, store: RunStore | None = No
     best = scores.chosen
     if best is not None and best.kind == "search" and best.number not in {r.number for r in shown}:
         shown.append(best)
-    header = ["", "trial", "what", "dev", *objectives, "selection", "held-out"]
+    header = ["", "trial", "what", "dev", "docs", *objectives, "selection", "held-out"]
     rows = [_row(r, objectives, scores) for r in [*baselines, *shown]]
     widths = [max(len(r[i]) for r in [header, *rows] if i < len(r)) for i in range(len(header))]
     table = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
@@ -156,7 +161,8 @@ def status_table(run_dir: str | Path, top: int = 10, store: RunStore | None = No
 
     unfinished = store.other_states().get("fail", 0)
     counts = [f"{len(failed)} failed"]
-    early = ((store.record.get("config") or {}).get("early_stop") or {}).get("enabled")
+    config = store.record.get("config") or {}
+    early = any((config.get(k) or {}).get("enabled") for k in ("early_stop", "fidelity"))
     if stopped or early:
         counts.append(f"{len(stopped)} stopped early")
     if unfinished:
@@ -164,6 +170,10 @@ def status_table(run_dir: str | Path, top: int = 10, store: RunStore | None = No
     summary = [
         f"{len(search)} search trials ({', '.join(counts)}), {len(baselines)} baselines, {store.elapsed / 60:.1f} min"
     ]
+    scored = [r for r in search if r.ok and not r.cached and r.documents]
+    if scored:
+        documents = sum(r.documents for r in scored)
+        summary[0] += f"; {documents:,} dev documents scored, {documents / len(scored):.0f} per candidate"
     if best is not None:
         what = f"trial {best.number}" + (f" ({best.name})" if best.kind == "baseline" else "")
         line = f"exported best: {what}, {scores.rule_text()}; dev {best.fitness:.4f}"
@@ -175,9 +185,10 @@ def status_table(run_dir: str | Path, top: int = 10, store: RunStore | None = No
     if best is not None:
         notes.append("* exported best")
     if any(r.stopped for r in [*baselines, *shown]):
-        notes.append("~ stopped early (dev fitness estimated on part of the documents)")
+        notes.append("~ stopped early (dev fitness estimated from the docs it was scored on)")
     if any("±" in c for r in rows for c in r):
-        notes.append("± 95% interval")
+        stopped_se = any(r.stopped and r.fitness_se is not None for r in [*baselines, *shown])
+        notes.append("± 95% interval" + (" (for ~: of the estimate of the full-dev fitness)" if stopped_se else ""))
     if scores.selections:
         notes.append("selection: on the documents each entrant reached in the race")
     footer = ["; ".join(notes)] if notes else []

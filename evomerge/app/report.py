@@ -510,7 +510,10 @@ def _table(header: list[str], rows: list[tuple[str, list[tuple[str, bool]]]]) ->
 
 
 def _score_cells(run: _Run, record: TrialRecord) -> list[tuple[str, bool]]:
-    cells = [(_num(record.fitness), True)]
+    fitness = _num(record.fitness)
+    if record.stopped and record.fitness_se is not None:
+        fitness += f" ±{1.96 * record.fitness_se:.4f}"  # the estimate's error against the full-dev fitness
+    cells = [(fitness, True), (str(record.documents) if record.documents is not None else "-", True)]
     if len(run.objectives) > 1:
         cells += [(_num(record.values.get(o)), True) for o in run.objectives]
     selection = run.scores.selection(record)
@@ -520,7 +523,7 @@ def _score_cells(run: _Run, record: TrialRecord) -> list[tuple[str, bool]]:
 
 
 def _score_header(run: _Run) -> list[str]:
-    return ["fitness", *(run.objectives if len(run.objectives) > 1 else []), "selection", "held-out"]
+    return ["fitness", "docs", *(run.objectives if len(run.objectives) > 1 else []), "selection", "held-out"]
 
 
 def _is_chosen(run: _Run, record: TrialRecord) -> bool:
@@ -590,9 +593,18 @@ def _summary(run: _Run) -> str:
     failed = len(run.search) - len(ok)
     stopped = sum(1 for r in ok if r.stopped)
     items = [f"{len(run.search)} search trials: {len(ok)} scored ({cached} from the cache), {failed} failed"]
-    if stopped or ((run.record.get("config") or {}).get("early_stop") or {}).get("enabled"):
+    config = run.record.get("config") or {}
+    if stopped or any((config.get(k) or {}).get("enabled") for k in ("early_stop", "fidelity")):
         items[0] += f", {stopped} stopped early" + (
-            " (their fitness estimated on part of the documents)" if stopped else ""
+            " (their fitness estimated on part of the documents, ± its 95% interval against the full-dev fitness)"
+            if stopped
+            else ""
+        )
+    scored = [r for r in ok if not r.cached and r.documents]
+    if scored:
+        items.append(
+            f"dev documents scored: {sum(r.documents for r in scored):,} by search trials, "
+            f"{sum(r.documents for r in scored) / len(scored):.0f} per candidate"
         )
     states = run.states
     if states:

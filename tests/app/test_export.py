@@ -209,6 +209,7 @@ def test_a_run_without_per_document_scores_shows_plain_values(experiment, tmp_pa
         "2",
         "search (linear)",
         "0.8000",
+        "40",  # the dev documents it was scored on
         "0.8000",
         "-",
         "0.7000",

@@ -184,11 +184,11 @@ def test_multi_objective_report_draws_the_pareto_front(nsga_run, capsys):
     # the table's Pareto column agrees with Optuna's own front
     front = {t.number for t in study.best_trials}
     assert front
-    # rank, trial, fitness, the two objectives, selection, held-out, Pareto, status, recipe
-    table = [(trial, cells) for trial, cells in page.rows if trial and len(cells) == 10]
+    # rank, trial, fitness, docs, the two objectives, selection, held-out, Pareto, status, recipe
+    table = [(trial, cells) for trial, cells in page.rows if trial and len(cells) == 11]
     assert len(table) == len(complete(study, "search"))
     for trial, cells in table:
-        assert (cells[7] == "yes") == (int(trial) in front), (trial, cells)
+        assert (cells[8] == "yes") == (int(trial) in front), (trial, cells)
     assert "sums/acc" in text and "perplexity:tasks/sums.jsonl" in text
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from conftest import N_DOCS
 from helpers import trials, write_config
 
 from evomerge.engine.recipe import Recipe
@@ -388,3 +389,42 @@ from executor_contract import ExecutorContract  # noqa: E402
 @pytest.mark.usefixtures("local_ray")
 class TestRayExecutorContract(ExecutorContract):
     executor_settings = {"name": "ray", "workers": 2, "num_cpus": 1, "retries": 1}
+
+
+@pytest.mark.slow
+def test_a_fidelity_search_runs_on_ray_workers(experiment, tmp_path, local_ray):
+    from evomerge.fitness.estimate import Rungs
+    from evomerge.run.executors.ray_executor import RayExecutor
+    from evomerge.run.executors.worker import Job
+    from evomerge.run.store import RunStore
+
+    config = write_config(
+        experiment,
+        "ray_fidelity.yaml",
+        fidelity={"enabled": True, "rungs": [0.25, 0.5], "z": 0.0, "min_docs": 2},
+        driver={"name": "random"},
+        budget={"trials": 8},
+        executor={"name": "ray", "workers": 2, "num_cpus": 1},
+    )
+    run = Run(config, tmp_path / "run", progress=False)
+    try:
+        best = run.search()
+    finally:
+        run.close()
+    store = RunStore.open(tmp_path / "run")
+    search = [r for r in store.trials("search") if r.ok and not r.cached]
+    stopped = [r for r in search if r.stopped]
+    assert len(search) >= 6 and stopped and best.complete
+    assert all(len(r.positions["sums"]) == len(r.docs["sums/acc"]) == r.documents < N_DOCS for r in stopped)
+
+    # The workers take the job's rungs: against a best no candidate reaches, it stops at the first.
+    executor = RayExecutor(run.cfg.executor, run.spec, log=lambda line: None)
+    rungs = Rungs(
+        key="k", seed=0, predicted={"sums/acc": [0.5] * N_DOCS}, axes=[{"sums/acc": 1.0}], front=[[2.0]], min_docs=2
+    )
+    try:
+        executor.submit("stop", Recipe.model_validate(best.recipe), Job("dev", rungs=rungs))
+        got = dict(executor.wait())
+    finally:
+        executor.close()
+    assert got["stop"].stopped and got["stop"].positions["sums"] == rungs.order("sums", N_DOCS)[: N_DOCS // 8]
