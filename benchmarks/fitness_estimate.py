@@ -18,6 +18,11 @@ full-dev fitness over the run's candidates (mean over draws). No model is run.
 
 Usage:
     .venv/bin/python benchmarks/fitness_estimate.py [RUN_DIR ...] [--fractions 0.125,0.25,0.5] [--draws 20]
+        [--pooled-by-seed]
+
+With --pooled-by-seed, runs named ``NAME_SEED`` (benchmarks/selection.py's
+run folders, e.g. /tmp/evomerge_selection/runs/demo_plain_0 ... _4) are also
+summarised per NAME: the mean and standard error over seeds of each number.
 
 Default runs: the stored SmolLM2 multiskill searches (experiments/smollm2_multiskill/results/studies/*).
 """
@@ -127,16 +132,45 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_seed(rows: list[dict]) -> str:
+    """Mean ± standard error over seeds, per run name without its ``_SEED``."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["run"].rsplit("_", 1)[0], r["fraction"]), []).append(r)
+
+    def mean_se(values) -> str:
+        values = np.asarray(values, dtype=float)
+        se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        return f"{values.mean():.4f} ± {se:.4f}"
+
+    lines = [
+        "| runs | seeds | fraction | plain MAE | pooled MAE | pooled / plain MAE | plain Spearman | pooled Spearman |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, fraction), rs in groups.items():
+        lines.append(
+            f"| {name} | {len(rs)} | {fraction:g} | {mean_se([r['plain_mae'] for r in rs])} "
+            f"| {mean_se([r['pooled_mae'] for r in rs])} "
+            f"| {mean_se([r['pooled_mae'] / r['plain_mae'] for r in rs])} "
+            f"| {mean_se([r['plain_spearman'] for r in rs])} | {mean_se([r['pooled_spearman'] for r in rs])} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", type=Path, default=DEFAULT_RUNS, help="run folders (default: the stored ones)")
     p.add_argument("--fractions", default="0.125,0.25,0.5")
     p.add_argument("--draws", type=int, default=20)
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--pooled-by-seed", action="store_true", help="also summarise runs NAME_SEED per NAME")
     args = p.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
     rows = [row for run in args.runs for row in measure(run, fractions, args.draws)]
     print(markdown(rows))
+    if args.pooled_by_seed:
+        print()
+        print(by_seed(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -21,3 +21,20 @@ def test_the_estimator_benchmark_reads_a_stored_run(tmp_path):
     assert row["run"] == "ps_cma_evolve" and row["candidates"] > 50 and row["fraction"] == 0.125
     assert row["pooled_mae"] < row["plain_mae"]
     assert "| ps_cma_evolve |" in done.stdout
+
+
+def test_runs_of_several_seeds_are_summarised_per_name():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fitness_estimate", ROOT / "benchmarks/fitness_estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        {"run": f"demo_plain_{seed}", "fraction": 0.125, "plain_mae": mae, "pooled_mae": mae / 2}
+        | {"plain_spearman": 0.5, "pooled_spearman": 0.7}
+        for seed, mae in enumerate([0.04, 0.06])
+    ]
+    table = module.by_seed(rows)
+    (line,) = [line for line in table.splitlines() if line.startswith("| demo_plain |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:4] == ["demo_plain", "2", "0.125", "0.0500 ± 0.0100"] and cells[5] == "0.5000 ± 0.0000"
