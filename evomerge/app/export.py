@@ -181,20 +181,26 @@ def status_table(run_dir: str | Path, top: int = 10, store: RunStore | None = No
         if top_base is not None:
             line += f" against best baseline {top_base.fitness:.4f}"
         summary.append(line)
-    notes = []
-    if best is not None:
-        notes.append("* exported best")
-    if any(r.stopped for r in [*baselines, *shown]):
-        notes.append("~ stopped early (dev fitness estimated from the docs it was scored on)")
-    if any("±" in c for r in rows for c in r):
-        stopped_se = any(r.stopped and r.fitness_se is not None for r in [*baselines, *shown])
-        notes.append("± 95% interval" + (" (for ~: of the estimate of the full-dev fitness)" if stopped_se else ""))
-    if scores.selections:
-        notes.append("selection: on the documents each entrant reached in the race")
+    notes = _notes(scores, [*baselines, *shown], rows)
     footer = ["; ".join(notes)] if notes else []
     if scores.verdict is not None:
         footer.append(f"verdict: {scores.verdict.line()}")
     return "\n".join([*_wrap(summary), *table, *_wrap(footer)])
+
+
+def _notes(scores, listed: list, rows: list[list[str]]) -> list[str]:
+    """What the status table's marks mean, for the marks it shows."""
+    notes = []
+    if scores.chosen is not None:
+        notes.append("* exported best")
+    if any(r.stopped for r in listed):
+        notes.append("~ stopped early (dev fitness estimated from the docs it was scored on)")
+    if any("±" in c for r in rows for c in r):
+        stopped_se = any(r.stopped and r.fitness_se is not None for r in listed)
+        notes.append("± 95% interval" + (" (for ~: of the estimate of the full-dev fitness)" if stopped_se else ""))
+    if scores.selections:
+        notes.append("selection: on the documents each entrant reached in the race")
+    return notes
 
 
 def _wrap(lines: list[str], width: int = 120) -> list[str]:
