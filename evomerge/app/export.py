@@ -20,6 +20,7 @@ import yaml
 from evomerge.engine.folder import atomic_write
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
+from evomerge.fitness.aggregate import Aggregate
 from evomerge.fitness.race import Estimate, Verdict, estimate, selection_estimate
 from evomerge.run.record import TrialRecord, best_of, rank_key
 from evomerge.run.record import chosen as chosen_of
@@ -51,14 +52,14 @@ def describe_recipe(recipe: dict) -> str:
 class Scores:
     """A run's trials with what judges them, read once for status, export
     and report: the chosen best and its rule, the race, the objective
-    weights of the dev, selection and held-out sets, and the verdict."""
+    fitness rules of the dev, selection and held-out sets, and the verdict."""
 
     records: list[TrialRecord]
     chosen: TrialRecord | None
     rule: str  # "race" or "dev"
     race: dict[str, Any] | None
     selections: dict[int, dict[str, Any]]  # trial number -> its entry in the race's selection scores
-    weights: dict[str, dict[str, float]]  # "eval", "select", "heldout" -> signed objective weights
+    rules: dict[str, Aggregate]  # "eval", "select", "heldout" -> the section's fitness rule
     verdict: Verdict | None
 
     def dev(self, record: TrialRecord) -> Estimate | None:
@@ -67,15 +68,15 @@ class Scores:
         full-dev fitness."""
         if record.stopped and record.fitness_se is not None and record.fitness is not None:
             return Estimate(record.fitness, record.fitness_se)
-        return estimate(record.docs, record.fitness, self.weights["eval"])
+        return estimate(record.docs, record.fitness, self.rules["eval"])
 
     def selection(self, record: TrialRecord) -> Estimate | None:
         """Selection fitness on the documents the race scored it on; None
         for a trial that did not race."""
-        return selection_estimate(self.selections.get(record.number), self.weights["select"])
+        return selection_estimate(self.selections.get(record.number), self.rules["select"])
 
     def heldout(self, record: TrialRecord) -> Estimate | None:
-        return estimate(record.heldout_docs, record.heldout_fitness, self.weights["heldout"])
+        return estimate(record.heldout_docs, record.heldout_fitness, self.rules["heldout"])
 
     @property
     def raced(self) -> bool:
@@ -99,10 +100,10 @@ def read_scores(store: RunStore) -> Scores:
     records = store.trials()
     race = store.race()
     best, rule = chosen_of(records, race)
-    weights = {section: store.weights(section) for section in ("eval", "select", "heldout")}
+    rules = {section: store.aggregate(section) for section in ("eval", "select", "heldout")}
     selections = store.selections(race["fp"]) if race and race.get("fp") else {}
-    judged = judged_of(records, race, weights["heldout"])
-    return Scores(records, best, rule, race, selections, weights, judged)
+    judged = judged_of(records, race, rules["heldout"])
+    return Scores(records, best, rule, race, selections, rules, judged)
 
 
 def _se(value: Estimate | None) -> dict[str, float]:
@@ -110,11 +111,24 @@ def _se(value: Estimate | None) -> dict[str, float]:
     return {"se": value.se} if value is not None and value.se is not None else {}
 
 
+def _kept(rule: Aggregate, values: dict[str, float] | None) -> dict[str, Any]:
+    """``{"kept": ...}``, each normalized objective's share of its reference kept, when there are some."""
+    kept = rule.retention(values or {})
+    return {"kept": kept} if kept else {}
+
+
 def _cell(value: Estimate | None) -> str:
     return str(value) if value is not None else "-"
 
 
+def _value_cell(values: dict[str, float], name: str, kept: dict[str, float]) -> str:
+    if name not in values:
+        return "-"
+    return f"{values[name]:.4f}" + (f" ({100 * kept[name]:.0f}%)" if name in kept else "")
+
+
 def _row(record: TrialRecord, objectives: list[str], scores: Scores) -> list[str]:
+    kept = scores.rules["eval"].retention(record.values)
     mark = "*" if scores.chosen is not None and record.number == scores.chosen.number else ""
     mark = mark or ("~" if record.stopped else "")
     what = record.name if record.kind == "baseline" else f"search ({describe_recipe(record.recipe)})"
@@ -126,7 +140,7 @@ def _row(record: TrialRecord, objectives: list[str], scores: Scores) -> list[str
         what,
         _cell(scores.dev(record)),
         str(record.documents) if record.documents is not None else "-",
-        *[f"{record.values[o]:.4f}" if o in record.values else "-" for o in objectives],
+        *[_value_cell(record.values, o, kept) for o in objectives],
         _cell(scores.selection(record)),
         _cell(scores.heldout(record)),
     ]
@@ -198,6 +212,8 @@ def _notes(scores, listed: list, rows: list[list[str]]) -> list[str]:
     if any("±" in c for r in rows for c in r):
         stopped_se = any(r.stopped and r.fitness_se is not None for r in listed)
         notes.append("± 95% interval" + (" (for ~: of the estimate of the full-dev fitness)" if stopped_se else ""))
+    if scores.rules["eval"].references:
+        notes.append("(N%): the share of the reference kept (normalize: expert: of the best source's score)")
     if scores.selections:
         notes.append("selection: on the documents each entrant reached in the race")
     return notes
@@ -281,7 +297,7 @@ def _pick(run_dir: Path, scores: Scores, trial: int | None) -> tuple[TrialRecord
     if chosen is None or chosen.status != "ok":
         raise EvomergeError(f"trial {trial} is not a successful trial of {run_dir}; see `evomerge status`")
     # The verdict of this trial, as if it were the run's chosen best.
-    judged = judged_of(scores.records, {"winner": trial}, scores.weights["heldout"])
+    judged = judged_of(scores.records, {"winner": trial}, scores.rules["heldout"])
     return chosen, "trial", dataclasses.replace(judged, rule="trial") if judged is not None else None
 
 
@@ -307,9 +323,15 @@ def _export_metadata(
             **({"documents": chosen.documents} if chosen.documents is not None else {}),
             **({"stopped": True} if chosen.stopped else {}),
             "objectives": chosen.values,
+            **_kept(scores.rules["eval"], chosen.values),
         },
         **({"selection": {"fitness": selection.value, **_se(selection)}} if selection else {}),
-        "heldout": {"fitness": chosen.heldout_fitness, **_se(heldout), "objectives": chosen.heldout_values}
+        "heldout": {
+            "fitness": chosen.heldout_fitness,
+            **_se(heldout),
+            "objectives": chosen.heldout_values,
+            **_kept(scores.rules["heldout"], chosen.heldout_values),
+        }
         if chosen.heldout_values is not None
         else None,
         **({"verdict": judged.as_dict()} if judged is not None else {}),

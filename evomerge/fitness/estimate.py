@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from evomerge.fitness.aggregate import Aggregate
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -100,11 +102,15 @@ def _var(x: np.ndarray) -> float:
     return float(x.var(ddof=1)) if len(x) > 1 else math.inf
 
 
-def combine(estimates: dict[str, Estimate], weights: dict[str, float]) -> Estimate:
-    """The weighted sum of independent objectives' estimates (each objective
-    is its own stratum, drawn on its own)."""
-    value = sum(weights[name] * e.value for name, e in estimates.items())
-    se = math.sqrt(sum((weights[name] * e.se) ** 2 for name, e in estimates.items()))
+def combine(estimates: dict[str, Estimate], weights: Mapping[str, float] | Aggregate) -> Estimate:
+    """The fitness of independent objectives' estimates (each objective is
+    its own stratum, drawn on its own): their weighted sum, or another
+    aggregate, with its delta-method standard error
+    (:meth:`~evomerge.fitness.aggregate.Aggregate.se`)."""
+    agg = Aggregate.of(weights)
+    values = {name: e.value for name, e in estimates.items()}
+    value = agg.value(values)
+    se = agg.se(values, {name: e.se for name, e in estimates.items()})
     scored = sum(e.scored for e in estimates.values())
     total = sum(e.total for e in estimates.values())
     return Estimate(value, se, scored, total)
@@ -157,9 +163,10 @@ class Rungs:
     candidate stops when a point of ``front`` beats it on every axis by
     more than ``z`` standard errors.
 
-    ``axes``: what is compared, each a weighted sum of objectives (signed:
-    higher is better): one axis, the fitness, for a single-fitness search;
-    one per objective for several (NSGA-II). ``front``: the values on those
+    ``axes``: what is compared, each an
+    :class:`~evomerge.fitness.aggregate.Aggregate` of objectives (or their
+    signed weights; higher is better): one axis, the fitness, for a
+    single-fitness search; one per objective for several (NSGA-II). ``front``: the values on those
     axes of the best fully scored trials (the incumbent alone, or the
     Pareto front). Without a front, nothing can stop it.
     """
@@ -167,7 +174,7 @@ class Rungs:
     key: str
     seed: int
     predicted: dict[str, list[float]]
-    axes: list[dict[str, float]]
+    axes: list[Aggregate | dict[str, float]]
     front: list[list[float]] = field(default_factory=list)
     fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
     z: float = 1.0
@@ -198,7 +205,7 @@ class Rungs:
     def beaten(self, estimates: Mapping[str, Estimate]) -> bool:
         """Whether a point of the front beats these estimates by more than
         ``z`` standard errors on every axis."""
-        on_axes = [combine({n: estimates[n] for n in axis}, axis) for axis in self.axes]
+        on_axes = [combine({n: estimates[n] for n in Aggregate.of(axis).names}, axis) for axis in self.axes]
         return any(
             all(p > e.value + self.z * e.se for p, e in zip(point, on_axes, strict=True)) for point in self.front
         )

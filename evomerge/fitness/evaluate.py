@@ -234,8 +234,8 @@ class Evaluator:
 
     def _worse(self, docs: Docs, versus: Versus) -> bool:
         """Whether the documents scored so far show the candidate worse than the incumbent."""
-        weights = signed_weights(self.objectives)
-        return paired(docs, versus.docs, weights).p_worse < versus.alpha
+        rule = versus.aggregate if versus.aggregate is not None else signed_weights(self.objectives)
+        return paired(docs, versus.docs, rule).p_worse < versus.alpha
 
     def _values(self, docs: Docs, versus: Versus | None, rungs: Rungs | None, got: _Steps) -> dict[str, float]:
         """Objective values from per-document scores: their means; for a

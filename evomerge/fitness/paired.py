@@ -3,8 +3,11 @@
 A candidate's per-document scores are ``{objective: [value per document]}``,
 each list in its evaluator's document order (see
 :attr:`evomerge.fitness.evaluate.Evaluator.order`). An objective's value is the mean
-of its documents, and the fitness the weighted sum of the objectives, each
-weight signed by its direction (``signed_weights``), so higher is better.
+of its documents, and the fitness by default the weighted sum of the
+objectives, each weight signed by its direction (``signed_weights``), so
+higher is better. Every function here takes those weights or an
+:class:`~evomerge.fitness.aggregate.Aggregate` (normalized objectives, a min
+or softmin), whose differences and errors come from its gradient.
 
 Two candidates scored on the same documents differ in fitness by
 ``sum_o w_o * mean_d(a_od - b_od)``; its standard error is
@@ -21,12 +24,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from evomerge.fitness.aggregate import Aggregate, signed_weights
+
 Docs = dict[str, list[float]]
-
-
-def signed_weights(objectives: Sequence) -> dict[str, float]:
-    """Objective name -> weight, negative for a minimised objective."""
-    return {o.name: o.weight * (1.0 if o.direction == "maximize" else -1.0) for o in objectives}
 
 
 @dataclass(frozen=True)
@@ -61,30 +61,53 @@ def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
     return mean, var
 
 
-def paired(a: Docs, b: Docs, weights: dict[str, float]) -> Paired:
+def paired(a: Docs, b: Docs, weights: dict[str, float] | Aggregate) -> Paired:
     """Compare ``a`` with ``b`` on the documents both have (each objective's
     common prefix)."""
-    diff = var = 0.0
-    total = 0
-    for name, w in weights.items():
+    agg = Aggregate.of(weights)
+    common = {}
+    for name in agg.weights:
         n = min(len(a[name]), len(b[name]))
         if n == 0:
             raise ValueError(f"no common documents for {name}")
-        mean, v = _mean_var([x - y for x, y in zip(a[name][:n], b[name][:n])])
-        diff += w * mean
-        var += w * w * v / n
-        total += n
-    return Paired(diff, math.sqrt(var), total)
+        common[name] = n
+    total = sum(common.values())
+    if agg.linear:
+        diff = var = 0.0
+        for name, w in agg.gradient().items():
+            n = common[name]
+            mean, v = _mean_var([x - y for x, y in zip(a[name][:n], b[name][:n])])
+            diff += w * mean
+            var += w * w * v / n
+        return Paired(diff, math.sqrt(var), total)
+    mine = {name: sum(a[name][:n]) / n for name, n in common.items()}
+    theirs = {name: sum(b[name][:n]) / n for name, n in common.items()}
+    ga, gb = agg.gradient(mine), agg.gradient(theirs)
+    var = 0.0
+    for name, n in common.items():
+        _, v = _mean_var([ga[name] * x - gb[name] * y for x, y in zip(a[name][:n], b[name][:n])])
+        var += v / n
+    return Paired(agg.value(mine) - agg.value(theirs), math.sqrt(var), total)
 
 
-def fitness(docs: Docs, weights: dict[str, float]) -> float:
-    """The fitness of per-document scores: the weighted objective means."""
-    return sum(w * sum(docs[name]) / len(docs[name]) for name, w in weights.items())
+def means(docs: Docs, names) -> dict[str, float]:
+    """Each objective's mean over its documents."""
+    return {name: sum(docs[name]) / len(docs[name]) for name in names}
 
 
-def standard_error(docs: Docs, weights: dict[str, float]) -> float:
+def fitness(docs: Docs, weights: dict[str, float] | Aggregate) -> float:
+    """The fitness of per-document scores: the aggregate of the objective means."""
+    agg = Aggregate.of(weights)
+    if agg.rule == "sum" and not agg.references:  # the weighted sum, exactly as always
+        return sum(w * sum(docs[name]) / len(docs[name]) for name, w in agg.weights.items())
+    return agg.value(means(docs, agg.names))
+
+
+def standard_error(docs: Docs, weights: dict[str, float] | Aggregate) -> float:
     """The standard error of :func:`fitness` over the documents."""
-    return math.sqrt(sum(w * w * _mean_var(docs[name])[1] / len(docs[name]) for name, w in weights.items()))
+    agg = Aggregate.of(weights)
+    grad = agg.gradient(None if agg.linear else means(docs, agg.names))
+    return math.sqrt(sum(w * w * _mean_var(docs[name])[1] / len(docs[name]) for name, w in grad.items()))
 
 
 def prefix(docs: Docs, counts: dict[str, int]) -> Docs:
@@ -92,4 +115,4 @@ def prefix(docs: Docs, counts: dict[str, int]) -> Docs:
     return {name: values[: counts[name]] for name, values in docs.items()}
 
 
-__all__ = ["Docs", "Paired", "fitness", "paired", "prefix", "signed_weights", "standard_error"]
+__all__ = ["Docs", "Paired", "fitness", "means", "paired", "prefix", "signed_weights", "standard_error"]

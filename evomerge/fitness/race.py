@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.fitness.aggregate import Aggregate
 from evomerge.fitness.paired import Docs, fitness, paired, prefix, standard_error
 
 
@@ -57,7 +58,7 @@ def plan(
     stored: dict[int, dict[str, Any]],
     sizes: dict[str, int],
     doc_tasks: dict[str, str],
-    weights: dict[str, float],
+    weights: dict[str, float] | Aggregate,
     min_docs: int = 16,
 ) -> Plan:
     """The race's next step.
@@ -66,9 +67,11 @@ def plan(
     ``values`` without per-document scores, or ``failed``); ``sizes``: the
     selection documents per task; ``doc_tasks``: objective -> task for
     per-document objectives (all of them, or the race has one round);
-    ``weights``: signed objective weights (:func:`evomerge.fitness.paired.signed_weights`).
+    ``weights``: signed objective weights (:func:`evomerge.fitness.paired.signed_weights`)
+    or the run's :class:`~evomerge.fitness.aggregate.Aggregate`.
     """
-    per_doc = bool(doc_tasks) and set(doc_tasks) == set(weights)
+    weights = Aggregate.of(weights)
+    per_doc = bool(doc_tasks) and set(doc_tasks) == set(weights.names)
     alive = sorted(entrants, key=lambda e: (-e.dev, e.number))
     if not alive:
         return Plan()
@@ -142,7 +145,7 @@ def _score(entry: dict[str, Any], counts: dict[str, int], doc_tasks, weights, pe
     if "failed" in entry:
         return -math.inf
     if not per_doc:
-        return sum(w * entry["values"][name] for name, w in weights.items())
+        return weights.value(entry["values"])
     docs = prefix(entry["docs"], {name: counts[task] for name, task in doc_tasks.items()})
     return fitness(docs, weights)
 
@@ -161,24 +164,26 @@ class Estimate:
         return f"{self.value:.4f}" + (f" ±{1.96 * self.se:.4f}" if self.se is not None else "")
 
 
-def estimate(docs: Docs | None, value: float | None, weights: dict[str, float]) -> Estimate | None:
+def estimate(docs: Docs | None, value: float | None, weights: dict[str, float] | Aggregate) -> Estimate | None:
     """The fitness ``value`` with its standard error from ``docs`` when they are there."""
     if value is None:
         return None
-    if docs and weights and set(weights) <= set(docs) and all(len(docs[k]) > 1 for k in weights):
+    names = Aggregate.of(weights).names
+    if docs and names and set(names) <= set(docs) and all(len(docs[k]) > 1 for k in names):
         return Estimate(value, standard_error(docs, weights))
     return Estimate(value)
 
 
-def selection_estimate(entry: dict[str, Any] | None, weights: dict[str, float]) -> Estimate | None:
+def selection_estimate(entry: dict[str, Any] | None, weights: dict[str, float] | Aggregate) -> Estimate | None:
     """A trial's selection fitness (on every selection document it was scored on)."""
     if not entry or "failed" in entry:
         return None
+    agg = Aggregate.of(weights)
     if "docs" in entry:
-        if not weights or not set(weights) <= set(entry["docs"]):
+        if not agg.names or not set(agg.names) <= set(entry["docs"]):
             return None
-        return estimate(entry["docs"], fitness(entry["docs"], weights), weights)
-    return Estimate(sum(w * entry["values"][k] for k, w in weights.items()))
+        return estimate(entry["docs"], fitness(entry["docs"], agg), agg)
+    return Estimate(agg.value(entry["values"]))
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ class Verdict:
         return {k: getattr(self, k) for k in ("winner", "rule", "default", "default_name", "diff", "se", "p", "n")}
 
 
-def verdict(winner, rule: str, default, weights: dict[str, float]) -> Verdict | None:
+def verdict(winner, rule: str, default, weights: dict[str, float] | Aggregate) -> Verdict | None:
     """The paired held-out verdict of the run's chosen best ``winner`` (chosen
     by ``rule``) against the best default merge ``default`` (both trial
     records; ``weights``: the held-out objectives' signed weights). None
@@ -228,7 +233,8 @@ def verdict(winner, rule: str, default, weights: dict[str, float]) -> Verdict | 
     if out.same or winner.heldout_fitness is None or default.heldout_fitness is None:
         return out
     a, b = winner.heldout_docs, default.heldout_docs
-    if a and b and weights and set(weights) <= set(a) and set(weights) <= set(b):
+    names = set(Aggregate.of(weights).names)
+    if a and b and names and names <= set(a) and names <= set(b):
         test = paired(a, b, weights)
         return Verdict(**{**out.as_dict(), "diff": test.diff, "se": test.se, "p": test.p, "n": test.n})
     return Verdict(**{**out.as_dict(), "diff": winner.heldout_fitness - default.heldout_fitness})

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from evomerge.fitness.aggregate import Aggregate
 from evomerge.fitness.paired import Docs
 
 if TYPE_CHECKING:
@@ -106,13 +107,16 @@ class Versus:
     rank on one scale, as the drivers need.
 
     The incumbent's own recipe, scored against itself, never stops: its
-    differences are all zero.
+    differences are all zero. ``aggregate``: the run's fitness rule (its
+    normalized objectives and min or softmin), which the paired test
+    compares on; None for the weighted sum of the objectives.
     """
 
     docs: Docs
     alpha: float = 0.05
     looks: tuple[float, ...] = (0.125, 0.25, 0.5)
     min_docs: int = 16
+    aggregate: Aggregate | None = None  # the run's fitness rule; None: the weighted sum
 
 
 def is_number(value: Any) -> bool:

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import ValidationError, model_validator
+from pydantic import ValidationError, model_serializer, model_validator
 
 from evomerge.errors import EvomergeError, field_error
 from evomerge.schema import Strict
@@ -26,6 +26,12 @@ class ObjectiveSpec(Strict):
     - ``custom``: ``"package.module:function"``, called as
       ``function(model, tokenizer) -> dict[str, float]``; ``metric`` names the
       key to use. A module file next to the config is importable.
+
+    ``normalize``: divide the objective by a reference before it enters the
+    fitness: ``expert``, the best source's score on it (the sources are
+    scored as baselines before the search; the best is the highest, or the
+    lowest for a minimised objective), so the objective becomes the share
+    of the expert's skill a candidate keeps; or a positive number.
     """
 
     task: str | None = None
@@ -34,6 +40,7 @@ class ObjectiveSpec(Strict):
     metric: str | None = None
     weight: float = 1.0
     direction: Literal["maximize", "minimize"] = "maximize"
+    normalize: Literal["expert"] | float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -69,9 +76,22 @@ class ObjectiveSpec(Strict):
                     f"custom objective {self.custom!r} has no metric; name the key of its returned dict "
                     "with 'metric: ...'"
                 )
+        if isinstance(self.normalize, float) and not (self.normalize > 0 and math.isfinite(self.normalize)):
+            raise EvomergeError(
+                f"objective {self.name} has normalize {self.normalize}; give a positive number or 'expert'"
+            )
         if not math.isfinite(self.weight):
             raise EvomergeError(f"objective {self.name} has weight {self.weight}; give a finite number")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # Without normalize, dumped as before the setting existed (configs'
+        # fingerprints unchanged).
+        data = handler(self)
+        if self.normalize is None:
+            data.pop("normalize", None)
+        return data
 
     @property
     def name(self) -> str:

@@ -47,7 +47,6 @@ def _entrants(run) -> list[TrialRecord]:
 def race(run) -> dict[str, Any] | None:
     """Run (or continue) the selection race; store and return its summary."""
 
-    from evomerge.fitness.paired import signed_weights
     from evomerge.fitness.race import Entrant, plan
 
     sel, ev = run.cfg.select, run.select_eval
@@ -55,7 +54,7 @@ def race(run) -> dict[str, Any] | None:
     entrants = _entrants(run)
     records = {record.number: record for record in entrants}
     sizes = {t: len(o) for t, o in ev.order.items()}
-    weights = signed_weights(ev.objectives)
+    weights = run.select_fitness()
     doc_tasks = ev.doc_tasks if ev.per_doc else {}
     runners = [Entrant(record.number, record.fitness) for record in entrants]
     before = run.store.race() or {}

@@ -45,6 +45,8 @@ def search(run) -> TrialRecord | None:
             run.run_baselines(bar)
             if beat is not None:
                 beat.stamping = False
+        if run.outcomes.fitness is None:
+            _wait_for_references(run, bar)
         _loop(run, bar, done)
         bar.close()
         return run.finish()
@@ -57,6 +59,17 @@ def search(run) -> TrialRecord | None:
             beat.stop()
         run.executor.close()
         run.executor = None
+
+
+def _wait_for_references(run, bar, poll_s: float = 2.0) -> None:
+    """On a shared storage, wait for the driver running the baselines to
+    store the expert references every fitness needs."""
+    from evomerge.run._baselines import pending_experts
+
+    bar.write("waiting for the sources' scores (another driver runs the baselines): the expert references")
+    while pending_experts(run):
+        time.sleep(poll_s)
+    run.set_fitness()
 
 
 def budget_line(budget, done: int, elapsed_s: float, now: datetime.datetime | None = None) -> str:
@@ -159,7 +172,7 @@ def _dev_job(run, recipe) -> Job:
     incumbent = run.outcomes.incumbent
     if not run.early_stop or incumbent is None:
         return Job("dev")
-    return Job("dev", versus=run.cfg.early_stop.versus(incumbent.docs))
+    return Job("dev", versus=run.cfg.early_stop.versus(incumbent.docs, run.outcomes.fitness))
 
 
 def _interrupted(run) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.engine.recipe import Recipe
+from evomerge.fitness.aggregate import Aggregate, signed_weights
 from evomerge.fitness.estimate import Pool, Rungs
-from evomerge.fitness.paired import signed_weights
 from evomerge.fitness.score import Score
 from evomerge.run.record import TrialRecord
 from evomerge.run.store import RunStore
@@ -28,10 +28,23 @@ class Outcome:
 class Outcomes:
     """Turns workers' scores into trial outcomes, and caches them by recipe
     fingerprint (successes and non-finite failures: both are properties of
-    the recipe)."""
+    the recipe). ``fitness`` and ``heldout``: the dev and held-out
+    objectives' :class:`~evomerge.fitness.aggregate.Aggregate` (the weighted
+    sums of ``objectives`` and ``heldout_objectives`` unless given; the run
+    sets them once their expert references are known)."""
 
-    def __init__(self, store: RunStore, objectives: list, heldout_objectives: list, pool: Pool | None = None):
-        self.store, self.objectives, self.heldout_objectives = store, objectives, heldout_objectives
+    def __init__(
+        self,
+        store: RunStore,
+        objectives: list,
+        heldout_objectives: list,
+        pool: Pool | None = None,
+        fitness: Aggregate | None = None,
+        heldout: Aggregate | None = None,
+    ):
+        self.store, self.objectives = store, objectives
+        self.fitness = fitness or Aggregate(signed_weights(objectives))
+        self.heldout = heldout or Aggregate(signed_weights(heldout_objectives))
         self.cache: dict[str, Outcome] = {}
         # The best trial scored on every dev document, with per-document
         # scores: what early stopping compares a candidate with.
@@ -62,7 +75,7 @@ class Outcomes:
         incumbent's fitness (or, for several optimised objectives, the
         Pareto front of their values)."""
         if len(self.store.directions) == 1:
-            axes = [self.weights]
+            axes = [self.fitness]
             front = [[self.incumbent.fitness]] if self.incumbent is not None else []
         else:
             axes = [{name: math.copysign(1.0, w)} for name, w in self.weights.items()]
@@ -80,7 +93,7 @@ class Outcomes:
 
     def _values(self, score: Score) -> list[float]:
         if len(self.store.directions) == 1:
-            return [score.fitness(self.objectives)]
+            return [self.fitness.value(score.values)]
         return [score.values[o.name] for o in self.objectives]
 
     def cached(self, recipe: Recipe, kind: str, name: str | None = None) -> Outcome | None:
@@ -121,10 +134,10 @@ class Outcomes:
             positions=score.positions,
         )
         if score.se:
-            record.fitness_se = math.sqrt(sum((self.weights[n] * se) ** 2 for n, se in score.se.items()))
+            record.fitness_se = self.fitness.se(score.values, score.se)
         if score.ok:
             values = self._values(score)
-            record.fitness = score.fitness(self.objectives)
+            record.fitness = self.fitness.value(score.values)
             if not all(math.isfinite(v) for v in values):
                 record.status, record.reason, record.non_finite, record.fitness = (
                     "failed",
@@ -147,7 +160,7 @@ class Outcomes:
         """A held-out score as ``TrialRecord``'s ``heldout_*`` fields."""
         if not score.ok:
             return {"heldout_status": f"failed: {score.reason}"[:300]}
-        fitness = score.fitness(self.heldout_objectives)
+        fitness = self.heldout.value(score.values)
         return {
             "heldout_values": score.values,
             "heldout_fitness": fitness,

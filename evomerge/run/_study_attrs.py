@@ -29,19 +29,37 @@ class StudyAttributes:
         up = optuna.study.StudyDirection.MAXIMIZE
         return ["maximize" if d == up else "minimize" for d in self.study.directions]
 
-    def weights(self, section: str = "eval") -> dict[str, float]:
-        """Signed objective weights of a config section (``eval``,
-        ``heldout``, ``select``), for :mod:`evomerge.fitness.paired`; empty when
-        the run's config has no such section."""
-        from evomerge.fitness.paired import signed_weights
+    def aggregate(self, section: str = "eval"):
+        """The fitness rule of a config section (``eval``, ``heldout``,
+        ``select``): an :class:`~evomerge.fitness.aggregate.Aggregate`, with
+        the stored expert references (see :meth:`references`); an empty one
+        when the run's config has no such section, or its references are not
+        known yet."""
+        from evomerge.fitness.aggregate import Aggregate
         from evomerge.run.config import SearchConfig
 
         try:
             cfg = SearchConfig.model_validate(self.record.get("config") or {})
         except Exception:  # noqa: BLE001 - a run written by an older version: no weights
-            return {}
+            return Aggregate({})
         spec = cfg.select.spec(cfg.eval) if section == "select" and cfg.select else getattr(cfg, section, None)
-        return signed_weights(spec.objectives) if spec is not None and hasattr(spec, "objectives") else {}
+        if spec is None or not hasattr(spec, "objectives"):
+            return Aggregate({})
+        experts = self.references().get("heldout" if section == "heldout" else "eval", {})
+        try:
+            return Aggregate.of_objectives(spec.objectives, cfg.fitness.aggregate, cfg.fitness.temperature, experts)
+        except ValueError:
+            return Aggregate({})
+
+    def references(self) -> dict[str, dict[str, float]]:
+        """The expert references of normalized objectives (``eval`` and
+        ``heldout`` -> objective -> the best source's value), once the
+        sources are scored; empty before, or when nothing is normalized by
+        the expert."""
+        return dict(self.study.user_attrs.get("references") or {})
+
+    def set_references(self, references: dict[str, dict[str, float]]) -> None:
+        self.study.set_user_attr("references", references)
 
     def run_attr(self, name: str, default: Any = None) -> Any:
         """A study-level attribute: ``objectives``, ``space_fingerprint``,

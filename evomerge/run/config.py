@@ -182,10 +182,10 @@ class EarlyStop(Strict):
             raise ValueError("give fractions between 0 and 1")
         return sorted(v)
 
-    def versus(self, docs):
+    def versus(self, docs, aggregate=None):
         from evomerge.fitness.score import Versus
 
-        return Versus(docs=docs, alpha=self.alpha, looks=tuple(self.looks), min_docs=self.min_docs)
+        return Versus(docs=docs, alpha=self.alpha, looks=tuple(self.looks), min_docs=self.min_docs, aggregate=aggregate)
 
 
 class Fidelity(Strict):
@@ -231,6 +231,24 @@ class Fidelity(Strict):
         return v
 
 
+class FitnessRule(Strict):
+    """How the objectives' terms become one fitness (``fitness:``): ``sum``
+    (the default, the weighted sum), ``mean``, ``min`` (the worst term: with
+    ``normalize: expert`` on each skill, the worst-kept skill) or
+    ``softmin`` (a smooth min at ``temperature``, in term units). See
+    :mod:`evomerge.fitness.aggregate`."""
+
+    aggregate: Literal["sum", "mean", "min", "softmin"] = "sum"
+    temperature: float = 0.05
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be a positive number")
+        return v
+
+
 class SearchConfig(Strict):
     """An experiment: sources, space, objectives, budget, driver, storage."""
 
@@ -242,6 +260,7 @@ class SearchConfig(Strict):
     select: SelectSettings | None = None
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
     fidelity: Fidelity = Field(default_factory=Fidelity)
+    fitness: FitnessRule = Field(default_factory=FitnessRule)
     budget: Budget = Field(default_factory=lambda: Budget(trials=50))
     # Which optimizer proposes candidates, and its knobs: one settings model
     # per driver (evomerge.run.drivers.registry), told apart by name.
@@ -279,10 +298,32 @@ class SearchConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _references(self) -> SearchConfig:
+        expert = [o.name for o in self.eval.objectives if o.normalize == "expert"]
+        if self.heldout is not None:
+            expert += [o.name for o in self.heldout.objectives if o.normalize == "expert"]
+        if expert and not self.baselines:
+            raise EvomergeError(
+                f"objective {expert[0]} is normalized by the expert, but baselines are off (the sources are "
+                "scored as baselines); set baselines: true or give normalize a number"
+            )
+        if self.select is not None and self.select.objectives is not None:
+            dev = {o.name for o in self.eval.objectives}
+            for o in self.select.objectives:
+                if o.normalize == "expert" and o.name not in dev:
+                    raise EvomergeError(
+                        f"select objective {o.name} is normalized by the expert but is not a dev objective "
+                        "(its reference is the sources' dev score); give normalize a number"
+                    )
+        return self
+
     def fingerprint(self) -> str:
         # Selection, early stopping and fidelity decide how candidates are scored and
         # chosen, not what is searched: a run may change them and continue.
         exclude = {"budget", "storage", "device", "executor", "select", "early_stop", "fidelity", "memory"}
+        if self.fitness == FitnessRule():
+            exclude.add("fitness")  # the weighted sum, as before the setting existed
         data = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from evomerge.engine.recipe import MERGED, Recipe, Source
 from evomerge.errors import EvomergeError
+from evomerge.fitness.aggregate import Aggregate
 from evomerge.fitness.estimate import Pool
 from evomerge.run import _baselines, _finish, _loop
 from evomerge.run._outcomes import Outcome, Outcomes, describe
@@ -87,6 +88,30 @@ class Run:
             order, tasks = self.dev_eval.order, self.dev_eval.doc_tasks
             pool = Pool({name: len(order[task]) for name, task in tasks.items()}, tasks)
         self.outcomes = Outcomes(self.store, self.objectives, heldout, pool)
+        self.set_fitness()
+
+    def set_fitness(self) -> None:
+        """Give the outcomes the fitness rules of the dev and held-out
+        objectives (``fitness:``, each ``normalize``), with the stored expert
+        references; while an expert reference waits for the sources' scores,
+        dev has none, and nothing is scored but the sources."""
+        from evomerge.run._baselines import pending_experts
+
+        pending, experts, rule = pending_experts(self), self.store.references(), self.cfg.fitness
+        for section, spec in (("eval", self.cfg.eval), ("heldout", self.cfg.heldout)):
+            aggregate = None
+            if section not in pending:
+                objectives = spec.objectives if spec is not None else []
+                aggregate = Aggregate.of_objectives(objectives, rule.aggregate, rule.temperature, experts.get(section))
+            setattr(self.outcomes, "fitness" if section == "eval" else "heldout", aggregate)
+
+    def select_fitness(self) -> Aggregate:
+        """The selection race's fitness rule: the dev one's, over the select objectives."""
+        objectives = self.cfg.select.spec(self.cfg.eval).objectives
+        rule = self.cfg.fitness
+        return Aggregate.of_objectives(
+            objectives, rule.aggregate, rule.temperature, self.store.references().get("eval")
+        )
 
     # -- assembly ------------------------------------------------------------
 
