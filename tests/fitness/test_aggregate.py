@@ -108,9 +108,7 @@ def test_the_race_ranks_by_the_aggregate():
     sizes, tasks = {"a": n, "b": n}, {"a": "a", "b": "b"}
     assert plan(field, stored, sizes, tasks, W).winner == 1
     assert plan(field, stored, sizes, tasks, Aggregate(W, rule="min")).winner == 2
-    assert selection_estimate(stored[1], Aggregate(W, rule="min")).value == pytest.approx(
-        sum(lopsided["b"]) / n
-    )
+    assert selection_estimate(stored[1], Aggregate(W, rule="min")).value == pytest.approx(sum(lopsided["b"]) / n)
 
 
 def test_the_estimators_combination_under_min_and_the_rung_rule():
