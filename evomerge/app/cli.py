@@ -172,10 +172,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         trial=args.trial,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        pick=args.pick,
     )
     meta = recipe.metadata["evomerge"]
     held = meta["heldout"]["fitness"] if meta.get("heldout") else None
-    rule = {"race": "chosen by the selection race", "dev": "chosen by best dev fitness"}.get(meta.get("chosen_by"))
+    rule = {
+        "race": "chosen by the selection race",
+        "dev": "chosen by best dev fitness",
+        "pick max-min": "the Pareto front's point whose worst-kept objective keeps the most",
+        "pick weighted": "the Pareto front's point with the highest weighted sum",
+    }.get(meta.get("chosen_by"))
     print(
         f"wrote {out} (trial {meta['trial']}{f', {rule}' if rule else ''}, dev fitness {meta['dev']['fitness']:.4f}"
         + (f", held-out {held:.4f}" if held is not None else "")
@@ -236,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["evomerge", "mergekit"], default="evomerge")
     e.add_argument("--merge", metavar="OUT_DIR", help="also merge the recipe into this model folder")
     e.add_argument("--trial", type=int, help="export this trial instead of the best")
+    e.add_argument(
+        "--pick",
+        choices=["max-min", "weighted"],
+        help="export the Pareto front's point whose worst-kept objective keeps the most (max-min), "
+        "or with the highest weighted sum (weighted)",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --merge folder")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=cmd_export)

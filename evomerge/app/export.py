@@ -237,14 +237,16 @@ def export_best(
     trial: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    pick: str | None = None,
 ) -> tuple[Path, Recipe]:
     """Write the run's chosen best (or the given) trial's recipe, pinned and annotated.
 
     The chosen best is the selection race's winner when a race ran, else the
     best dev fitness (:meth:`RunStore.chosen`). The recipe names its sources
     by sha256, carries the seed, package versions, the search-space
-    fingerprint, which rule chose it (``chosen_by``: race, dev, or trial for
-    a given ``trial``), the dev, selection and held-out scores (with their
+    fingerprint, which rule chose it (``chosen_by``: race, dev, trial for a
+    given ``trial``, or ``pick max-min`` / ``pick weighted`` for a point of
+    the Pareto front chosen by ``pick``, see :mod:`evomerge.app.pareto`), the dev, selection and held-out scores (with their
     standard errors where per-document scores exist) and the paired
     held-out verdict against the best default merge in ``metadata``. Model
     paths are written relative to the recipe's folder when they lie inside
@@ -257,7 +259,15 @@ def export_best(
     run_dir = Path(run_dir)
     store = RunStore.open(run_dir)
     scores = read_scores(store)
+    if pick is not None and trial is not None:
+        raise EvomergeError("export was given both --trial and --pick; give one of them")
+    if pick is not None:
+        from evomerge.app.pareto import pick as pick_point
+
+        trial = pick_point(scores.records, pick, scores.rules["eval"]).number
     chosen, rule, judged = _pick(run_dir, scores, trial)
+    if pick is not None:
+        rule, judged = f"pick {pick}", dataclasses.replace(judged, rule=f"pick {pick}") if judged else None
     recipe = Recipe.model_validate(chosen.recipe)
     root = Path(store.record["config_path"]).parent
     sources = open_sources(recipe, root, allow_outside=True)
@@ -274,6 +284,8 @@ def export_best(
         return os.path.relpath(path, out_root) if path.is_relative_to(out_root) else str(path)
 
     metadata = _export_metadata(run_dir, store, scores, chosen, rule, judged, recipe.seed)
+    if pick is not None:
+        metadata["pick"] = _pick_note(scores, pick)
     recipe = recipe.with_refs(where).model_copy(update={"metadata": {"evomerge": metadata}})
     if fmt == "evomerge":
         text = recipe.to_yaml()
@@ -299,6 +311,16 @@ def _pick(run_dir: Path, scores: Scores, trial: int | None) -> tuple[TrialRecord
     # The verdict of this trial, as if it were the run's chosen best.
     judged = judged_of(scores.records, {"winner": trial}, scores.rules["heldout"])
     return chosen, "trial", dataclasses.replace(judged, rule="trial") if judged is not None else None
+
+
+def _pick_note(scores: Scores, how: str) -> dict[str, Any]:
+    """What a ``--pick`` export chose from: the front and each point's shares kept."""
+    from evomerge.app.pareto import front_of, share_references, shares
+
+    rule = scores.rules["eval"]
+    references = share_references(scores.records, rule)
+    front = front_of(scores.records, rule)
+    return {"rule": how, "front": {str(r.number): shares(r, references, rule) for r in front}}
 
 
 def _export_metadata(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.app.export import Scores, describe_recipe, read_scores
+from evomerge.app.pareto import pareto_front, share_references, shares
 from evomerge.engine.folder import atomic_write
 from evomerge.errors import EvomergeError
 from evomerge.fitness.baselines import is_source, source_name
@@ -241,16 +242,6 @@ def _colors(run: _Run) -> dict[str, str]:
     return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(dict.fromkeys(names))}
 
 
-def pareto_front(values: list[list[float]], directions: list[str]) -> list[int]:
-    """Indices of the points no other point dominates (each value signed by its direction)."""
-    signed = [[v if d == "maximize" else -v for v, d in zip(row, directions)] for row in values]
-
-    def dominates(a, b):
-        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
-
-    return [i for i, p in enumerate(signed) if not any(dominates(q, p) for q in signed)]
-
-
 def _pareto(run: _Run) -> tuple[str, bytes | None]:
     trials = run.ok(run.baselines + run.search)
     if not trials:
@@ -260,6 +251,13 @@ def _pareto(run: _Run) -> tuple[str, bytes | None]:
     names = (
         run.objectives if len(run.objectives) == len(run.directions) else [f"value {i}" for i in range(len(values[0]))]
     )
+    rule = run.scores.rules["eval"]
+    references = share_references(trials, rule)
+    labels = {}
+    for n in front:
+        kept = shares(trials[n], references, rule)
+        tail = "/".join(f"{100 * kept[o]:.0f}" for o in names if o in kept)
+        labels[n] = f"{trials[n].number}" + (f" ({tail}%)" if tail else "")
     pairs = list(combinations(range(len(run.directions)), 2))
     cols = min(3, len(pairs))
     rows = math.ceil(len(pairs) / cols)
@@ -277,7 +275,7 @@ def _pareto(run: _Run) -> tuple[str, bytes | None]:
             ax.plot([values[n][i] for n in on], [values[n][j] for n in on], color="C3", lw=1.2, zorder=3)
         for n in on:
             ax.annotate(
-                str(trials[n].number),
+                labels[n],
                 (values[n][i], values[n][j]),
                 xytext=(4, 3),
                 textcoords="offset points",
@@ -291,6 +289,13 @@ def _pareto(run: _Run) -> tuple[str, bytes | None]:
     ax.scatter([], [], color="C3", s=40, label="Pareto front (trial number)")
     ax.legend(fontsize=8, loc="best")
     caption = f"{len(front)} of {len(trials)} successful trials (baselines included) are on the front."
+    if any("%" in label for label in labels.values()):
+        caption += (
+            " Each point is labelled with its trial number and the share it keeps of each objective's reference "
+            "(its normalize reference, else the best source's dev score), in the order "
+            + ", ".join(o for o in names if o in references)
+            + "; evomerge export --pick max-min exports the point whose smallest share is largest."
+        )
     return caption, _png(fig)
 
 

@@ -55,7 +55,7 @@ class TrialRecord:
     status: str = "ok"  # "ok", "failed", or "interrupted" (Ctrl-C while it was scored)
     reason: str | None = None  # why it failed
     non_finite: bool = False  # failed for NaN or inf weights, metrics or fitness: a real, cacheable result
-    fitness: float | None = None  # the weighted sum of the objectives, higher is better (successful trials)
+    fitness: float | None = None  # the objectives aggregated by the fitness rule, higher is better (successful trials)
     values: dict[str, float] = field(default_factory=dict)  # raw value per objective name
     metrics: dict[str, float] = field(default_factory=dict)  # every number the evaluation produced
     recipe: dict[str, Any] | None = None
