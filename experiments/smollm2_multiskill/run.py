@@ -28,6 +28,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -62,24 +63,45 @@ DOCUMENTS = 24_000
 RACE_DOCUMENTS = 3_000
 CMA = {"name": "cma", "popsize": 10, "sigma0": 0.2, "restarts": 0}
 TPE = {"name": "tpe", "startup_trials": 10}
-SEARCHES = {  # name -> (driver, with selection and early stopping)
+
+
+class Search(NamedTuple):
+    driver: dict
+    select: bool  # selection race and early stopping
+    keep: bool = False  # fitness: the worst-kept skill (each normalized by the best source), not the mean
+    fidelity: bool = False  # multi-fidelity scoring (its defaults)
+
+
+SEARCHES = {
     # evomerge: early stopping against the incumbent, then a race of the top 8
     # and the baselines on the selection split; the race's winner is exported.
-    "ps_cma_select": (CMA, True),
-    "ps_tpe_select": (TPE, True),
+    "ps_cma_select": Search(CMA, True),
+    "ps_tpe_select": Search(TPE, True),
     # mergekit-evolve's way: CMA-ES on the fixed dev subset, every candidate
     # scored in full, the best dev score exported; the same documents in all
     # (DOCUMENTS + RACE_DOCUMENTS, all spent on search trials).
-    "ps_cma_evolve": (CMA, False),
+    "ps_cma_evolve": Search(CMA, False),
+    # Issue 31, keeping every skill: ps_cma_evolve's protocol (CMA-ES, all the
+    # documents on search trials, the best dev exported), with the fitness the
+    # min over the skills of accuracy / the best source's accuracy
+    # (normalize: expert, fitness: {aggregate: min}); then the same with
+    # multi-fidelity scoring, whose saved documents buy more candidates.
+    "ps_cma_min": Search(CMA, False, keep=True),
+    "ps_cma_min_fidelity": Search(CMA, False, keep=True, fidelity=True),
 }
+ANCHOR = "ps_cma_evolve"  # what the keep-every-skill searches are compared with, paired
 HELDOUT_TOP = 3  # each search's best trials by dev scored on held-out: the dev/held-out gap
 # The search whose baselines the table shows (every search scores the same
 # baselines, on dev and on held-out).
 BASELINE_RUN = "ps_cma_select"
 
 
-def objectives(split: str) -> list[dict]:
-    """One objective per skill, weighted so that the fitness is the mean accuracy."""
+def objectives(split: str, keep: bool = False) -> list[dict]:
+    """One objective per skill, weighted so that the fitness is the mean
+    accuracy; with ``keep``, each normalized by the best source (weight 1:
+    the fitness, a min, is the worst share kept)."""
+    if keep:
+        return [{"task": problem.task_name(s, split), "metric": "acc", "normalize": "expert"} for s in SKILLS]
     return [{"task": problem.task_name(s, split), "metric": "acc", "weight": 1 / len(SKILLS)} for s in SKILLS]
 
 
@@ -87,21 +109,30 @@ def write_config(name: str) -> Path:
     """The search config of one search, in WORK (its paths are relative to it)."""
     import yaml
 
-    driver, select = SEARCHES[name]
+    driver, select, keep, fidelity = SEARCHES[name]
     config = {
         "base_model": "models/base",
         "models": [f"models/expert_{s}" for s in SKILLS],
         "space": PS_SPACE,
         "dtype": "float32",
         "seed": 0,
-        "eval": {"include_path": "tasks", "batch_size": 64, "samples": DEV_SAMPLES, "objectives": objectives("dev")},
-        "heldout": {"include_path": "tasks", "batch_size": 64, "objectives": objectives("heldout")},
+        "eval": {
+            "include_path": "tasks",
+            "batch_size": 64,
+            "samples": DEV_SAMPLES,
+            "objectives": objectives("dev", keep),
+        },
+        "heldout": {"include_path": "tasks", "batch_size": 64, "objectives": objectives("heldout", keep)},
         "budget": {"documents": DOCUMENTS if select else DOCUMENTS + RACE_DOCUMENTS, "heldout_top": HELDOUT_TOP},
         "driver": driver,
     }
     if select:
         config["select"] = {"objectives": objectives("select"), "top": 8}
         config["early_stop"] = {"enabled": True}
+    if keep:
+        config["fitness"] = {"aggregate": "min"}
+    if fidelity:
+        config["fidelity"] = {"enabled": True}
     path = config_path(name)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -141,7 +172,7 @@ def rows_of(here: list[str]) -> tuple[list[dict], dict]:
             "name": name,
             "search": search,
             "trial": t.number,
-            "dev": t.fitness,
+            "dev": sum(t.values.values()) / len(t.values),  # mean dev accuracy, whatever the search's fitness
             "selection": None,
             "heldout_docs": {s: list(t.heldout_docs[k]) for s, k in HELDOUT.items()} if t.heldout_docs else None,
         }
@@ -195,18 +226,68 @@ def _selection_fitness(store, race: dict) -> dict[int, float]:
 
 
 def _gap(store) -> dict:
-    """The best search trials by dev scored on held-out: mean dev and held-out fitness."""
+    """The best search trials by dev scored on held-out: their mean dev and held-out accuracy."""
     scored = [t for t in store.ranked("search") if t.heldout_fitness is not None][:HELDOUT_TOP]
     if not scored:
         return {}
-    dev = sum(t.fitness for t in scored) / len(scored)
-    held = sum(t.heldout_fitness for t in scored) / len(scored)
+    dev = sum(sum(t.values.values()) / len(t.values) for t in scored) / len(scored)  # mean accuracy
+    held = sum(sum(t.heldout_values.values()) / len(t.heldout_values) for t in scored) / len(scored)
     return {"trials": len(scored), "dev": round(dev, 4), "heldout": round(held, 4)}
 
 
-def write_table(rows: list[dict], searches: dict) -> str:
+def _paired_cell(r: dict, key: str, tests: dict) -> str:
+    """A row's paired held-out tests (name -> Paired) as one cell, kept in ``r[key]``."""
+    r[key] = {name: {"diff": p.diff, "se": p.se, "p": p.p} for name, p in tests.items()}
+    return "; ".join(f"{p.diff:+.3f} ({p.se:.3f}), p={p.p:.3f}" for p in tests.values())
+
+
+def _cells(r: dict, ceiling: dict, best_default: dict | None, anchor: dict | None) -> list[str]:
+    """A model's row of the held-out table (see :func:`write_table`)."""
+    from evomerge.fitness.aggregate import Aggregate
     from evomerge.fitness.baselines import is_source
     from evomerge.fitness.paired import paired
+
+    docs = r["heldout_docs"]
+    weights = {s: 1 / len(SKILLS) for s in SKILLS}
+    accs = {s: mean_se(docs[s]) for s in SKILLS}
+    mean = sum(m for m, _ in accs.values()) / len(SKILLS)
+    se = sum(s_**2 for _, s_ in accs.values()) ** 0.5 / len(SKILLS)
+    r["heldout"] = {s: accs[s] for s in SKILLS} | {"mean": (mean, se)}
+    cells = [r["name"], *[f"{m:.3f} ({se:.3f})" for m, se in accs.values()], f"**{mean:.3f}** ({se:.3f})"]
+    worst = None
+    if len(ceiling) == len(SKILLS):
+        norm = [accs[s][0] / ceiling[s] for s in SKILLS]
+        r["normalized"] = dict(zip(SKILLS, norm))
+        cells.append(" / ".join(f"{n:.2f}" for n in norm) + f" / **{sum(norm) / len(norm):.2f}**")
+        cells.append(f"{min(norm):.2f} ({SKILLS[norm.index(min(norm))]})")
+        worst = Aggregate({s: 1.0 for s in SKILLS}, ceiling, "min")
+    else:
+        cells += ["", ""]
+    cell = ""
+    if best_default is not None and r is not best_default and not (r["search"] is None and is_source(r["name"])):
+        cell = _paired_cell(r, "vs_best_default", {"mean": paired(docs, best_default["heldout_docs"], weights)})
+        r["vs_best_default"] = r["vs_best_default"]["mean"]
+    cells.append(cell)
+    cell = ""
+    if anchor is not None and worst is not None and r["search"] not in (None, ANCHOR):
+        theirs = anchor["heldout_docs"]
+        cell = _paired_cell(
+            r, "vs_anchor", {"mean": paired(docs, theirs, weights), "worst": paired(docs, theirs, worst)}
+        )
+    cells.append(cell)
+    cells.append(f"{r['dev']:.3f}")
+    cells.append(f"{r['selection']:.3f}" if r["selection"] is not None else "")
+    return cells
+
+
+def write_table(rows: list[dict], searches: dict) -> str:
+    """The held-out table: per model, each skill's accuracy, the mean, the
+    shares of each expert kept and the worst of them, the paired tests
+    against the best default merge (mean accuracy) and against ANCHOR's
+    export (mean accuracy; worst-kept share, by the min aggregate's paired
+    difference, :mod:`evomerge.fitness.aggregate`); then per search its
+    summary."""
+    from evomerge.fitness.baselines import is_source
 
     scored = [r for r in rows if r["heldout_docs"]]
     ceiling = {}
@@ -216,37 +297,14 @@ def write_table(rows: list[dict], searches: dict) -> str:
             ceiling[s] = mean_se(expert["heldout_docs"][s])[0]
     defaults = [r for r in scored if r["search"] is None and not is_source(r["name"])]
     best_default = max(defaults, key=lambda r: r["dev"]) if defaults else None
-    weights = {s: 1 / len(SKILLS) for s in SKILLS}
+    anchor = next((r for r in scored if r["search"] == ANCHOR and "exported" in r["name"]), None)
     head = (
-        "| model | math | french | rev | mean (SE) | normalized: math / french / rev / mean "
-        "| vs best default merge: diff (SE), p | dev | selection |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| model | math | french | rev | mean (SE) | normalized: math / french / rev / mean | worst kept "
+        f"| vs best default merge: diff (SE), p | vs {ANCHOR}: mean diff (SE), p; worst kept diff (SE), p "
+        "| dev | selection |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    lines = []
-    for r in scored:
-        docs = r["heldout_docs"]
-        cells = [r["name"]]
-        accs = {s: mean_se(docs[s]) for s in SKILLS}
-        cells += [f"{m:.3f} ({se:.3f})" for m, se in accs.values()]
-        mean = sum(m for m, _ in accs.values()) / len(SKILLS)
-        se = sum(s_**2 for _, s_ in accs.values()) ** 0.5 / len(SKILLS)
-        cells.append(f"**{mean:.3f}** ({se:.3f})")
-        if len(ceiling) == len(SKILLS):
-            norm = [accs[s][0] / ceiling[s] for s in SKILLS]
-            cells.append(" / ".join(f"{n:.2f}" for n in norm) + f" / **{sum(norm) / len(norm):.2f}**")
-            r["normalized"] = dict(zip(SKILLS, norm))
-        else:
-            cells.append("")
-        if best_default is not None and r is not best_default and not (r["search"] is None and is_source(r["name"])):
-            p = paired(docs, best_default["heldout_docs"], weights)
-            cells.append(f"{p.diff:+.3f} ({p.se:.3f}), p={p.p:.3f}")
-            r["vs_best_default"] = {"diff": p.diff, "se": p.se, "p": p.p}
-        else:
-            cells.append("")
-        cells.append(f"{r['dev']:.3f}")
-        cells.append(f"{r['selection']:.3f}" if r["selection"] is not None else "")
-        r["heldout"] = {s: accs[s] for s in SKILLS} | {"mean": (mean, se)}
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["| " + " | ".join(_cells(r, ceiling, best_default, anchor)) + " |" for r in scored]
     note = (
         f"\nBest default merge by dev (the reference of the paired test): {best_default['name']}.\n"
         if best_default
@@ -298,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "dev_samples": DEV_SAMPLES,
             "documents": DOCUMENTS,
             "race_documents": RACE_DOCUMENTS,
-            "searches": {n: {"driver": d, "select": s} for n, (d, s) in SEARCHES.items()},
+            "searches": {n: s._asdict() for n, s in SEARCHES.items()},
         },
         "searches": searches,
         "rows": [{k: v for k, v in r.items() if k != "heldout_docs"} for r in rows],

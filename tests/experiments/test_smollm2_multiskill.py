@@ -128,11 +128,19 @@ def test_the_searches_share_documents_and_a_budget(run_py, tmp_path, monkeypatch
     configs = {name: load_config(run_py.write_config(name))[0] for name in run_py.SEARCHES}
     sizes = {run_py.problem.task_name(s, "select"): run_py.problem.DOCS["select"] for s in run_py.SKILLS}
     assert run_py.RACE_DOCUMENTS == cost(16, sizes)
+    assert {"ps_cma_min", "ps_cma_min_fidelity"} <= set(configs)  # issue 31's, fixed before they ran
     for name, cfg in configs.items():
-        select = run_py.SEARCHES[name][1]
+        select, keep = run_py.SEARCHES[name].select, run_py.SEARCHES[name].keep
         assert [o.task for o in cfg.eval.objectives] == [f"multi_{s}_dev" for s in run_py.SKILLS]
         assert [o.task for o in cfg.heldout.objectives] == [f"multi_{s}_heldout" for s in run_py.SKILLS]
-        assert abs(sum(o.weight for o in cfg.eval.objectives) - 1) < 1e-9  # fitness: the mean accuracy
+        if keep:  # fitness: the worst share of the best source's accuracy kept, on dev and held-out
+            assert cfg.fitness.aggregate == "min"
+            for o in [*cfg.eval.objectives, *cfg.heldout.objectives]:
+                assert o.normalize == "expert" and o.weight == 1
+        else:
+            assert abs(sum(o.weight for o in cfg.eval.objectives) - 1) < 1e-9  # fitness: the mean accuracy
+            assert cfg.fitness.aggregate == "sum" and all(o.normalize is None for o in cfg.eval.objectives)
+        assert cfg.fidelity.enabled == run_py.SEARCHES[name].fidelity
         assert cfg.eval.samples == run_py.DEV_SAMPLES
         spent = cfg.budget.documents + (run_py.RACE_DOCUMENTS if select else 0)
         assert spent == run_py.DOCUMENTS + run_py.RACE_DOCUMENTS
