@@ -185,7 +185,9 @@ def _progress(run: _Run) -> tuple[str, bytes | None]:
         ax.scatter(failed, [low] * len(failed), marker="x", color="C3", label="failed (penalised)", clip_on=False)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial number")
-    ax.set_ylabel("fitness (dev)" + (", the weighted sum" if len(run.objectives) > 1 else ""))
+    rule = {"sum": "the weighted sum", "mean": "the weighted mean", "min": "the worst term", "softmin": "a soft min"}
+    what = rule.get(run.scores.rules["eval"].rule, "")
+    ax.set_ylabel("fitness (dev)" + (f", {what}" if len(run.objectives) > 1 and what else ""))
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     caption = f"{len(run.search)} search trials; the line is the best fitness so far"

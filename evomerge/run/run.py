@@ -12,8 +12,10 @@ same command again continues the run.
 
 Conventions (one place):
 
-- fitness is "higher is better": the weighted sum of the objectives, each
-  signed by its direction. pycma minimises ``-fitness``.
+- fitness is "higher is better": by default the weighted sum of the
+  objectives, each signed by its direction (``fitness:`` and each
+  objective's ``normalize`` choose another rule, :mod:`evomerge.fitness.aggregate`).
+  pycma minimises ``-fitness``.
 - a failed candidate (an exception, out of memory, NaN or inf weights or
   metrics) is recorded with ``status: failed`` and its reason; the optimizer
   gets the penalty: the worst fitness (per objective for NSGA-II) seen so far
