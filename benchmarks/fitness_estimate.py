@@ -70,7 +70,7 @@ def load(run_dir: Path):
     baselines = [b for b in store.trials("baseline", heldout=False) if b.complete and b.docs]
     candidates = [r for r in store.trials("search", heldout=False) if r.complete and r.docs and not r.cached]
     candidates.sort(key=lambda r: r.number)
-    weights = store.weights()
+    weights = dict(store.aggregate().weights)
     if not baselines or not candidates:
         return None
     names = [n for n in candidates[0].docs if n in weights]

@@ -111,8 +111,8 @@ def measure(run_dir: Path, n_skills: int) -> dict:
     race = store.race() or {}
     search = [r for r in records if r.kind == "search" and r.status == "ok"]
     scored = [r for r in search if not r.cached]
-    sel = selection_estimate(store.selections(race.get("fp", "")).get(winner.number), store.weights("select"))
-    judged = judged_of(records, store.race(), store.weights("heldout"))
+    sel = selection_estimate(store.selections(race.get("fp", "")).get(winner.number), store.aggregate("select"))
+    judged = judged_of(records, store.race(), store.aggregate("heldout"))
     default = store.trial(judged.default) if judged is not None else None
     search_docs = sum(r.documents or 0 for r in scored)
     return {
