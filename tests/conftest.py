@@ -62,3 +62,16 @@ def experiment(tmp_path_factory):
         make_finetune(base, root / "models" / name, seed=i + 1, scale=0.5)
     write_sum_tasks(root / "tasks", N_DOCS)
     return root
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the session (tests/pg_server.py);
+    skipped, with the reason, where it cannot start."""
+    from pg_server import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -71,3 +71,55 @@ def driver_settings(name: str, **wanted) -> dict:
 
     reads = DRIVERS[name][1].declared()
     return {"name": name, **{k: v for k, v in wanted.items() if k in reads}}
+
+
+SLOW_OBJECTIVE = """
+import time
+
+
+def score(model, tokenizer):
+    time.sleep(0.4)  # slow enough for the test to kill the search mid-run
+    return {"norm": float(sum(p.float().norm() for p in model.parameters()))}
+"""
+
+
+def slow_eval(experiment) -> dict:
+    """The sums task plus an objective that sleeps, for tests that act mid-search."""
+    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
+    objectives = [
+        {"task": "sums", "metric": "acc"},
+        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
+    ]
+    return {"include_path": "tasks", "objectives": objectives, "batch_size": 32}
+
+
+def check_two_drivers(config: Path, tmp_path: Path, trials: int) -> None:
+    """Two drivers (processes) on the config's shared storage: the baselines
+    run once, the budget counts both drivers' trials, none is left running,
+    and they proposed different candidates."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from evomerge.run.store import RunStore
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(tmp_path / f"driver{i}")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    study = RunStore.open(tmp_path / "driver0").study
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sum(t.user_attrs["kind"] == "baseline" for t in complete) == 7  # run once, by one driver
+    search = [t for t in complete if t.user_attrs["kind"] == "search"]
+    assert trials <= len(search) <= trials + 1  # both drivers' trials count (two may start the last at once)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    # the drivers proposed different points (their seeds are salted)
+    assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)

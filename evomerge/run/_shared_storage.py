@@ -44,18 +44,34 @@ def rdb_storage(url: str, shared: bool, attempts: int = 5):
     raise AssertionError("unreachable")
 
 
-def fail_stale(study, shared: bool) -> int:
+def driver_id(run_dir) -> str:
+    """The id a run folder's search writes on the trials it starts on a
+    shared storage: its host and path. Only one search drives a folder at a
+    time (its lock), so a trial with this folder's id still running when
+    the folder's search starts again was left by one that died."""
+    import hashlib
+    import socket
+    from pathlib import Path
+
+    return hashlib.sha256(f"{socket.gethostname()}:{Path(run_dir).resolve()}".encode()).hexdigest()[:16]
+
+
+def fail_stale(study, shared: bool, mine: str | None = None) -> int:
     """Fail the trials of ``study`` a dead driver left running, marked ``status:
     stale`` with the reason; return how many. On the run's own storage
     this process holds the folder's lock, so every running trial is
-    stale; on a shared one, those whose heartbeat stopped."""
+    stale; on a shared one, those whose heartbeat stopped, and those this
+    folder's earlier search left (``mine``, its :func:`driver_id`): a
+    driver killed and started again takes its budget back at once, without
+    waiting for the heartbeat to expire."""
     import optuna
 
     storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if shared:
         ids = storage._get_stale_trial_ids(study._study_id)
+        ids += [t._trial_id for t in running if mine and t.user_attrs.get("driver") == mine and t._trial_id not in ids]
     else:
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         ids = [trial._trial_id for trial in running]
     failed = 0
     for trial_id in ids:

@@ -27,7 +27,15 @@ from evomerge.run._run_folder import (
     own_study_problem,
     storage_url,
 )
-from evomerge.run._shared_storage import STALE_REASON, STUDY_NAME, Heartbeat, claim_baselines, fail_stale, rdb_storage
+from evomerge.run._shared_storage import (
+    STALE_REASON,
+    STUDY_NAME,
+    Heartbeat,
+    claim_baselines,
+    driver_id,
+    fail_stale,
+    rdb_storage,
+)
 from evomerge.run._study_attrs import StudyAttributes
 from evomerge.run.record import TrialRecord, best_of, chosen, rank_key, with_heldout
 
@@ -101,6 +109,7 @@ class RunStore(StudyAttributes):
         self.folder = folder  # the locked folder, for the search that owns it
         self.claim: Any = None  # the baseline claim (an Optuna study) while this driver holds it
         self.stale = 0  # trials a dead driver left running, failed when this search opened the store
+        self.shared = False  # the config's storage, which other drivers may share (heartbeats)
 
     # -- opening ------------------------------------------------------------
 
@@ -167,7 +176,8 @@ class RunStore(StudyAttributes):
             storage = open_storage(storage_url(run_dir, record), shared)
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
         store = cls(run_dir, record, study, folder)
-        store.stale = fail_stale(study, shared)
+        store.shared = shared
+        store.stale = fail_stale(study, shared, driver_id(run_dir))
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         folder.mark_ready()
@@ -282,6 +292,15 @@ class RunStore(StudyAttributes):
     def heartbeat(self, trial) -> None:
         """Mark a running Optuna trial alive (shared storage)."""
         self.study._storage.record_heartbeat(trial._trial_id)
+
+    def started(self, trial) -> None:
+        """A trial this driver has asked for (on a shared storage; elsewhere
+        nothing): marked alive, and as this run folder's (see
+        :func:`driver_id`), so that a restart of this folder's search fails
+        it at once if this driver dies before telling it."""
+        if self.shared:
+            trial.set_user_attr("driver", driver_id(self.run_dir))
+            self.heartbeat(trial)
 
     # -- the baseline claim (shared storage) ----------------------------------
 

@@ -7,7 +7,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from helpers import driver_settings, trials, write_config
+from helpers import check_two_drivers, driver_settings, slow_eval, trials, write_config
 from safetensors.torch import load_file
 
 from evomerge.app.cli import main
@@ -208,26 +208,6 @@ def test_status_prints_baselines_and_top_trials(experiment, tmp_path, capsys):
     assert out.count("search (task_arithmetic)") == 2
 
 
-SLOW_OBJECTIVE = """
-import time
-
-
-def score(model, tokenizer):
-    time.sleep(0.4)  # slow enough for the test to kill the search mid-run
-    return {"norm": float(sum(p.float().norm() for p in model.parameters()))}
-"""
-
-
-def slow_eval(experiment) -> dict:
-    """The sums task plus an objective that sleeps, for tests that act mid-search."""
-    (experiment / "slow_objective.py").write_text(SLOW_OBJECTIVE)
-    objectives = [
-        {"task": "sums", "metric": "acc"},
-        {"custom": "slow_objective:score", "metric": "norm", "weight": 0.001},
-    ]
-    return {"include_path": "tasks", "objectives": objectives, "batch_size": 32}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["cma", "tpe"])
 def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, driver):
@@ -424,9 +404,6 @@ def test_ctrl_c_marks_the_candidate_being_scored_and_the_run_resumes(experiment,
 
 @pytest.mark.slow
 def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
-    import subprocess
-    import sys
-
     config = write_config(
         experiment,
         "shared.yaml",
@@ -435,25 +412,7 @@ def test_two_drivers_share_one_study_and_its_budget(experiment, tmp_path):
         eval=slow_eval(experiment),
         storage=f"sqlite:///{tmp_path / 'shared.db'}",
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(tmp_path / f"driver{i}")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
-    study = RunStore.open(tmp_path / "driver0").study
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert sum(t.user_attrs["kind"] == "baseline" for t in complete) == 7  # run once, by one driver
-    search = [t for t in complete if t.user_attrs["kind"] == "search"]
-    assert 8 <= len(search) <= 9  # the budget counts both drivers' trials (two may start the last at once)
-    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    # the drivers proposed different points (their seeds are salted)
-    assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)
+    check_two_drivers(config, tmp_path, trials=8)
 
 
 def _claimer(storage, writes, folder):

@@ -97,3 +97,30 @@ def test_a_run_written_by_earlier_code_opens_and_reads_like_its_raw_study(name, 
 def test_a_folder_without_a_run_is_refused_with_the_fix(tmp_path):
     with pytest.raises(EvomergeError, match="holds no evomerge run"):
         RunStore.open(tmp_path)
+
+
+def test_a_restarted_folder_fails_the_trials_its_dead_search_left_on_a_shared_storage(tmp_path):
+    """On a shared storage a running trial is another driver's until its
+    heartbeat expires; one this folder's earlier search asked for (it holds
+    the folder's id) is failed at once when the folder's search starts again."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    record = {"config_fingerprint": "c0", "space_fingerprint": "s0", "config": {"storage": url}, "storage": url}
+
+    def open_store(folder):
+        return RunStore.create(tmp_path / folder, dict(record), shared=True, directions=["maximize"], attrs={}, url=url)
+
+    mine, theirs = open_store("mine"), open_store("theirs")
+    left = mine.study.ask()
+    mine.started(left)
+    alive = theirs.study.ask()
+    theirs.started(alive)
+    mine.close()  # the search dies with its trial running
+    again = open_store("mine")
+    states = {t.number: t.state for t in again.study.get_trials()}
+    assert again.stale == 1 and states[left.number] == optuna.trial.TrialState.FAIL
+    assert states[alive.number] == optuna.trial.TrialState.RUNNING  # the other driver's: alive
+    assert again.study.trials[left.number].user_attrs["status"] == "stale"
+    theirs.close()
+    again.close()

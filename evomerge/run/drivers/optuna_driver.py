@@ -104,6 +104,7 @@ class OptunaDriver(Driver):
 
     def ask(self) -> list[Candidate]:
         trial = self.study.ask()
+        self.store.started(trial)  # on a shared storage: this folder's, and alive
         recipe = self.space.suggest(trial)
         return [Candidate(recipe, dict(trial.params), trial=trial)]
 
