@@ -123,3 +123,41 @@ def check_two_drivers(config: Path, tmp_path: Path, trials: int) -> None:
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     # the drivers proposed different points (their seeds are salted)
     assert len({t.user_attrs["fingerprint"] for t in search}) == len(search)
+
+
+# Marks the worker process busy while it scores, so the test kills a worker
+# mid-candidate, not between two.
+BUSY_OBJECTIVE = """
+import os
+import time
+from pathlib import Path
+
+BUSY = Path(__file__).parent / "busy"
+
+
+def score(model, tokenizer):
+    BUSY.mkdir(exist_ok=True)
+    mark = BUSY / str(os.getpid())
+    mark.touch()
+    try:
+        time.sleep(SECONDS)
+    finally:
+        mark.unlink(missing_ok=True)
+    return {"norm": float(sum(p.float().norm() for p in model.parameters()))}
+"""
+
+
+def ray_config(experiment, name, busy_s: float = 0.3, **overrides):
+    """A config for the Ray executor's tests: the sums task and an objective
+    that marks its worker busy for ``busy_s`` seconds per candidate."""
+    (experiment / "busy_objective.py").write_text(BUSY_OBJECTIVE.replace("SECONDS", repr(busy_s)))
+    objectives = [
+        {"task": "sums", "metric": "acc"},
+        {"custom": "busy_objective:score", "metric": "norm", "weight": 0.001},
+    ]
+    settings = {
+        "eval": {"include_path": "tasks", "objectives": objectives, "batch_size": 32},
+        "executor": {"name": "ray", "workers": 2, "num_cpus": 1, "retries": 2},
+        **overrides,
+    }
+    return write_config(experiment, name, **settings)

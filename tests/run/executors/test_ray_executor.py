@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import N_DOCS
-from helpers import trials, write_config
+from helpers import ray_config, trials, write_config
 
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
@@ -23,27 +23,6 @@ from evomerge.run.executors.worker import Worker
 from evomerge.run.run import Run
 
 ray = pytest.importorskip("ray")
-
-# Marks the worker process busy while it scores, so the test kills a worker
-# mid-candidate, not between two.
-BUSY_OBJECTIVE = """
-import os
-import time
-from pathlib import Path
-
-BUSY = Path(__file__).parent / "busy"
-
-
-def score(model, tokenizer):
-    BUSY.mkdir(exist_ok=True)
-    mark = BUSY / str(os.getpid())
-    mark.touch()
-    try:
-        time.sleep(0.3)
-    finally:
-        mark.unlink(missing_ok=True)
-    return {"norm": float(sum(p.float().norm() for p in model.parameters()))}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +39,6 @@ def local_ray():
         yield
     finally:
         ray.shutdown()
-
-
-def ray_config(experiment, name, **overrides):
-    (experiment / "busy_objective.py").write_text(BUSY_OBJECTIVE)
-    objectives = [
-        {"task": "sums", "metric": "acc"},
-        {"custom": "busy_objective:score", "metric": "norm", "weight": 0.001},
-    ]
-    settings = {
-        "eval": {"include_path": "tasks", "objectives": objectives, "batch_size": 32},
-        "executor": {"name": "ray", "workers": 2, "num_cpus": 1, "retries": 2},
-        **overrides,
-    }
-    return write_config(experiment, name, **settings)
 
 
 @pytest.mark.slow
