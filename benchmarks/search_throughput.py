@@ -49,6 +49,17 @@ this measures:
      mean is the scheduling overhead per candidate. Speed-up is the 1-worker
      span over the 2-worker span.
 
+  6. several nodes, with --nodes N (alone): N Ray nodes of one CPU each on
+     this machine (ray.cluster_utils.Cluster: a head and N-1 nodes, each its
+     own raylet), the same sleeping objective, TPE, --executor-trials
+     candidates: one worker against one per node (speed-up and idle gaps from
+     the workers' clocks), then one per node with a node removed (its raylet
+     and its workers killed, as a pre-emption would) once a third of the
+     budget is scored: trials lost (completed trials missing afterwards,
+     target 0), how long after the removal the executor re-queued the lost
+     candidate, how many candidates were retried, and the wall time against
+     the same run without the loss.
+
 Torch keeps its default threads (one per core) unless --threads sets
 OMP_NUM_THREADS for every timed process. On a shared machine, threads that
 wait for a busy core can make small models' forward passes many times slower;
@@ -613,6 +624,117 @@ def bench_executors(workdir: Path, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _span(timeline) -> tuple[float, float]:
+    """First start to last end, and the mean idle gap between one worker's candidates."""
+    start = min(t[1] for t in timeline)
+    gaps = []
+    for w in {t[0] for t in timeline}:
+        mine = sorted((s, e) for i, s, e in timeline if i == w)
+        gaps += [b[0] - a[1] for a, b in zip(mine, mine[1:])]
+    return max(t[2] for t in timeline) - start, statistics.mean(gaps) if gaps else 0.0
+
+
+def bench_nodes(workdir: Path, args: argparse.Namespace) -> dict:
+    """One worker against one per node on --nodes Ray nodes of one CPU each
+    (ray.cluster_utils.Cluster on this machine), then the same with a node
+    removed at a third of the budget (see the docstring, 6)."""
+    import threading
+
+    from ray.cluster_utils import Cluster
+
+    import evomerge.run.executors.ray_executor as rx
+    import evomerge.run.run
+    from evomerge.run.run import Run
+    from evomerge.run.store import RunStore
+
+    root = build_experiment(workdir, "tiny", 10, args.executor_trials, "random")
+    (root / "sleep_objective.py").write_text(SLEEP_OBJECTIVE.format(sleep=args.sleep))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    made, lost, real, real_lost = [], [], evomerge.run.run.make_executor, rx.RayExecutor._lost
+
+    def keep(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    def lost_at(self, *a, **k):
+        lost.append(time.time())
+        return real_lost(self, *a, **k)
+
+    evomerge.run.run.make_executor, rx.RayExecutor._lost = keep, lost_at
+    config = {
+        "base_model": "models/base",
+        "models": ["models/expert_a", "models/expert_b"],
+        "space": "task_arithmetic_layerwise",
+        "eval": {"objectives": [{"custom": "sleep_objective:score", "metric": "mean"}]},
+        "budget": {"trials": args.executor_trials},
+        "driver": {"name": "tpe", "startup_trials": 5},
+        "baselines": False,
+        "dtype": "float32",
+        "device": "cpu",
+        "executor": {"name": "ray", "num_cpus": 1, "address": None},
+        "seed": 0,
+    }
+    row = {"nodes": args.nodes, "sleep_s": args.sleep, "candidates": args.executor_trials}
+    try:
+        for _ in range(args.nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        config["executor"]["address"] = cluster.address
+        (root / "nodes.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        for name, workers, kill in (("one", 1, False), ("all", args.nodes, False), ("lost", args.nodes, True)):
+            run_dir = root / f"run-nodes-{name}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run = Run(root / "nodes.yaml", run_dir, executor={"workers": workers}, progress=False)
+            thread = threading.Thread(target=run.search, daemon=True)
+            t0 = time.perf_counter()
+            thread.start()
+            killed, before = None, set()
+            while thread.is_alive():
+                time.sleep(0.05)
+                if (
+                    kill
+                    and killed is None
+                    and run.executor is not None
+                    and len(made[-1].timeline) >= args.executor_trials // 3
+                ):
+                    before = {t.number for t in RunStore.open(run_dir).trials("search") if t.ok}
+                    killed = time.time()
+                    cluster.remove_node(next(iter(cluster.worker_nodes)))  # a pre-emption: the raylet and its workers
+                    row["done_at_kill"] = len(before)
+            thread.join()
+            row[f"wall_{name}"] = time.perf_counter() - t0
+            run.close()
+            row[f"span_{name}"], row[f"gap_{name}"] = _span(made[-1].timeline)
+            complete = RunStore.open(run_dir).trials("search")
+            row[f"complete_{name}"] = len([t for t in complete if t.ok])
+            if kill:
+                row["requeue_s"] = (lost[0] - killed) if lost and killed else None
+                row["lost_trials"] = len(before - {t.number for t in complete if t.ok})
+                row["retried"] = sum(1 for t in complete if t.attempts > 1)
+        row["speedup"] = row["span_one"] / row["span_all"]
+    finally:
+        evomerge.run.run.make_executor, rx.RayExecutor._lost = real, real_lost
+        cluster.shutdown()
+    return row
+
+
+def nodes_markdown(r: dict) -> str:
+    head = (
+        "| nodes | sleep s | candidates | 1 worker: span s | 1 per node: span s | speed-up | idle gap ms (1 / all) "
+        "| node removed at (trials done) | trials lost | re-queued after s | retried candidates | wall s: no loss / loss |"
+    )
+    line = (
+        f"| {r['nodes']} | {r['sleep_s']} | {r['candidates']} | {r['span_one']:.2f} | {r['span_all']:.2f} | "
+        f"{r['speedup']:.2f}x | {1e3 * r['gap_one']:.1f} / {1e3 * r['gap_all']:.1f} | {r.get('done_at_kill')} | "
+        f"{r.get('lost_trials')} | {r['requeue_s']:.2f} | {r.get('retried')} | {r['wall_all']:.1f} / {r['wall_lost']:.1f} |"
+        if r.get("requeue_s") is not None
+        else f"| {r['nodes']} | {r['sleep_s']} | {r['candidates']} | {r['span_one']:.2f} | {r['span_all']:.2f} | "
+        f"{r['speedup']:.2f}x | | | | | | |"
+    )
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), line])
+
+
 def executors_markdown(rows: list[dict]) -> str:
     head = (
         "| driver | sleep s | candidates | 1 worker: span s | 2 workers: span s | speed-up | "
@@ -672,6 +794,9 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.5, help="seconds the executors' objective sleeps")
     ap.add_argument("--executor-trials", type=int, default=40, help="candidates per executor run")
     ap.add_argument("--executor-drivers", default="tpe,cma", help="drivers the executors are timed with")
+    ap.add_argument(
+        "--nodes", type=int, help="time the Ray executor on this many Ray nodes of one CPU each, with a node lost, only"
+    )
     ap.add_argument("--search", help=argparse.SUPPRESS)  # internal: run one search in this process
     ap.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--routing-bench", help=argparse.SUPPRESS)  # internal: time routed candidates in this process
@@ -691,6 +816,19 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]  # other work on the machine competes for the cores
+    if args.nodes:
+        t0 = time.perf_counter()
+        row = bench_nodes(workdir, args)
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"{time.strftime('%Y-%m-%d')}; Ray executor, {args.nodes} Ray nodes on this machine "
+            f"(ray.cluster_utils.Cluster), one CPU each; load average {load:.1f} before"
+        )
+        print(nodes_markdown(row))
+        print(f"total wall time: {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(row, indent=2))
+        return
     if args.executors:
         t0 = time.perf_counter()
         rows = bench_executors(workdir, args)
