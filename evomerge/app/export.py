@@ -259,15 +259,7 @@ def export_best(
     run_dir = Path(run_dir)
     store = RunStore.open(run_dir)
     scores = read_scores(store)
-    if pick is not None and trial is not None:
-        raise EvomergeError("export was given both --trial and --pick; give one of them")
-    if pick is not None:
-        from evomerge.app.pareto import pick as pick_point
-
-        trial = pick_point(scores.records, pick, scores.rules["eval"]).number
-    chosen, rule, judged = _pick(run_dir, scores, trial)
-    if pick is not None:
-        rule, judged = f"pick {pick}", dataclasses.replace(judged, rule=f"pick {pick}") if judged else None
+    chosen, rule, judged = _pick(run_dir, scores, trial, pick)
     recipe = Recipe.model_validate(chosen.recipe)
     root = Path(store.record["config_path"]).parent
     sources = open_sources(recipe, root, allow_outside=True)
@@ -298,9 +290,19 @@ def export_best(
     return out, recipe
 
 
-def _pick(run_dir: Path, scores: Scores, trial: int | None) -> tuple[TrialRecord, str, Verdict | None]:
-    """The trial to export (the run's chosen best, or ``trial``), the rule
-    that chose it and its held-out verdict."""
+def _pick(
+    run_dir: Path, scores: Scores, trial: int | None, pick: str | None = None
+) -> tuple[TrialRecord, str, Verdict | None]:
+    """The trial to export (the run's chosen best, ``trial``, or the Pareto
+    front's point ``pick`` chooses), the rule that chose it and its held-out
+    verdict."""
+    if pick is not None:
+        from evomerge.app.pareto import pick as pick_point
+
+        if trial is not None:
+            raise EvomergeError("export was given both --trial and --pick; give one of them")
+        chosen, _, judged = _pick(run_dir, scores, pick_point(scores.records, pick, scores.rules["eval"]).number)
+        return chosen, f"pick {pick}", dataclasses.replace(judged, rule=f"pick {pick}") if judged else None
     if trial is None:
         if scores.chosen is None:
             raise EvomergeError(f"run {run_dir} has no successful trial yet; run the search longer")
