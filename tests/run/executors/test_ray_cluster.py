@@ -2,8 +2,8 @@
 multi-node harness, ``ray.cluster_utils.Cluster``: a head and worker nodes,
 each its own raylet, one CPU and so one evomerge worker each): a search
 over three nodes, a whole node removed mid-search as a pre-emption would
-and another added later, and the driver killed with -9 while the worker
-nodes live on.
+and another added later, a replacement node without the sources, and the
+driver killed with -9 while the worker nodes live on.
 
 Each test has its own cluster (it starts in about 5 s); its searches connect
 to it by address (``executor.address``) and leave it running.
@@ -167,3 +167,67 @@ def test_a_driver_killed_while_its_worker_nodes_live_resumes_without_scoring_a_t
     assert len(trials(run_dir, "baseline")) == 7
     study = RunStore.open(run_dir).study
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+def test_a_worker_restarted_on_a_node_without_the_sources_never_takes_a_candidate(
+    experiment, cluster, tmp_path, capsys, monkeypatch
+):
+    """A node lost, and the node that replaces it lacks a source file (on
+    one machine: the file is moved away once the first workers hold their
+    sources in memory): the worker restarted there says so in one line,
+    naming the path, leaves the pool, and the search finishes on the others."""
+    from evomerge.run.executors.ray_executor import RayExecutor
+
+    config = _config(experiment, cluster, "node_without_files.yaml", budget={"trials": 24})
+    run_dir = tmp_path / "run"
+    run = Run(config, run_dir, progress=False)
+    weights = next((experiment / "models" / "expert_b").glob("*.safetensors"))
+    hidden = tmp_path / "hidden.safetensors"
+    timeline, real_close, seen = [], RayExecutor.close, {}
+
+    def close(self):
+        timeline.extend(getattr(self, "timeline", []))
+        real_close(self)
+
+    monkeypatch.setattr(RayExecutor, "close", close)
+
+    def search():
+        try:
+            run.search()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            seen["error"] = e
+        finally:
+            run.close()
+
+    thread = threading.Thread(target=search, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while thread.is_alive() and time.monotonic() < deadline and "added" not in seen:
+            time.sleep(0.05)
+            executor = run.executor
+            if executor is None or not hasattr(executor, "info"):
+                continue
+            try:
+                done = trials(run_dir, "search")
+            except Exception:  # noqa: BLE001 - the study is being written
+                continue
+            if len(done) >= 3:
+                node = next(iter(cluster.worker_nodes))
+                pids = [x["pid"] for x in executor.info]
+                seen["index"] = pids.index(_actor_on(node, pids))
+                weights.rename(hidden)  # the replacement node will not have it
+                cluster.remove_node(node)
+                seen["added_at"] = time.time()
+                cluster.add_node(num_cpus=1)
+                seen["added"] = True
+        thread.join(timeout=300)
+    finally:
+        if hidden.exists():
+            hidden.rename(weights)
+    assert "error" not in seen, seen.get("error")
+    out = capsys.readouterr().out
+    line = next((x for x in out.splitlines() if f"worker {seen['index']} restarted" in x), None)
+    assert line is not None and "cannot score" in line and "expert_b" in line, out[-2000:]
+    assert len(trials(run_dir, "search")) == 24  # finished on the other two
+    assert not any(i == seen["index"] and start > seen["added_at"] for i, start, _ in timeline)
