@@ -17,8 +17,10 @@ each objective signed by its direction. Ties go to the lower trial number.
 
 from __future__ import annotations
 
+import dataclasses
+
 from evomerge.errors import EvomergeError
-from evomerge.fitness.aggregate import Aggregate, kept
+from evomerge.fitness.aggregate import Aggregate
 from evomerge.fitness.baselines import is_source
 from evomerge.run.record import TrialRecord
 
@@ -58,7 +60,7 @@ def share_references(records: list[TrialRecord], rule: Aggregate) -> dict[str, f
 
 def shares(record: TrialRecord, references: dict[str, float], rule: Aggregate) -> dict[str, float]:
     """The share of each objective's reference a trial keeps."""
-    return {n: kept(record.values[n], r, rule.weights[n] < 0) for n, r in references.items() if n in record.values}
+    return dataclasses.replace(rule, references=references).retention(record.values)
 
 
 def pick(records: list[TrialRecord], how: str, rule: Aggregate) -> TrialRecord:
@@ -69,7 +71,7 @@ def pick(records: list[TrialRecord], how: str, rule: Aggregate) -> TrialRecord:
     if not front:
         raise EvomergeError("the run has no trial scored on every dev document yet; run the search longer")
     if how == "weighted":
-        weighted = Aggregate(rule.weights, rule.references)
+        weighted = dataclasses.replace(rule, rule="sum")
         return max(front, key=lambda r: (weighted.value(r.values), -r.number))
     references = share_references(records, rule)
     missing = [n for n in rule.names if n not in references]

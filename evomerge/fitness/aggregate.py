@@ -147,18 +147,11 @@ class Aggregate:
         grad = self.gradient(values)
         return math.sqrt(sum((grad[name] * ses[name]) ** 2 for name in self.weights if name in ses))
 
-    def only(self, name: str) -> Aggregate:
-        """One objective alone, signed and normalized as here (an axis of a
-        Pareto front)."""
-        sign = math.copysign(1.0, self.weights[name])
-        refs = {name: self.references[name]} if name in self.references else {}
-        return Aggregate({name: sign}, refs)
-
     def retention(self, values: Mapping[str, float]) -> dict[str, float]:
         """Per normalized objective, the share of its reference kept: value
         over reference, or reference over value for a minimised one (1 is
         as good as the reference; for ``normalize: expert``, the best
-        source)."""
+        source). With other references: ``replace(rule, references=...)``."""
         return {
             name: kept(values[name], r, self.weights[name] < 0) for name, r in self.references.items() if name in values
         }

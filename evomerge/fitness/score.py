@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evomerge.fitness.aggregate import Aggregate
+from evomerge.fitness.aggregate import Aggregate, signed_weights
 from evomerge.fitness.paired import Docs
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class Score:
         objectives count negatively). Undefined for a failed score."""
         if self.status != "ok":
             raise ValueError(f"a failed score has no fitness ({self.reason}); apply the search's failure penalty")
-        return sum(o.weight * self.values[o.name] * (1.0 if o.direction == "maximize" else -1.0) for o in objectives)
+        return Aggregate(signed_weights(objectives)).value(self.values)
 
 
 @dataclass(frozen=True)

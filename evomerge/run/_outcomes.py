@@ -29,22 +29,14 @@ class Outcomes:
     """Turns workers' scores into trial outcomes, and caches them by recipe
     fingerprint (successes and non-finite failures: both are properties of
     the recipe). ``fitness`` and ``heldout``: the dev and held-out
-    objectives' :class:`~evomerge.fitness.aggregate.Aggregate` (the weighted
-    sums of ``objectives`` and ``heldout_objectives`` unless given; the run
-    sets them once their expert references are known)."""
+    objectives' :class:`~evomerge.fitness.aggregate.Aggregate`, their
+    weighted sums until the run sets its rules (once their expert references
+    are known; None while they wait)."""
 
-    def __init__(
-        self,
-        store: RunStore,
-        objectives: list,
-        heldout_objectives: list,
-        pool: Pool | None = None,
-        fitness: Aggregate | None = None,
-        heldout: Aggregate | None = None,
-    ):
+    def __init__(self, store: RunStore, objectives: list, heldout_objectives: list, pool: Pool | None = None):
         self.store, self.objectives = store, objectives
-        self.fitness = fitness or Aggregate(signed_weights(objectives))
-        self.heldout = heldout or Aggregate(signed_weights(heldout_objectives))
+        self.fitness: Aggregate | None = Aggregate(signed_weights(objectives))
+        self.heldout: Aggregate | None = Aggregate(signed_weights(heldout_objectives))
         self.cache: dict[str, Outcome] = {}
         # The best trial scored on every dev document, with per-document
         # scores: what early stopping compares a candidate with.

@@ -42,12 +42,8 @@ class StudyAttributes:
             cfg = SearchConfig.model_validate(self.record.get("config") or {})
         except Exception:  # noqa: BLE001 - a run written by an older version: no weights
             return Aggregate({})
-        spec = cfg.select.spec(cfg.eval) if section == "select" and cfg.select else getattr(cfg, section, None)
-        if spec is None or not hasattr(spec, "objectives"):
-            return Aggregate({})
-        experts = self.references().get("heldout" if section == "heldout" else "eval", {})
         try:
-            return Aggregate.of_objectives(spec.objectives, cfg.fitness.aggregate, cfg.fitness.temperature, experts)
+            return cfg.aggregate(section, self.references())
         except ValueError:
             return Aggregate({})
 

@@ -318,6 +318,21 @@ class SearchConfig(Strict):
                     )
         return self
 
+    def aggregate(self, section: str, references: dict[str, dict[str, float]] | None = None):
+        """The fitness rule of a section's objectives (``eval``, ``heldout``,
+        or ``select``, whose normalized objectives take the dev references),
+        with the expert references (section -> objective -> the best
+        source's value; see :mod:`evomerge.fitness.aggregate`); an empty
+        rule for a section the config lacks. Raises ValueError while an
+        expert reference is not known yet."""
+        from evomerge.fitness.aggregate import Aggregate
+
+        spec = self.select.spec(self.eval) if section == "select" and self.select else getattr(self, section)
+        if spec is None:
+            return Aggregate({})
+        experts = (references or {}).get("heldout" if section == "heldout" else "eval")
+        return Aggregate.of_objectives(spec.objectives, self.fitness.aggregate, self.fitness.temperature, experts)
+
     def fingerprint(self) -> str:
         # Selection, early stopping and fidelity decide how candidates are scored and
         # chosen, not what is searched: a run may change them and continue.

@@ -99,21 +99,13 @@ class Run:
         dev has none, and nothing is scored but the sources."""
         from evomerge.run._baselines import pending_experts
 
-        pending, experts, rule = pending_experts(self), self.store.references(), self.cfg.fitness
-        for section, spec in (("eval", self.cfg.eval), ("heldout", self.cfg.heldout)):
-            aggregate = None
-            if section not in pending:
-                objectives = spec.objectives if spec is not None else []
-                aggregate = Aggregate.of_objectives(objectives, rule.aggregate, rule.temperature, experts.get(section))
-            setattr(self.outcomes, "fitness" if section == "eval" else "heldout", aggregate)
+        pending, references = pending_experts(self), self.store.references()
+        self.outcomes.fitness = self.cfg.aggregate("eval", references) if "eval" not in pending else None
+        self.outcomes.heldout = self.cfg.aggregate("heldout", references) if "heldout" not in pending else None
 
     def select_fitness(self) -> Aggregate:
         """The selection race's fitness rule: the dev one's, over the select objectives."""
-        objectives = self.cfg.select.spec(self.cfg.eval).objectives
-        rule = self.cfg.fitness
-        return Aggregate.of_objectives(
-            objectives, rule.aggregate, rule.temperature, self.store.references().get("eval")
-        )
+        return self.cfg.aggregate("select", self.store.references())
 
     # -- assembly ------------------------------------------------------------
 
