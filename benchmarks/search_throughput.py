@@ -816,30 +816,25 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]  # other work on the machine competes for the cores
-    if args.nodes:
+    if args.nodes or args.executors:
         t0 = time.perf_counter()
-        row = bench_nodes(workdir, args)
+        if args.nodes:
+            result = bench_nodes(workdir, args)
+            what, table = (
+                f"{args.nodes} Ray nodes on this machine (ray.cluster_utils.Cluster), one CPU each",
+                nodes_markdown(result),
+            )
+        else:
+            result = bench_executors(workdir, args)
+            what, table = "local instance, CPU workers", executors_markdown(result)
         print(
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-            f"{time.strftime('%Y-%m-%d')}; Ray executor, {args.nodes} Ray nodes on this machine "
-            f"(ray.cluster_utils.Cluster), one CPU each; load average {load:.1f} before"
+            f"{time.strftime('%Y-%m-%d')}; Ray executor, {what}; load average {load:.1f} before"
         )
-        print(nodes_markdown(row))
+        print(table)
         print(f"total wall time: {time.perf_counter() - t0:.0f} s")
         if args.json:
-            Path(args.json).write_text(json.dumps(row, indent=2))
-        return
-    if args.executors:
-        t0 = time.perf_counter()
-        rows = bench_executors(workdir, args)
-        print(
-            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-            f"{time.strftime('%Y-%m-%d')}; Ray executor, local instance, CPU workers; load average {load:.1f} before"
-        )
-        print(executors_markdown(rows))
-        print(f"total wall time: {time.perf_counter() - t0:.0f} s")
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+            Path(args.json).write_text(json.dumps(result, indent=2))
         return
     t0 = time.perf_counter()
     rows = [bench_size(s, workdir, args) for s in sizes]

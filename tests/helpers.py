@@ -161,3 +161,66 @@ def ray_config(experiment, name, busy_s: float = 0.3, **overrides):
         **overrides,
     }
     return write_config(experiment, name, **settings)
+
+
+def start_search(config: Path, run_dir: Path, stdout=None):
+    """``evomerge search`` in a process of its own (output discarded unless ``stdout``)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    return subprocess.Popen(cmd, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_trials(run_dir: Path, proc, count: int, timeout: float = 240, files=("run.yaml", "study.db")) -> None:
+    """Wait until the running search ``proc`` has recorded ``count`` search
+    trials in ``run_dir`` (whose ``files`` exist once its study does); a
+    search that ends first fails the test with its error."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        if all((run_dir / f).exists() for f in files):
+            try:
+                if len(trials(run_dir, "search")) >= count:
+                    return
+            except Exception:  # noqa: BLE001 - the study is being created
+                continue
+    pytest.fail(f"the search did not record {count} search trials in {timeout:.0f} s")
+
+
+def kill_search_after(config: Path, run_dir: Path, count: int, pause: float = 0.0, **wait) -> None:
+    """Start a search, and kill it with SIGKILL ``pause`` seconds after it
+    recorded ``count`` search trials."""
+    import os
+    import signal
+    import time
+
+    proc = start_search(config, run_dir)
+    try:
+        wait_for_trials(run_dir, proc, count, **wait)
+        time.sleep(pause)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def completed(run_dir: Path) -> dict:
+    """Each complete trial's number -> its recipe fingerprint and values: what a resume must keep."""
+    return {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+
+
+def search_refused(capsys, config: Path, run_dir: Path, fragment: str) -> None:
+    """``evomerge search`` refuses the config in one line naming ``fragment``, exit 2, and makes no run folder."""
+    from evomerge.app.cli import main
+
+    assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert not run_dir.exists()

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import yaml
 from conftest import N_DOCS
-from helpers import driver_settings, write_config
+from helpers import driver_settings, search_refused, write_config
 
 from evomerge.app.cli import main
 from evomerge.fitness.estimate import Rungs, combine, difference
@@ -155,10 +155,7 @@ def test_fidelity_and_early_stopping_are_one_choice_and_bad_settings_are_refused
     ]:
         overrides = {"fidelity": {"enabled": True}, **overrides}
         config = write_config(experiment, "bad_fidelity.yaml", **overrides)
-        assert main(["search", str(config), "--run-dir", str(experiment / "never"), "--no-progress"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and fragment in err, err
-    assert not (experiment / "never").exists()
+        search_refused(capsys, config, experiment / "never", fragment)
 
 
 def test_fidelity_does_not_change_the_config_fingerprint(experiment):

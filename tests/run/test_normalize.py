@@ -7,7 +7,7 @@ status and the export. The rules themselves: tests/fitness/test_aggregate.py."""
 import pytest
 import yaml
 from conftest import N_DOCS
-from helpers import write_config
+from helpers import search_refused, write_config
 
 from evomerge.app.cli import main
 from evomerge.app.export import export_best
@@ -162,10 +162,7 @@ def test_bad_fitness_settings_are_refused_in_one_line(experiment, capsys, overri
     data = yaml.safe_load(config.read_text())
     data.update({k: v for k, v in overrides.items() if k not in ("baselines", "select")})
     config.write_text(yaml.safe_dump(data))
-    assert main(["search", str(config), "--run-dir", str(experiment / "never"), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err, err
-    assert not (experiment / "never").exists()
+    search_refused(capsys, config, experiment / "never", fragment)
 
 
 def test_the_fitness_rule_is_part_of_the_fingerprint_and_the_default_is_not(experiment):

@@ -3,16 +3,21 @@ and is read while it runs, is killed with -9 at random points and resumed
 with no completed trial lost, two drivers share one study, and the
 database password is never printed nor written into a file."""
 
-import os
 import random
-import signal
 import subprocess
-import sys
-import time
 
 import optuna
 import pytest
-from helpers import check_two_drivers, slow_eval, trials, write_config
+from helpers import (
+    check_two_drivers,
+    completed,
+    kill_search_after,
+    slow_eval,
+    start_search,
+    trials,
+    wait_for_trials,
+    write_config,
+)
 from pg_server import PASSWORD
 
 from evomerge.app.cli import main
@@ -42,35 +47,15 @@ def _no_password_in(*paths):
                 assert PASSWORD not in f.read_text(errors="replace"), f
 
 
-def _search(config, run_dir):
-    cmd = [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _wait_for(run_dir, proc, search_trials: int, timeout: float = 240):
-    """Wait until the running search has recorded this many search trials."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        if (run_dir / "run.yaml").exists():
-            try:
-                if len(trials(run_dir, "search")) >= search_trials:
-                    return
-            except Exception:  # noqa: BLE001 - the study is being created
-                continue
-    pytest.fail(f"the search did not record {search_trials} trials in {timeout:.0f} s")
-
-
 def test_a_search_on_postgresql_is_read_while_it_runs_and_never_shows_its_password(
     database, experiment, tmp_path, capsys
 ):
     url = database("read_while_running")
     config = _config(experiment, "pg_read.yaml", url, eval=slow_eval(experiment))
     run_dir = tmp_path / "run"
-    proc = _search(config, run_dir)
+    proc = start_search(config, run_dir, stdout=subprocess.PIPE)
     try:
-        _wait_for(run_dir, proc, 2)
+        wait_for_trials(run_dir, proc, 2, files=("run.yaml",))
         assert main(["status", str(run_dir)]) == 0  # read while the search writes
         assert "search (task_arithmetic)" in capsys.readouterr().out
         assert main(["report", str(run_dir), "--out", str(tmp_path / "mid.html")]) == 0
@@ -109,20 +94,13 @@ def test_kill_9_at_a_random_point_then_resume_loses_no_completed_trial(database,
     config = _config(experiment, f"pg_kill_{seed}.yaml", url, budget={"trials": 10}, eval=slow_eval(experiment))
     run_dir = tmp_path / "run"
     at = random.Random(seed).randint(1, 6)  # search trials recorded when the driver is killed
-    proc = _search(config, run_dir)
-    try:
-        _wait_for(run_dir, proc, at)
-        time.sleep(random.Random(seed).uniform(0, 0.5))  # anywhere in the next candidate
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    before = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    pause = random.Random(seed).uniform(0, 0.5)  # anywhere in the next candidate
+    kill_search_after(config, run_dir, at, pause=pause, files=("run.yaml",))
+    before = completed(run_dir)
     assert at <= len(trials(run_dir, "search")) < 10
 
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
-    after = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    after = completed(run_dir)
     assert all(after[n] == v for n, v in before.items())  # nothing completed was lost
     assert len(trials(run_dir, "search")) == 10 and len(trials(run_dir, "baseline")) == 7
     study = RunStore.open(run_dir).study

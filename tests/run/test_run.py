@@ -7,7 +7,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from helpers import check_two_drivers, driver_settings, slow_eval, trials, write_config
+from helpers import check_two_drivers, completed, driver_settings, kill_search_after, slow_eval, trials, write_config
 from safetensors.torch import load_file
 
 from evomerge.app.cli import main
@@ -211,11 +211,6 @@ def test_status_prints_baselines_and_top_trials(experiment, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["cma", "tpe"])
 def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, driver):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     config = write_config(
         experiment,
@@ -225,33 +220,12 @@ def test_kill_9_then_resume_loses_no_completed_trial(experiment, tmp_path, drive
         eval=slow_eval(experiment),
     )
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            # a search that died before the kill fails the test with its error
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            if (run_dir / "study.db").exists() and (run_dir / "run.yaml").exists():
-                try:
-                    done = trials(run_dir, "search")
-                except Exception:  # the database is being created
-                    continue
-                if len(done) >= 3:
-                    break
-        else:
-            pytest.fail(f"the search did not finish 3 trials in 240 s: {trials(run_dir)!r}"[:2000])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    before = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    kill_search_after(config, run_dir, 3)
+    before = completed(run_dir)
     assert 3 <= sum(1 for t in trials(run_dir, "search")) < 10
 
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
-    after = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    after = completed(run_dir)
     assert all(after[n] == v for n, v in before.items())  # nothing completed was lost
     assert len(trials(run_dir, "search")) == 10  # and the run finished its budget
     assert len(trials(run_dir, "baseline")) == 7  # baselines were not re-run

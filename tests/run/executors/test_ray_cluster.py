@@ -10,16 +10,13 @@ to it by address (``executor.address``) and leave it running.
 """
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import optuna
 import psutil
 import pytest
-from helpers import ray_config, trials
+from helpers import completed, kill_search_after, ray_config, trials
 
 from evomerge.app.cli import main
 from evomerge.run.run import Run
@@ -57,16 +54,14 @@ def _actor_on(node, pids) -> int | None:
     return next((pid for pid in pids if pid in children), None)
 
 
-def test_a_search_loses_a_node_mid_candidate_and_a_node_added_later_gets_work(
-    experiment, cluster, tmp_path, capsys, monkeypatch
-):
-    config = _config(experiment, cluster, "nodes_lost.yaml", budget={"trials": 40})
-    run_dir = tmp_path / "run"
-    run = Run(config, run_dir, progress=False)
-    seen: dict = {}
+def _search_in_thread(run, monkeypatch) -> tuple[threading.Thread, list, dict]:
+    """Start ``run``'s search in a thread (Ray adds nodes from the main
+    thread only, which the test keeps); return it, the workers' timeline
+    (filled when the search closes its executor) and a dict that holds the
+    search's error, if any."""
     from evomerge.run.executors.ray_executor import RayExecutor
 
-    timeline, real_close = [], RayExecutor.close
+    timeline, real_close, seen = [], RayExecutor.close, {}
 
     def close(self):  # the search closes its executor at the end: keep what it saw
         timeline.extend(getattr(self, "timeline", []))
@@ -82,9 +77,18 @@ def test_a_search_loses_a_node_mid_candidate_and_a_node_added_later_gets_work(
         finally:
             run.close()
 
-    # The search in a thread, and the pre-emption here: Ray adds nodes from the main thread only.
     thread = threading.Thread(target=search, daemon=True)
     thread.start()
+    return thread, timeline, seen
+
+
+def test_a_search_loses_a_node_mid_candidate_and_a_node_added_later_gets_work(
+    experiment, cluster, tmp_path, capsys, monkeypatch
+):
+    config = _config(experiment, cluster, "nodes_lost.yaml", budget={"trials": 40})
+    run_dir = tmp_path / "run"
+    run = Run(config, run_dir, progress=False)
+    thread, timeline, seen = _search_in_thread(run, monkeypatch)
     deadline = time.monotonic() + 300
     while thread.is_alive() and time.monotonic() < deadline and "added" not in seen:
         time.sleep(0.05)
@@ -96,11 +100,7 @@ def test_a_search_loses_a_node_mid_candidate_and_a_node_added_later_gets_work(
         except Exception:  # noqa: BLE001 - the study is being written
             continue
         if "removed" not in seen:
-            node = (
-                cluster.worker_nodes[0]
-                if not isinstance(cluster.worker_nodes, set)
-                else next(iter(cluster.worker_nodes))
-            )
+            node = next(iter(cluster.worker_nodes))
             pid = _actor_on(node, [x["pid"] for x in executor.info])
             if len(done) >= 3 and pid is not None and (experiment / "busy" / str(pid)).exists():
                 seen["before"] = {t.number: (t.user_attrs["fingerprint"], t.values) for t in done}
@@ -136,32 +136,14 @@ def test_a_driver_killed_while_its_worker_nodes_live_resumes_without_scoring_a_t
 ):
     config = _config(experiment, cluster, "driver_killed.yaml", budget={"trials": 10})
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "evomerge", "search", str(config), "--run-dir", str(run_dir), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if len(trials(run_dir, "search")) >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - the study is being created
-                continue
-        else:
-            pytest.fail("the driver did not record 3 trials in 300 s")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    before = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    kill_search_after(config, run_dir, 3, timeout=300)
+    before = completed(run_dir)
     # the worker nodes live on without their driver
     assert len(cluster.list_all_nodes()) == 3 and all(n.remaining_processes_alive() for n in cluster.list_all_nodes())
 
     assert main(["search", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
     search = trials(run_dir, "search")
-    after = {t.number: (t.user_attrs["fingerprint"], t.values) for t in trials(run_dir)}
+    after = completed(run_dir)
     assert all(after[n] == v for n, v in before.items())  # nothing completed lost
     assert len(search) == 10  # the budget, each trial once
     assert len(trials(run_dir, "baseline")) == 7
@@ -176,31 +158,12 @@ def test_a_worker_restarted_on_a_node_without_the_sources_never_takes_a_candidat
     one machine: the file is moved away once the first workers hold their
     sources in memory): the worker restarted there says so in one line,
     naming the path, leaves the pool, and the search finishes on the others."""
-    from evomerge.run.executors.ray_executor import RayExecutor
-
     config = _config(experiment, cluster, "node_without_files.yaml", budget={"trials": 24})
     run_dir = tmp_path / "run"
     run = Run(config, run_dir, progress=False)
     weights = next((experiment / "models" / "expert_b").glob("*.safetensors"))
     hidden = tmp_path / "hidden.safetensors"
-    timeline, real_close, seen = [], RayExecutor.close, {}
-
-    def close(self):
-        timeline.extend(getattr(self, "timeline", []))
-        real_close(self)
-
-    monkeypatch.setattr(RayExecutor, "close", close)
-
-    def search():
-        try:
-            run.search()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            seen["error"] = e
-        finally:
-            run.close()
-
-    thread = threading.Thread(target=search, daemon=True)
-    thread.start()
+    thread, timeline, seen = _search_in_thread(run, monkeypatch)
     try:
         deadline = time.monotonic() + 300
         while thread.is_alive() and time.monotonic() < deadline and "added" not in seen:
